@@ -1,0 +1,5 @@
+import sys
+
+from bnorm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,289 @@
+"""Batch-normalization layers: one base class, thin subclasses that only state which input
+ranks they accept. The work is done by :func:`bnorm.functional.batch_norm`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def _batch_norm_layer(
+    input: Tensor,
+    mask: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    ranks: tuple[int, ...] | None,
+    layer: str,
+    skip_nonfinite: bool,
+) -> Tensor:
+    """A layer's forward, as one function of tensors and constants.
+
+    It is registered with :func:`torch.fx.wrap`, so ``torch.fx.symbolic_trace`` records a
+    bnorm layer as a single call (its input checks need concrete shapes) while
+    ``torch.compile`` traces through it.
+    """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{layer}: expected input to be a Tensor (got {type(input).__name__})")
+    if ranks is not None and input.dim() not in ranks:
+        want = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(f"{layer}: expected {want} input (got {input.dim()}D input)")
+    update = training and track_running_stats
+    if training and not track_running_stats:
+        running_mean = running_var = None
+    try:
+        return F.batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training=training or running_mean is None,
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            mask=mask,
+            num_batches_tracked=num_batches_tracked if update else None,
+            num_batches_skipped=num_batches_skipped if update else None,
+            skip_nonfinite=skip_nonfinite,
+        )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{layer}: {err}") from None
+
+
+torch.fx.wrap("_batch_norm_layer")
+
+
+class _BatchNormBase(nn.Module):
+    """Shared base of the bnorm batch-norm layers.
+
+    Owns the parameters γ (``weight``) and β (``bias``), the buffers ``running_mean``,
+    ``running_var``, ``num_batches_tracked`` (the same state_dict as torch's layers, so
+    checkpoints load both ways) and the non-persistent ``num_batches_skipped``.
+
+    In training, each channel is normalized with the batch's mean μ_B and biased variance
+    σ²_B over every axis but ``axis``, ``y = γ (x − μ_B)/√(σ²_B + ε) + β``, and the running
+    statistics move towards the batch's::
+
+        running_mean ← (1 − momentum) · running_mean + momentum · μ_B
+        running_var  ← (1 − momentum) · running_var  + momentum · m/(m − 1) · σ²_B
+
+    (``momentum=None``: cumulative average, weight 1/num_batches_tracked.) In evaluation
+    the running statistics normalize. With ``track_running_stats=False`` batch statistics
+    are used in both modes.
+
+    bnorm-only keyword options: ``axis`` (the channel axis, e.g. -1 for NHWC) and
+    ``skip_nonfinite`` (default True): a training batch whose statistics contain NaN/inf
+    leaves the running statistics and ``num_batches_tracked`` unchanged and increments the
+    ``num_batches_skipped`` buffer instead (read it to see how many were skipped). The
+    output of such a batch is still what the math gives.
+    """
+
+    _version = 2
+    _ranks: ClassVar[tuple[int, ...] | None] = None
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    axis: int
+    skip_nonfinite: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        axis: int = 1,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
+        if num_features < 1:
+            raise ValueError(f"expected num_features >= 1 (got {num_features})")
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"expected eps to be a finite number >= 0 (got {eps!r})")
+        if momentum is not None and (
+            not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
+        ):
+            raise ValueError(f"expected momentum in [0, 1] or None (got {momentum!r})")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"expected axis to be an int (got {type(axis).__name__})")
+        if self._ranks is not None and not -min(self._ranks) <= axis < min(self._ranks):
+            raise ValueError(
+                f"expected axis in [{-min(self._ranks)}, {min(self._ranks) - 1}] for "
+                f"{type(self).__name__} (got {axis})"
+            )
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.running_mean: Tensor | None
+        self.running_var: Tensor | None
+        self.num_batches_tracked: Tensor | None
+        self.num_batches_skipped: Tensor | None
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+            self.register_buffer(
+                "num_batches_skipped",
+                torch.tensor(0, dtype=torch.long, device=device),
+                persistent=False,
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+            self.register_buffer("num_batches_skipped", None, persistent=False)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, counters 0."""
+        if self.running_mean is not None and self.running_var is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+        for counter in (self.num_batches_tracked, self.num_batches_skipped):
+            if counter is not None:
+                counter.zero_()
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, and :meth:`reset_running_stats`."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        if self.axis != 1:
+            text += f", axis={self.axis}"
+        if not self.skip_nonfinite:
+            text += ", skip_nonfinite=False"
+        return text
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints from before version 2 have no num_batches_tracked: start at 0.
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (bool, input's shape without the channel axis,
+        True = valid) restricts the batch statistics to valid positions (every position is
+        normalized with them)."""
+        return _batch_norm_layer(
+            input,
+            mask,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.num_batches_skipped,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self.axis,
+            self._ranks,
+            type(self).__name__,
+            self.skip_nonfinite,
+        )
+
+
+class BatchNorm(_BatchNormBase):
+    """Batch normalization over an input of any rank ≥ 2 with channels at ``axis``.
+
+    Shape:
+        input: (*, C, *) with C at ``axis``; output: same shape.
+    """
+
+
+class BatchNorm1d(_BatchNormBase):
+    """Drop-in for :class:`torch.nn.BatchNorm1d`.
+
+    Shape:
+        input: (N, C) or (N, C, L); output: same shape.
+    """
+
+    _ranks = (2, 3)
+
+
+class BatchNorm2d(_BatchNormBase):
+    """Drop-in for :class:`torch.nn.BatchNorm2d`.
+
+    Shape:
+        input: (N, C, H, W) (any memory layout); output: same shape.
+    """
+
+    _ranks = (4,)
+
+
+class BatchNorm3d(_BatchNormBase):
+    """Drop-in for :class:`torch.nn.BatchNorm3d`.
+
+    Shape:
+        input: (N, C, D, H, W); output: same shape.
+    """
+
+    _ranks = (5,)
