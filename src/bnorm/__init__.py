@@ -1,7 +1,19 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, reference
-from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import ConversionReport, convert
+from .functional import Renorm
+from .modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    SyncBatchNorm,
+)
 
 __version__ = "0.1.0"
 
@@ -10,7 +22,15 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ConversionReport",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "Renorm",
+    "SyncBatchNorm",
     "__version__",
+    "convert",
     "functional",
     "reference",
 ]

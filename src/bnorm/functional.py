@@ -22,17 +22,23 @@ inputs; the output keeps the input's dtype.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from .distributed import all_gather_differentiable, world_size
+
 __all__ = [
     "Moments",
+    "Renorm",
     "batch_norm",
     "merge_moments",
     "moments",
     "normalize",
+    "pool_moments",
+    "renorm_correction",
     "update_running_stats",
 ]
 
@@ -69,32 +75,82 @@ def _broadcast_shape(ndim: int, axis: int) -> list[int]:
     return shape
 
 
-def moments(x: Tensor, axis: int = 1, mask: Tensor | None = None) -> Moments:
+def _expand(v: Tensor, ndim: int, dims: tuple[int, ...]) -> Tensor:
+    """View ``v`` (whose dimensions are ``dims`` of a rank-``ndim`` tensor) for broadcasting."""
+    shape = [1] * ndim
+    for d, size in zip(dims, v.shape):
+        shape[d] = size
+    return v.reshape(shape)
+
+
+def _moments_keep(xs: Tensor, keep: tuple[int, ...], valid: Tensor | None) -> Moments:
+    """(count, mean, M2) over every dimension of ``xs`` not in ``keep`` (sorted);
+    ``valid`` broadcasts against ``xs`` (True = counts)."""
+    dims = [d for d in range(xs.dim()) if d not in keep]
+    out_shape = [xs.shape[d] for d in keep]
+    if valid is None:
+        n = 1
+        for d in dims:
+            n *= xs.shape[d]
+        if n == 0:
+            zeros = xs.new_zeros(out_shape)
+            return Moments(zeros, zeros, zeros)
+        var, mean = torch.var_mean(xs, dim=dims, correction=0)
+        return Moments(torch.full_like(mean, float(n)), mean, var * n)
+    zero = xs.new_zeros(())
+    count = valid.to(xs.dtype).sum(dim=dims, keepdim=True)
+    safe = count.clamp_min(1)
+    mean = torch.where(valid, xs, zero).sum(dim=dims, keepdim=True) / safe
+    centered = torch.where(valid, xs - mean, zero)
+    m2 = centered.square().sum(dim=dims, keepdim=True)
+    # The mask has no channel axis: expand the count over the channels.
+    count = count.expand_as(mean)
+    return Moments(count.reshape(out_shape), mean.reshape(out_shape), m2.reshape(out_shape))
+
+
+def moments(
+    x: Tensor, axis: int = 1, mask: Tensor | None = None, groups: int | None = None
+) -> Moments:
     """Per-channel (count, mean, M2) of ``x`` over every axis but ``axis``.
 
     With a boolean ``mask`` (the shape of ``x`` without the channel axis; True = valid),
     only valid positions count: m = Σ mask, μ = Σ_valid x / m, M2 = Σ_valid (x − μ)².
-    Invalid positions may hold anything, NaN included. Computed in float32 or wider.
+    Invalid positions may hold anything, NaN included. A channel with no valid value has
+    count 0, mean 0 and M2 0. With ``groups=G`` the samples (dimension 0) are split into
+    G consecutive groups of equal size, each with its own moments (ghost batches).
+    Computed in float32 or wider.
 
     Shape:
-        x: (*, C, *) with C at ``axis``; mask: x's shape without ``axis``; returns (C,) each.
+        x: (N, *) with C channels at ``axis`` ≠ 0; mask: x's shape without ``axis``;
+        returns (C,) tensors, or (G, C) with ``groups``.
     """
     axis = _channel_axis(x.dim(), axis)
-    dims = [d for d in range(x.dim()) if d != axis]
     xs = x.to(_stats_dtype(x.dtype))
-    channels = x.shape[axis]
-    if mask is None:
-        var, mean = torch.var_mean(xs, dim=dims, correction=0)
-        n = x.numel() // channels if channels else 0
-        count = torch.full_like(mean, float(n))
-        return Moments(count, mean, var * n)
-    valid = mask.unsqueeze(axis)
-    zero = xs.new_zeros(())
-    count = valid.sum(dim=dims).to(xs.dtype).expand(channels)
-    mean = torch.where(valid, xs, zero).sum(dim=dims) / count
-    centered = torch.where(valid, xs - mean.view(_broadcast_shape(x.dim(), axis)), zero)
-    m2 = centered.square().sum(dim=dims)
-    return Moments(count, mean, m2)
+    valid = None if mask is None else mask.unsqueeze(axis)
+    if groups is None:
+        return _moments_keep(xs, (axis,), valid)
+    if axis == 0:
+        raise ValueError("expected the channel axis not to be the sample axis 0 with groups")
+    n = x.shape[0]
+    if groups < 1 or n % groups:
+        raise ValueError(f"expected {n} samples to split into {groups} equal groups")
+    xs = xs.reshape(groups, n // groups, *x.shape[1:])
+    if valid is not None:
+        valid = valid.reshape(groups, n // groups, *valid.shape[1:])
+    return _moments_keep(xs, (0, axis + 1), valid)
+
+
+def pool_moments(m: Moments, dim: int = 0) -> Moments:
+    """Moments of the union of the groups along ``dim`` (law of total variance)::
+
+        n = Σ_g m_g,  μ = Σ_g m_g μ_g / n,  M2 = Σ_g (M2_g + m_g (μ_g − μ)²)
+
+    Exact for any group sizes; empty groups (m_g = 0) contribute nothing.
+    """
+    count = m.count.sum(dim)
+    mean = (m.count * m.mean).sum(dim) / count.clamp_min(1)
+    spread = m.count * (m.mean - mean.unsqueeze(dim)).square()
+    return Moments(count, mean, (m.m2 + spread).sum(dim))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -103,16 +159,10 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         m = m_a + m_b,  δ = μ_b − μ_a,
         μ = μ_a + δ · m_b/m,  M2 = M2_a + M2_b + δ² · m_a m_b / m
 
-    An empty side (count 0) leaves the other unchanged.
+    (the two-group case of :func:`pool_moments`, which computes it). An empty side
+    (count 0) leaves the other unchanged.
     """
-    count = a.count + b.count
-    safe = torch.where(count > 0, count, torch.ones_like(count))
-    delta = b.mean.nan_to_num() - a.mean.nan_to_num()
-    frac_b = b.count / safe
-    mean = torch.where(b.count > 0, a.mean.nan_to_num() + delta * frac_b, a.mean)
-    mean = torch.where(a.count > 0, mean, b.mean)
-    m2 = a.m2 + b.m2 + delta.square() * (a.count * frac_b)
-    return Moments(count, mean, m2)
+    return pool_moments(Moments(*(torch.stack(pair) for pair in zip(a, b))))
 
 
 def normalize(
@@ -122,16 +172,105 @@ def normalize(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     axis: int = 1,
+    groups: int | None = None,
 ) -> Tensor:
     """``y = (x − mean) · invstd · γ + β`` per channel, in the statistics' precision,
-    returned in ``x``'s dtype. ``weight``/``bias`` None mean γ = 1 / β = 0."""
+    returned in ``x``'s dtype. ``weight``/``bias`` None mean γ = 1 / β = 0.
+
+    Shape:
+        x: (N, *) with C at ``axis``; mean, invstd: (C,), or (G, C) with ``groups=G``
+        (one row per group of N/G consecutive samples); weight, bias: (C,).
+    """
     axis = _channel_axis(x.dim(), axis)
-    shape = _broadcast_shape(x.dim(), axis)
+    xs = x.to(mean.dtype)
+    if groups is not None:
+        xs = xs.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        axis += 1
+        stat_dims: tuple[int, ...] = (0, axis)
+    else:
+        stat_dims = (axis,)
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    y = (x.to(mean.dtype) - mean.view(shape)) * scale.view(shape)
+    shift = -mean * scale
     if bias is not None:
-        y = y + bias.to(mean.dtype).view(shape)
-    return y.to(x.dtype)
+        shift = shift + bias.to(mean.dtype)
+    y = torch.addcmul(_expand(shift, xs.dim(), stat_dims), xs, _expand(scale, xs.dim(), stat_dims))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Renorm:
+    """Batch Renormalization (Ioffe 2017, arXiv:1702.03275) and its clipping schedule.
+
+    With μ, σ = √(running_var + ε) the running statistics *before* this step's update
+    and σ_B = √(σ²_B + ε)::
+
+        r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
+        x̂ = (x − μ_B) / σ_B · r + d
+
+    r and d are constants for backpropagation. The limits follow the paper's schedule in
+    the step t (the layer's ``num_batches_tracked``): r_max = 1 and d_max = 0 for
+    t < ``warmup_steps``, then rising linearly to ``r_max`` over ``r_ramp_steps`` steps
+    and to ``d_max`` over ``d_ramp_steps`` steps (with the defaults: r_max = 3 at 40k
+    steps, d_max = 5 at 25k). With every step count 0 the limits are constant; with
+    r_max = 1, d_max = 0 the layer is plain batch normalization.
+
+    The paper keeps a moving average of σ; bnorm keeps torch's running variance (the
+    unbiased m/(m−1)·σ²_B), so σ = √(running_var + ε) here.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 5000
+    r_ramp_steps: int = 35000
+    d_ramp_steps: int = 20000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r_max, (int, float)) and self.r_max >= 1.0):
+            raise ValueError(f"expected r_max >= 1 (got {self.r_max!r})")
+        if not (isinstance(self.d_max, (int, float)) and self.d_max >= 0.0):
+            raise ValueError(f"expected d_max >= 0 (got {self.d_max!r})")
+        for name in ("warmup_steps", "r_ramp_steps", "d_ramp_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"expected {name} to be an int >= 0 (got {v!r})")
+
+    def limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) at step ``step`` (a tensor, so no host synchronization)."""
+        t = step.to(torch.float64) - self.warmup_steps
+
+        def ramp(steps: int) -> Tensor:
+            if steps == 0:
+                return (t >= 0).to(torch.float64)
+            return (t / steps).clamp(0.0, 1.0)
+
+        r = 1.0 + (self.r_max - 1.0) * ramp(self.r_ramp_steps)
+        d = self.d_max * ramp(self.d_ramp_steps)
+        return r, d
+
+
+@torch.no_grad()
+def renorm_correction(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's (r, d) (see :class:`Renorm`), detached.
+
+    Shape:
+        mean, var: the batch's (C,) or (G, C) mean and biased variance; running_*: (C,).
+    """
+    dtype = mean.dtype
+    sigma = (running_var.to(dtype) + eps).sqrt()
+    sigma_b = (var + eps).sqrt()
+    r_hi = torch.as_tensor(r_max, dtype=dtype, device=mean.device)
+    d_hi = torch.as_tensor(d_max, dtype=dtype, device=mean.device)
+    r = torch.clamp(sigma_b / sigma, 1.0 / r_hi, r_hi)
+    d = torch.clamp((mean - running_mean.to(dtype)) / sigma, -d_hi, d_hi)
+    return r, d
 
 
 @torch.no_grad()
@@ -265,16 +404,33 @@ def batch_norm(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
     skip_nonfinite: bool = True,
+    virtual_batch_size: int | None = None,
+    renorm: Renorm | None = None,
+    sync: bool = False,
+    process_group: Any = None,
 ) -> Tensor:
     """Batch normalization, ``y = γ (x − μ)/√(σ² + ε) + β`` per channel.
 
     Same results as :func:`torch.nn.functional.batch_norm` for ``axis=1``; any channel
     axis otherwise (``axis=-1`` for NHWC). In training (or when no running statistics are
     given), μ and σ² are the batch's mean and biased variance over every axis but
-    ``axis`` — over the positions where ``mask`` is True if a mask is given — and the
-    running statistics, if given, are updated as in :func:`update_running_stats`
+    ``axis`` — over the positions where ``mask`` is True if a mask is given (every
+    position, padded ones included, is then normalized with them) — and the running
+    statistics, if given, are updated as in :func:`update_running_stats`
     (``momentum=None``: cumulative average, which needs ``num_batches_tracked``). In
     evaluation the running statistics normalize every position.
+
+    Training options, which compose:
+
+    * ``virtual_batch_size=k`` (ghost batch norm): each group of k consecutive samples
+      is normalized with its own statistics; the running statistics are updated from the
+      moments of all groups merged (as if from the whole batch). k must divide the batch.
+    * ``renorm`` (a :class:`Renorm`): Batch Renormalization with the (r, d) correction,
+      from the running statistics before this step's update and the schedule at step
+      ``num_batches_tracked``. Needs running statistics.
+    * ``sync=True``: statistics of the global batch over ``process_group`` (one
+      all_gather forward, one all_reduce backward; see :mod:`bnorm.distributed`); local
+      when torch.distributed is not initialized or the group has one rank.
 
     ``num_batches_tracked``/``num_batches_skipped`` (long scalars), if given, are
     incremented in place in training; see :func:`update_running_stats` for
@@ -299,15 +455,25 @@ def batch_norm(
     update = training and running_mean is not None and running_var is not None
     if momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    if use_batch_stats:
+    groups = None
+    if use_batch_stats and virtual_batch_size is not None:
+        groups = _ghost_groups(input, ax, virtual_batch_size)
+    if use_batch_stats and renorm is not None and running_mean is None:
+        raise ValueError("renorm needs running statistics (got running_mean=None)")
+    distributed = use_batch_stats and sync and world_size(process_group) > 1
+    if distributed and groups is not None:
+        raise ValueError("virtual_batch_size is not supported together with sync=True")
+    if use_batch_stats and not distributed:
         count = _values_per_channel(input, ax, mask)
-        if count == 1 or (mask is not None and count < 2 and input.numel() > 0):
+        per_group = count // groups if groups and mask is None else count
+        if per_group == 1 or (mask is not None and count < 2 and input.numel() > 0):
             raise ValueError(
                 "expected more than 1 value per channel when training "
-                f"(got {count} for input of shape {tuple(input.shape)}"
+                f"(got {per_group} for input of shape {tuple(input.shape)}"
                 + (" with its mask)" if mask is not None else ")")
+                + ("" if groups is None else f" in each of {groups} virtual batches")
             )
-    if input.numel() == 0:
+    if not distributed and input.numel() == 0:
         # Nothing to normalize, nothing learned: torch's convention (counts the batch).
         if update and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -323,36 +489,105 @@ def batch_norm(
             x, weight, bias, running_mean, running_var, False, 0.0, eps
         )[0]
         return out.movedim(1, ax) if ax != 1 else out
-    if mask is None:
-        x = input.movedim(ax, 1) if ax != 1 else input
-        out, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, None, None, True, 0.0, eps
+    limits = None
+    if renorm is not None:
+        step = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long)
+        limits = renorm.limits(step.to(input.device))
+    if mask is None and groups is None and not distributed:
+        return _native_training(
+            input, ax, running_mean, running_var, weight, bias, momentum, eps, update,
+            limits, num_batches_tracked, num_batches_skipped, skip_nonfinite,
         )
-        out = out.movedim(1, ax) if ax != 1 else out
-        if update:
-            var = invstd.detach().to(_stats_dtype(input.dtype)).pow(-2) - eps
-            update_running_stats(
-                running_mean,  # type: ignore[arg-type]
-                running_var,  # type: ignore[arg-type]
-                mean,
-                var,
-                count,
-                momentum,
-                num_batches_tracked,
-                num_batches_skipped,
-                skip_nonfinite,
-            )
-        return out
-    mom = moments(input, ax, mask)
-    var = mom.var
-    out = normalize(input, mom.mean, torch.rsqrt(var + eps), weight, bias, ax)
+    # The moments path: local moments → (all ranks) → normalize → running statistics.
+    local = moments(input, ax, mask, groups)
+    if distributed:
+        gathered = all_gather_differentiable(torch.stack(tuple(local)), process_group)
+        batch = pool_moments(Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2]))
+    else:
+        batch = local
+    var = batch.m2 / batch.count.clamp_min(1)
+    invstd = torch.rsqrt(var + eps)
+    mean = batch.mean
+    if limits is not None:
+        r, d = renorm_correction(mean, var, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]
+        # x̂ = (x − μ_B)·invstd·r + d  =  (x − (μ_B − d/(invstd·r)))·(invstd·r)
+        invstd = invstd * r
+        mean = mean - d / invstd
+    out = normalize(input, mean, invstd, weight, bias, ax, groups)
     if update:
+        total = pool_moments(batch) if groups is not None else batch
         update_running_stats(
             running_mean,  # type: ignore[arg-type]
             running_var,  # type: ignore[arg-type]
-            mom.mean,
+            total.mean,
+            total.m2 / total.count.clamp_min(1),
+            total.count,
+            momentum,
+            num_batches_tracked,
+            num_batches_skipped,
+            skip_nonfinite,
+        )
+    return out
+
+
+def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int:
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+        raise TypeError(
+            f"expected virtual_batch_size to be an int (got {type(virtual_batch_size).__name__})"
+        )
+    if virtual_batch_size < 1:
+        raise ValueError(f"expected virtual_batch_size >= 1 (got {virtual_batch_size})")
+    if ax == 0:
+        raise ValueError("virtual_batch_size needs the samples on axis 0 (got channel axis 0)")
+    n = input.shape[0]
+    if n % virtual_batch_size:
+        raise ValueError(
+            f"expected a batch size divisible by virtual_batch_size={virtual_batch_size} "
+            f"(got {n}); drop the last incomplete batch (DataLoader(drop_last=True))"
+        )
+    return n // virtual_batch_size
+
+
+def _native_training(
+    input: Tensor,
+    ax: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    update: bool,
+    limits: tuple[Tensor, Tensor] | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    skip_nonfinite: bool,
+) -> Tensor:
+    """Training with the statistics of the whole input: ATen's fused kernel."""
+    x = input.movedim(ax, 1) if ax != 1 else input
+    count = x.numel() // x.shape[1]
+    if limits is not None:
+        # Renorm: γ·x̂ + β with x̂ = x̂_B·r + d is BN with weight γ·r and bias β + γ·d
+        # (r, d constants); the kernel recomputes μ_B, σ_B with their gradients.
+        with torch.no_grad():
+            dims = [d for d in range(x.dim()) if d != 1]
+            var_b, mean_b = torch.var_mean(x.to(_stats_dtype(x.dtype)), dim=dims, correction=0)
+        r, d = renorm_correction(mean_b, var_b, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]
+        pdtype = weight.dtype if weight is not None else r.dtype
+        gamma = weight if weight is not None else torch.ones_like(r, dtype=pdtype)
+        beta_d = gamma * d.to(pdtype)
+        bias = beta_d if bias is None else bias + beta_d
+        weight = gamma * r.to(pdtype)
+    out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    out = out.movedim(1, ax) if ax != 1 else out
+    if update:
+        var = invstd.detach().to(_stats_dtype(input.dtype)).pow(-2) - eps
+        update_running_stats(
+            running_mean,  # type: ignore[arg-type]
+            running_var,  # type: ignore[arg-type]
+            mean,
             var,
-            mom.count,
+            count,
             momentum,
             num_batches_tracked,
             num_batches_skipped,

@@ -4,6 +4,7 @@ ranks they accept. The work is done by :func:`bnorm.functional.batch_norm`."""
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 from typing import Any, ClassVar
 
 import torch
@@ -12,7 +13,17 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "SyncBatchNorm",
+]
 
 
 def _batch_norm_layer(
@@ -32,6 +43,10 @@ def _batch_norm_layer(
     ranks: tuple[int, ...] | None,
     layer: str,
     skip_nonfinite: bool,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[float, float, int, int, int] | None = None,
+    sync: bool = False,
+    process_group: Any = None,
 ) -> Tensor:
     """A layer's forward, as one function of tensors and constants.
 
@@ -62,6 +77,10 @@ def _batch_norm_layer(
             num_batches_tracked=num_batches_tracked if update else None,
             num_batches_skipped=num_batches_skipped if update else None,
             skip_nonfinite=skip_nonfinite,
+            virtual_batch_size=virtual_batch_size,
+            renorm=None if renorm is None else F.Renorm(*renorm),
+            sync=sync,
+            process_group=process_group,
         )
     except (TypeError, ValueError) as err:
         raise type(err)(f"{layer}: {err}") from None
@@ -92,7 +111,15 @@ class _BatchNormBase(nn.Module):
     ``skip_nonfinite`` (default True): a training batch whose statistics contain NaN/inf
     leaves the running statistics and ``num_batches_tracked`` unchanged and increments the
     ``num_batches_skipped`` buffer instead (read it to see how many were skipped). The
-    output of such a batch is still what the math gives.
+    output of such a batch is still what the math gives. ``virtual_batch_size=k``: ghost
+    batch norm — in training each group of k consecutive samples is normalized with its
+    own statistics, while γ, β and the running statistics are shared (updated from all
+    groups' moments merged, i.e. as if from the whole batch); k must divide the batch.
+    ``renorm``: Batch Renormalization (a :class:`bnorm.Renorm`, or True for the paper's
+    schedule), driven by ``num_batches_tracked``. ``forward(input, mask)``: a boolean
+    ``mask`` of the input's shape without the channel axis (True = valid) restricts the
+    batch statistics to the valid positions; every position, padded ones included, is
+    normalized with them.
     """
 
     _version = 2
@@ -119,6 +146,8 @@ class _BatchNormBase(nn.Module):
         bias: bool = True,
         axis: int = 1,
         skip_nonfinite: bool = True,
+        virtual_batch_size: int | None = None,
+        renorm: F.Renorm | bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
@@ -138,6 +167,24 @@ class _BatchNormBase(nn.Module):
                 f"expected axis in [{-min(self._ranks)}, {min(self._ranks) - 1}] for "
                 f"{type(self).__name__} (got {axis})"
             )
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"expected virtual_batch_size to be an int >= 1 or None (got {virtual_batch_size!r})"
+            )
+        if renorm is True:
+            renorm = F.Renorm()
+        elif renorm is False:
+            renorm = None
+        if renorm is not None and not isinstance(renorm, F.Renorm):
+            raise TypeError(
+                f"expected renorm to be a bnorm.Renorm, True or None (got {type(renorm).__name__})"
+            )
+        if renorm is not None and not track_running_stats:
+            raise ValueError("renorm needs running statistics (got track_running_stats=False)")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
@@ -146,6 +193,8 @@ class _BatchNormBase(nn.Module):
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.virtual_batch_size = virtual_batch_size
+        self.renorm: F.Renorm | None = renorm
         self.weight: nn.Parameter | None
         self.bias: nn.Parameter | None
         if self.affine:
@@ -206,6 +255,10 @@ class _BatchNormBase(nn.Module):
             text += f", axis={self.axis}"
         if not self.skip_nonfinite:
             text += ", skip_nonfinite=False"
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
+        if self.renorm is not None:
+            text += f", renorm={self.renorm}"
         return text
 
     def _load_from_state_dict(
@@ -248,7 +301,14 @@ class _BatchNormBase(nn.Module):
             self._ranks,
             type(self).__name__,
             self.skip_nonfinite,
+            self.virtual_batch_size,
+            None if self.renorm is None else astuple(self.renorm),
+            *self._sync_args(),
         )
+
+    def _sync_args(self) -> tuple[bool, Any]:
+        """(sync, process_group) for the functional call; local layers don't sync."""
+        return False, None
 
 
 class BatchNorm(_BatchNormBase):
@@ -285,5 +345,157 @@ class BatchNorm3d(_BatchNormBase):
     Shape:
         input: (N, C, D, H, W); output: same shape.
     """
+
+    _ranks = (5,)
+
+
+class SyncBatchNorm(_BatchNormBase):
+    """Batch normalization with the statistics of the global batch across processes.
+
+    Drop-in for :class:`torch.nn.SyncBatchNorm` (same arguments and state_dict) that works
+    on every torch.distributed backend — gloo on CPU included, which torch's refuses. In
+    training, outputs, gradients and running statistics equal those of single-process
+    batch norm over the concatenation of every rank's batch; ranks may have different
+    batch sizes, or an empty one (it must still call the layer). One all_gather of the
+    per-rank moments (count, mean, M2) in forward, one all_reduce in backward. When
+    torch.distributed is not initialized or the group has one rank, it is local batch
+    norm. Masks and renorm compose with it; ``virtual_batch_size`` does not.
+
+    Shape:
+        input: (N, C, *) (channels at ``axis``); output: same shape.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+        **options: Any,
+    ) -> None:
+        if options.get("virtual_batch_size") is not None:
+            raise ValueError("SyncBatchNorm does not support virtual_batch_size")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
+        )
+        self.process_group = process_group
+
+    def _sync_args(self) -> tuple[bool, Any]:
+        return True, self.process_group
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """Replace every batch-norm layer of ``module`` (torch's or bnorm's) by a
+        :class:`SyncBatchNorm` holding the same parameters and buffers; returns the
+        module (converted in place, or a new layer if ``module`` itself is one)."""
+        from .convert import convert
+
+        converted, _ = convert(module, cls, process_group=process_group)
+        return converted
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch normalization with fixed statistics and affine parameters, for fine-tuning.
+
+    ``y = (x − running_mean) / √(running_var + ε) · weight + bias`` per channel in both
+    training and evaluation; nothing is updated and ``weight``/``bias`` are buffers, so
+    gradients flow to the input only. Loads a batch-norm state_dict (its
+    ``num_batches_tracked`` is ignored) and folds like an eval-mode batch norm.
+
+    Shape:
+        input: (*, C, *) with C at ``axis``; output: same shape.
+    """
+
+    _ranks: ClassVar[tuple[int, ...] | None] = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        axis: int = 1,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
+        if num_features < 1:
+            raise ValueError(f"expected num_features >= 1 (got {num_features})")
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"expected eps to be a finite number >= 0 (got {eps!r})")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.axis = axis
+        self.weight: Tensor
+        self.bias: Tensor
+        self.running_mean: Tensor
+        self.running_var: Tensor
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        text = f"{self.num_features}, eps={self.eps}"
+        return text if self.axis == 1 else text + f", axis={self.axis}"
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Apply the fixed transform (``mask`` is accepted and has no effect: nothing is
+        estimated)."""
+        return _batch_norm_layer(
+            input,
+            None,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            None,
+            None,
+            False,
+            True,
+            0.0,
+            self.eps,
+            self.axis,
+            self._ranks,
+            type(self).__name__,
+            True,
+        )
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for (N, C) or (N, C, L) input."""
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for (N, C, H, W) input."""
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for (N, C, D, H, W) input."""
 
     _ranks = (5,)

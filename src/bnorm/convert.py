@@ -1,0 +1,242 @@
+"""Swap the batch-norm layers of a model for another family, keeping their state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    SyncBatchNorm,
+    _BatchNormBase,
+)
+
+__all__ = ["ConversionReport", "convert"]
+
+# Layer families by the input rank their layers check (None: any rank).
+_BNORM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d, None: BatchNorm}
+_FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}
+_TORCH: dict[int | None, type[nn.Module]] = {
+    1: nn.BatchNorm1d,
+    2: nn.BatchNorm2d,
+    3: nn.BatchNorm3d,
+}
+_RANK_OF: dict[type[nn.Module], int | None] = {
+    nn.BatchNorm1d: 1,
+    nn.BatchNorm2d: 2,
+    nn.BatchNorm3d: 3,
+    nn.SyncBatchNorm: None,
+    BatchNorm1d: 1,
+    BatchNorm2d: 2,
+    BatchNorm3d: 3,
+    BatchNorm: None,
+    SyncBatchNorm: None,
+    FrozenBatchNorm1d: 1,
+    FrozenBatchNorm2d: 2,
+    FrozenBatchNorm3d: 3,
+    FrozenBatchNorm: None,
+}
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: ``converted`` rows are (qualified name, old class, new
+    class); ``skipped`` rows are (qualified name, class, why it was left unchanged)."""
+
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  {n or '<root>'}: {a} -> {b}" for n, a, b in self.converted]
+        lines += [f"  {n or '<root>'}: {c} left unchanged: {why}" for n, c, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _is_batch_norm(m: nn.Module) -> bool:
+    return isinstance(m, (_BatchNorm, _BatchNormBase, FrozenBatchNorm))
+
+
+def _known_base(m: nn.Module) -> type[nn.Module] | None:
+    """The known layer class whose forward ``m`` runs, or None if a subclass changes it."""
+    for cls in type(m).__mro__:
+        if cls in _RANK_OF:
+            return cls if type(m).forward is cls.forward else None
+    return None
+
+
+def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
+    if isinstance(target, type):
+        if issubclass(target, SyncBatchNorm):
+            return "sync", {None: SyncBatchNorm}
+        if issubclass(target, FrozenBatchNorm):
+            return "frozen", dict(_FROZEN)
+        if issubclass(target, _BatchNormBase):
+            return "bnorm", dict(_BNORM)
+        if issubclass(target, nn.SyncBatchNorm):
+            return "torch-sync", {None: nn.SyncBatchNorm}
+        if issubclass(target, _BatchNorm):
+            return "torch", dict(_TORCH)
+    raise TypeError(
+        "expected target to be a batch-norm layer class such as bnorm.BatchNorm, "
+        "bnorm.SyncBatchNorm, bnorm.FrozenBatchNorm, torch.nn.BatchNorm2d or "
+        f"torch.nn.SyncBatchNorm (got {target!r})"
+    )
+
+
+def _state(m: nn.Module) -> dict[str, Any]:
+    """The constructor facts of a batch-norm layer, whatever its family."""
+    ref = m.running_mean if m.running_mean is not None else m.weight
+    if ref is None:
+        ref = torch.empty(0)
+    return {
+        "num_features": m.num_features,
+        "eps": m.eps,
+        "momentum": getattr(m, "momentum", 0.1),
+        "affine": isinstance(m, FrozenBatchNorm) or m.weight is not None,
+        "bias": isinstance(m, FrozenBatchNorm) or getattr(m, "bias", None) is not None,
+        "track_running_stats": isinstance(m, FrozenBatchNorm) or m.running_mean is not None,
+        "axis": getattr(m, "axis", 1),
+        "device": ref.device,
+        "dtype": ref.dtype,
+    }
+
+
+def _lossless(m: nn.Module, family: str) -> str | None:
+    """Why converting ``m`` to ``family`` would lose something, or None."""
+    st = _state(m)
+    if family.startswith("torch"):
+        if st["axis"] != 1:
+            return f"torch's layers have no channel axis option (axis={st['axis']})"
+        if getattr(m, "renorm", None) is not None:
+            return "torch's layers have no Batch Renormalization"
+        if getattr(m, "virtual_batch_size", None) is not None:
+            return "torch's layers have no ghost batches (virtual_batch_size)"
+    if family == "frozen" and not st["track_running_stats"]:
+        return "no running statistics to freeze (track_running_stats=False)"
+    return None
+
+
+def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str, Any]) -> nn.Module:
+    st = _state(old)
+    factory = {"device": st["device"], "dtype": st["dtype"]}
+    new: nn.Module
+    if family == "frozen":
+        new = cls(st["num_features"], st["eps"], axis=st["axis"], **factory, **options)
+        with torch.no_grad():
+            for name in ("running_mean", "running_var", "weight", "bias"):
+                src = getattr(old, name)
+                if src is not None:
+                    getattr(new, name).copy_(src.detach())
+        new.train(old.training)
+        return new
+    kwargs: dict[str, Any] = dict(
+        eps=st["eps"],
+        momentum=st["momentum"],
+        affine=st["affine"],
+        track_running_stats=st["track_running_stats"],
+        **factory,
+    )
+    if family in ("bnorm", "sync"):
+        kwargs.update(bias=st["bias"], axis=st["axis"])
+        for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
+            if hasattr(old, name) and not (family == "sync" and name == "virtual_batch_size"):
+                kwargs[name] = getattr(old, name)
+    elif family == "torch":
+        kwargs["bias"] = st["bias"]
+    kwargs.update(options)
+    new = cls(st["num_features"], **kwargs)
+    # Share parameters (optimizers keep working) and buffers.
+    for name in ("weight", "bias"):
+        src = getattr(old, name, None)
+        if src is None or getattr(new, name, None) is None:
+            continue
+        if isinstance(src, nn.Parameter):
+            setattr(new, name, src)
+        else:
+            setattr(new, name, nn.Parameter(src.detach().clone()))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        src = getattr(old, name, None)
+        if src is not None and getattr(new, name, None) is not None:
+            setattr(new, name, src)
+    new.train(old.training)
+    return new
+
+
+def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, ConversionReport]:
+    """Replace every batch-norm layer of ``module`` by a layer of ``target``'s family.
+
+    Recognized layers: torch's ``BatchNorm1d/2d/3d`` (and subclasses that keep their
+    forward), ``torch.nn.SyncBatchNorm``, and bnorm's layers. ``target`` is a class that
+    names the family — ``bnorm.BatchNorm`` (or any of ``BatchNorm1d/2d/3d``: each layer
+    gets the class of its own rank), ``bnorm.SyncBatchNorm``, ``bnorm.FrozenBatchNorm``
+    (any rank), ``torch.nn.BatchNorm2d`` (torch's family, where lossless) or
+    ``torch.nn.SyncBatchNorm``. ``options`` go to every new layer's constructor (e.g.
+    ``renorm=True``, ``virtual_batch_size=8``, ``process_group=...``).
+
+    The new layers share the old ones' parameter objects (an optimizer keeps working) and
+    buffers, and keep device, dtype and train/eval mode. Layers that cannot be converted
+    losslessly — a subclass that overrides ``forward`` (e.g. a fused activation), a
+    bnorm-only option going to torch's classes, freezing a layer without running
+    statistics — are left unchanged and listed in the report's ``skipped``.
+
+    Children are replaced in place (like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``);
+    returns ``(module, report)``, where ``module`` is a new object only when ``module``
+    itself is a converted layer.
+    """
+    family, classes = _family(target)
+    if family.startswith("torch") and options:
+        raise ValueError(
+            f"expected no options for torch's layers (got {sorted(options)})"
+        )
+    report = ConversionReport()
+    converted = _convert(module, "", family, classes, options, report)
+    return converted, report
+
+
+def _convert(
+    m: nn.Module,
+    name: str,
+    family: str,
+    classes: dict[int | None, type[nn.Module]],
+    options: dict[str, Any],
+    report: ConversionReport,
+) -> nn.Module:
+    if _is_batch_norm(m):
+        base = _known_base(m)
+        if base is None:
+            report.skipped.append(
+                (name, type(m).__name__, "a subclass that overrides forward (behaviour would be lost)")
+            )
+            return m
+        rank = _RANK_OF[base]
+        cls = classes.get(rank, classes.get(None))
+        if cls is None:
+            report.skipped.append(
+                (name, type(m).__name__, f"no {family} class for inputs of any rank")
+            )
+            return m
+        why = _lossless(m, family)
+        if why is not None:
+            report.skipped.append((name, type(m).__name__, why))
+            return m
+        new = _build(m, cls, family, options)
+        report.converted.append((name, type(m).__name__, type(new).__name__))
+        return new
+    for child_name, child in list(m.named_children()):
+        full = f"{name}.{child_name}" if name else child_name
+        new_child = _convert(child, full, family, classes, options, report)
+        if new_child is not child:
+            setattr(m, child_name, new_child)
+    return m
