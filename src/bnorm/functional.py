@@ -501,7 +501,12 @@ def batch_norm(
     # The moments path: local moments → (all ranks) → normalize → running statistics.
     local = moments(input, ax, mask, groups)
     if distributed:
-        gathered = all_gather_differentiable(torch.stack(tuple(local)), process_group)
+        stacked = torch.stack(tuple(local))
+        if torch.is_grad_enabled() and not stacked.requires_grad:
+            # Every rank must join the backward all_reduce, including one whose (e.g.
+            # empty) input does not require grad: make the gather differentiable everywhere.
+            stacked = stacked.detach().requires_grad_()
+        gathered = all_gather_differentiable(stacked, process_group)
         batch = pool_moments(Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2]))
     else:
         batch = local
@@ -578,6 +583,15 @@ def _native_training(
         beta_d = gamma * d.to(pdtype)
         bias = beta_d if bias is None else bias + beta_d
         weight = gamma * r.to(pdtype)
+    if (
+        update
+        and weight is None
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and (bias is None or bias.dtype == torch.float32)
+    ):
+        # Without a float32 weight the kernel returns μ_B and 1/σ_B rounded to the input's
+        # half-precision dtype; with one it returns them in float32.
+        weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
     out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     out = out.movedim(1, ax) if ax != 1 else out
     if update:

@@ -1,0 +1,199 @@
+"""SyncBatchNorm across real processes: gloo on localhost, 2 and 3 ranks spawned here.
+
+Every rank saves what it computed; the test process compares it with single-process
+batch norm over the concatenation of all ranks' batches.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bnorm
+
+# Per-rank batch sizes: uneven, and rank 2 has an empty batch.
+SIZES = [5, 3, 0]
+STEPS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _data(step: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of a step: input, upstream gradient, mask (deterministic)."""
+    g = torch.Generator().manual_seed(100 + step)
+    n = sum(SIZES)
+    x = torch.randn(n, channels, 4, 5, generator=g) * 2 + 1
+    dy = torch.randn(n, channels, 4, 5, generator=g)
+    mask = torch.rand(n, 4, 5, generator=g) > 0.3
+    return x, dy, mask
+
+
+def _slice(t: torch.Tensor, rank: int) -> torch.Tensor:
+    start = sum(SIZES[:rank])
+    return t[start : start + SIZES[rank]]
+
+
+def _layer(kind: str) -> torch.nn.Module:
+    if kind == "renorm":
+        layer = bnorm.SyncBatchNorm(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0))
+    else:
+        layer = bnorm.SyncBatchNorm(3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    return layer
+
+
+def _run_layer(kind: str, rank: int | None) -> dict[str, torch.Tensor]:
+    """Run STEPS training steps of one layer on rank ``rank``'s slice (None: all data)."""
+    layer = _layer(kind)
+    out: dict[str, torch.Tensor] = {}
+    for step in range(STEPS):
+        x, dy, mask = _data(step)
+        if rank is not None:
+            x, dy, mask = _slice(x, rank), _slice(dy, rank), _slice(mask, rank)
+        x = x.clone().requires_grad_()
+        y = layer(x, mask=mask) if kind == "mask" else layer(x)
+        (y * dy).sum().backward()
+        out[f"y{step}"] = y.detach()
+        out[f"dx{step}"] = x.grad.detach()
+    out["dweight"] = layer.weight.grad.detach()
+    out["dbias"] = layer.bias.grad.detach()
+    out["running_mean"] = layer.running_mean.clone()
+    out["running_var"] = layer.running_var.clone()
+    out["num_batches_tracked"] = layer.num_batches_tracked.clone()
+    return out
+
+
+def _ddp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 5, 2),
+    )
+    converted, _ = bnorm.convert(model, bnorm.SyncBatchNorm)
+    return converted
+
+
+def _run_ddp(rank: int | None, world: int) -> dict[str, torch.Tensor]:
+    model = _ddp_model()
+    net: torch.nn.Module = model
+    if rank is not None:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, _, _ = _data(step)
+        if rank is not None:
+            x = _slice(x, rank)
+        opt.zero_grad()
+        loss = net(x).square().sum()
+        # DDP averages gradients over ranks; scale so both sides minimize the global sum.
+        (loss * (world if rank is not None else 1)).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _worker(rank: int, world: int, port: int, outdir: str, scenario: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=4 if scenario == "timeout" else 60)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        results: dict[str, object] = {}
+        if scenario == "timeout":
+            if rank == 0:
+                layer = bnorm.SyncBatchNorm(3)
+                try:
+                    layer(torch.randn(4, 3, 2, 2))
+                    results["error"] = ""
+                except RuntimeError as err:
+                    results["error"] = str(err)
+            else:
+                time.sleep(8)  # never calls the layer; stays alive past rank 0's timeout
+        else:
+            for kind in ("plain", "mask", "renorm"):
+                results[kind] = _run_layer(kind, rank)
+            results["ddp"] = _run_ddp(rank, world)
+        torch.save(results, Path(outdir) / f"rank{rank}.pt")
+    finally:
+        if scenario != "timeout":
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    outdir = tmp_path_factory.mktemp("sync3")
+    world = len(SIZES)
+    mp.spawn(_worker, args=(world, _free_port(), str(outdir), "layers"), nprocs=world, join=True)
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("kind", ["plain", "mask", "renorm"])
+def test_sync_equals_single_process_bn_on_concatenated_batch(three_ranks, kind):
+    ref = _run_layer(kind, None)
+    world = len(SIZES)
+    for step in range(STEPS):
+        y = torch.cat([three_ranks[r][kind][f"y{step}"] for r in range(world)])
+        dx = torch.cat([three_ranks[r][kind][f"dx{step}"] for r in range(world)])
+        torch.testing.assert_close(y, ref[f"y{step}"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, ref[f"dx{step}"], rtol=1e-5, atol=1e-5)
+    # Parameter gradients: each rank holds its own part; their sum is the global one.
+    for name in ("dweight", "dbias"):
+        total = sum(three_ranks[r][kind][name] for r in range(world))
+        torch.testing.assert_close(total, ref[name], rtol=1e-5, atol=1e-5)
+    for r in range(world):  # every rank ends with the global running statistics
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(three_ranks[r][kind][name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sync_plain_matches_torch_batchnorm_reference(three_ranks):
+    # Independent reference: torch's own BatchNorm2d over the concatenated batch.
+    layer = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    for step in range(STEPS):
+        x, _, _ = _data(step)
+        y = torch.cat([three_ranks[r]["plain"][f"y{step}"] for r in range(len(SIZES))])
+        torch.testing.assert_close(y, layer(x).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(three_ranks[0]["plain"]["running_var"], layer.running_var)
+
+
+def test_sync_inside_ddp_trains_like_single_process_on_global_batch(three_ranks):
+    ref = _run_ddp(None, len(SIZES))
+    for r in range(len(SIZES)):
+        got = three_ranks[r]["ddp"]
+        assert set(got) == set(ref)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_missing_peer_surfaces_as_clear_error_not_hang(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "timeout"), nprocs=2, join=True)
+    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert "SyncBatchNorm" in result["error"]
+    assert "timeout" in result["error"]
+
+
+def test_sync_without_process_group_is_local_batch_norm():
+    assert not dist.is_initialized()
+    x = torch.randn(6, 3, 4, 4)
+    ours, theirs = bnorm.SyncBatchNorm(3), torch.nn.BatchNorm2d(3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
