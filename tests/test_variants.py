@@ -84,7 +84,7 @@ def test_renorm_r_and_d_are_constants_for_backprop():
     x = (torch.randn(6, 2, 3, 3, dtype=torch.float64) * 0.5).requires_grad_()
     dy = torch.randn_like(x)
     layer(x).backward(dy)
-    y_ref, cache = reference.forward(x.detach().numpy(), np.ones(2), np.zeros(2), axis=1)
+    _, cache = reference.forward(x.detach().numpy(), np.ones(2), np.zeros(2), axis=1)
     mean, var = cache["mean"], cache["var"]
     sigma_b, sigma = np.sqrt(var + 1e-5), np.sqrt(4.0 + 1e-5)
     r = np.clip(sigma_b / sigma, 0.5, 2.0)

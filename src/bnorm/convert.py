@@ -220,16 +220,16 @@ def _convert(
                 (name, type(m).__name__, "a subclass that overrides forward (behaviour would be lost)")
             )
             return m
+        why = _lossless(m, family)
+        if why is not None:
+            report.skipped.append((name, type(m).__name__, why))
+            return m
         rank = _RANK_OF[base]
         cls = classes.get(rank, classes.get(None))
         if cls is None:
             report.skipped.append(
                 (name, type(m).__name__, f"no {family} class for inputs of any rank")
             )
-            return m
-        why = _lossless(m, family)
-        if why is not None:
-            report.skipped.append((name, type(m).__name__, why))
             return m
         new = _build(m, cls, family, options)
         report.converted.append((name, type(m).__name__, type(new).__name__))
