@@ -13,7 +13,9 @@ import argparse
 import json
 import os
 import platform
-from collections.abc import Callable
+import statistics
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,23 @@ def register(name: str) -> Callable[[Suite], Suite]:
         return fn
 
     return wrap
+
+
+def time_alternated(
+    cases: Mapping[str, Callable[[], object]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds per call of each case, the cases run in turn (a, b, a, b, ...) so
+    that every case sees the same machine state; ``warmup`` untimed rounds first."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def machine_info() -> dict[str, Any]:
@@ -82,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_suites() -> None:
     # Suites register themselves on import; keep the import here so `bnorm --help` stays fast.
-    from . import bench_suites  # noqa: F401
+    from . import bench_suites, bench_variants  # noqa: F401
 
 
 def main(args: argparse.Namespace) -> int:

@@ -313,7 +313,8 @@ def update_running_stats(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        alpha = (1.0 / (num_batches_tracked + 1)).to(dtype)
+        # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
+        alpha = 1.0 / (num_batches_tracked + 1).to(dtype)
     else:
         alpha = momentum
     new_mean = torch.lerp(running_mean, mean, alpha)
@@ -575,8 +576,10 @@ def _native_training(
         # Renorm: γ·x̂ + β with x̂ = x̂_B·r + d is BN with weight γ·r and bias β + γ·d
         # (r, d constants); the kernel recomputes μ_B, σ_B with their gradients.
         with torch.no_grad():
-            dims = [d for d in range(x.dim()) if d != 1]
-            var_b, mean_b = torch.var_mean(x.to(_stats_dtype(x.dtype)), dim=dims, correction=0)
+            # ATen's statistics pass (biased variance); much faster than var_mean here.
+            mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
+            mean_b = mean_b.to(_stats_dtype(x.dtype))
+            var_b = var_b.to(_stats_dtype(x.dtype))
         r, d = renorm_correction(mean_b, var_b, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]
         pdtype = weight.dtype if weight is not None else r.dtype
         gamma = weight if weight is not None else torch.ones_like(r, dtype=pdtype)
