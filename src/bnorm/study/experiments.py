@@ -1,0 +1,336 @@
+"""Experiment kinds: how an experiment's runs are scheduled and how they are summarized.
+
+An *experiment* (a line in :data:`bnorm.study.run.EXPERIMENTS`) names a *kind* from
+:data:`KINDS` and gives it a training spec and options. Three kinds exist:
+
+* ``curves`` — one run per (seed, norm): test accuracy/loss against steps, the probe
+  unit's percentiles, per-layer gradient norms if the spec asks for them, and the
+  speed-up of each norm over the baseline (see :func:`speedup`).
+* ``lr_sweep`` — one run per (learning rate, seed, norm) on the grid ``options["lrs"]``:
+  final accuracy per rate.
+* ``disagreement`` — no training: compares the final test predictions of the baseline
+  and each other norm in the experiment ``options["source"]``, seed by seed.
+
+Every summary works on whatever runs have finished (an interrupted study reports what
+it has), and every experiment summary carries a ``headline`` — the row of the report's
+summary table.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .models import NORM_LABELS
+from .train import TrainSpec
+
+__all__ = ["KINDS", "Experiment", "Kind", "PlannedRun", "SummaryInputs", "mean_std", "speedup", "steps_to_reach"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One entry of the study. ``spec`` overrides :class:`TrainSpec`'s defaults;
+    ``options`` are the kind's (``lrs``, ``source``, ``norms``); ``follows_model``:
+    ``--model``/``--preset`` replace this experiment's network and recipe."""
+
+    name: str
+    kind: str
+    title: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    follows_model: bool = False
+    about: str = ""
+
+
+@dataclass(frozen=True)
+class SummaryInputs:
+    """What a summary may need besides its own runs: every experiment's runs (by name),
+    the chance accuracy 1/classes and the test labels."""
+
+    runs: dict[str, list[dict[str, Any]]]
+    chance: float
+    test_labels: list[int]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run to do: its checkpoint tag, norm, seed and full training spec."""
+
+    tag: str
+    norm: str
+    seed: int
+    spec: TrainSpec
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (n − 1) of the finite values; std 0 for one."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": statistics.fmean(finite), "std": std, "n": len(finite)}
+
+
+def steps_to_reach(steps: Sequence[int], accuracy: Sequence[float | None], target: float) -> int | None:
+    """First evaluated step whose accuracy is ≥ ``target`` (None if never)."""
+    for s, a in zip(steps, accuracy):
+        if a is not None and a >= target:
+            return int(s)
+    return None
+
+
+def speedup(
+    baseline: dict[str, Any], other: dict[str, Any], chance: float
+) -> dict[str, Any]:
+    """The BN paper's speed-up for one seed: the baseline's best test accuracy A and the
+    first step s_base where it reached A; the first step s_other where ``other`` reached
+    A; speed-up = s_base / s_other.
+
+    Undefined (``factor`` None, with a ``reason``) when the baseline never rose clearly
+    above chance (A < 2 × chance: nothing to catch up with), or ``other`` never reached A.
+    """
+    b_steps, b_acc = baseline["curve"]["step"], baseline["curve"]["test_accuracy"]
+    finite = [a for a in b_acc if a is not None]
+    target = max(finite) if finite else 0.0
+    base_steps = steps_to_reach(b_steps, b_acc, target)
+    other_steps = steps_to_reach(other["curve"]["step"], other["curve"]["test_accuracy"], target)
+    out: dict[str, Any] = {
+        "seed": baseline["seed"],
+        "target_accuracy": target,
+        "baseline_steps": base_steps,
+        "steps": other_steps,
+        "factor": None,
+        "reason": None,
+    }
+    if target < 2 * chance:
+        out["reason"] = f"the baseline never learned (best {100 * target:.1f}%, chance {100 * chance:.0f}%)"
+    elif other_steps is None:
+        out["reason"] = f"never reached the baseline's best {100 * target:.1f}%"
+    elif other_steps == 0 or base_steps is None:
+        out["reason"] = "reached at initialization"
+    else:
+        out["factor"] = base_steps / other_steps
+    return out
+
+
+def _label(norm: str) -> str:
+    return NORM_LABELS.get(norm, norm)
+
+
+def _baseline(norms: Sequence[str]) -> str:
+    return "none" if "none" in norms else norms[0]
+
+
+def _final_accuracy(run: dict[str, Any]) -> float | None:
+    acc = run["curve"]["test_accuracy"]
+    return acc[-1] if acc else None
+
+
+# -------------------------------------------------------------------------- planning
+
+
+def plan_curves(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+    """Seeds outer, norms inner: an interrupted study has complete pairs."""
+    return [PlannedRun(f"{norm}-seed{seed}", norm, seed, spec) for seed in seeds for norm in norms]
+
+
+def plan_lr_sweep(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+    lrs = exp.options.get("lrs", [])
+    return [
+        PlannedRun(f"{norm}-lr{lr:g}-seed{seed}", norm, seed, replace(spec, lr=float(lr)))
+        for lr in lrs
+        for seed in seeds
+        for norm in norms
+    ]
+
+
+def plan_nothing(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+    return []
+
+
+# ------------------------------------------------------------------------- summaries
+
+
+def summarize_curves(
+    exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
+) -> dict[str, Any]:
+    base = _baseline(norms)
+    per_norm = {}
+    for norm in norms:
+        mine = [r for r in runs if r["norm"] == norm]
+        per_norm[norm] = {
+            "final_accuracy": mean_std([_final_accuracy(r) for r in mine]),
+            "best_accuracy": mean_std([max((a for a in r["curve"]["test_accuracy"] if a is not None), default=None) for r in mine]),
+            "final_loss": mean_std([r["curve"]["test_loss"][-1] if r["curve"]["test_loss"] else None for r in mine]),
+            "diverged": sum(r["diverged_at"] is not None for r in mine),
+            "runs": len(mine),
+        }
+    speedups: dict[str, Any] = {}
+    for norm in norms:
+        if norm == base:
+            continue
+        pairs = []
+        for r in runs:
+            if r["norm"] != norm:
+                continue
+            partner = next((b for b in runs if b["norm"] == base and b["seed"] == r["seed"]), None)
+            if partner is not None:
+                pairs.append(speedup(partner, r, given.chance))
+        factors = [p["factor"] for p in pairs]
+        speedups[norm] = {"per_seed": pairs, **mean_std(factors)}
+    notes = [_speedup_note(speedups, base)]
+    gradients = []
+    for norm in norms:
+        grads = [r["grad_norms"]["init"] for r in runs if r["norm"] == norm and r.get("grad_norms", {}).get("init")]
+        if grads:
+            first = _geometric_mean([g[0] for g in grads])
+            last = _geometric_mean([g[-1] for g in grads])
+            per_norm[norm]["grad_norm_init_first_layer"] = first
+            per_norm[norm]["grad_norm_init_last_layer"] = last
+            if first is not None and last is not None:
+                gradients.append(f"{_label(norm)} {first:.1e} → {last:.1e}")
+    if gradients:
+        notes.append("Gradient norm at initialization, first layer → classifier: " + ", ".join(gradients) + ".")
+    headline = {
+        "measure": "final test accuracy",
+        "short": "final test acc",
+        "values": {n: per_norm[n]["final_accuracy"] for n in norms},
+        "speedup": {n: {k: s[k] for k in ("mean", "std", "n")} for n, s in speedups.items()},
+        "note": " ".join(n for n in notes if n),
+    }
+    return {"baseline": base, "per_norm": per_norm, "speedup": speedups, "headline": headline}
+
+
+def _geometric_mean(values: Sequence[float | None]) -> float | None:
+    logs = [math.log(v) for v in values if v is not None and v > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else None
+
+
+def _speedup_note(speedups: dict[str, Any], base: str) -> str:
+    notes = []
+    for norm, s in speedups.items():
+        reasons = sorted({p["reason"] for p in s["per_seed"] if p["factor"] is None and p["reason"]})
+        if reasons:
+            undefined = len(s["per_seed"]) - s["n"]
+            notes.append(
+                f"{_label(norm)} vs {_label(base)}: no speed-up for {undefined} of {len(s['per_seed'])} seed(s): "
+                + "; ".join(reasons)
+                + "."
+            )
+    return " ".join(notes)
+
+
+def summarize_lr_sweep(
+    exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
+) -> dict[str, Any]:
+    lrs = [float(v) for v in exp.options.get("lrs", [])]
+    table = []
+    for lr in lrs:
+        row: dict[str, Any] = {"lr": lr}
+        for norm in norms:
+            mine = [r for r in runs if r["norm"] == norm and r["lr"] == lr]
+            row[norm] = {
+                **mean_std([_final_accuracy(r) for r in mine]),
+                "diverged": sum(r["diverged_at"] is not None for r in mine),
+            }
+        table.append(row)
+    means = [row[n]["mean"] for row in table for n in norms if row[n]["mean"] is not None]
+    best = max(means, default=0.0)
+    per_norm = {}
+    for norm in norms:
+        seeds = sorted({r["seed"] for r in runs if r["norm"] == norm})
+        # Per seed: the mean final accuracy over the rates that seed finished.
+        per_seed = []
+        for seed in seeds:
+            accs = [_final_accuracy(r) for r in runs if r["norm"] == norm and r["seed"] == seed]
+            finite = [a for a in accs if a is not None]
+            per_seed.append(sum(finite) / len(finite) if finite else None)
+        trains = [row["lr"] for row in table if row[norm]["mean"] is not None and row[norm]["mean"] >= 0.9 * best]
+        per_norm[norm] = {"mean_over_rates": mean_std(per_seed), "rates_that_train": trains}
+    note = "trains (final accuracy ≥ 90% of the best) at " + ", ".join(
+        f"{len(per_norm[norm]['rates_that_train'])} of {len(lrs)} rates with {_label(norm)}" for norm in norms
+    )
+    headline = {
+        "measure": f"final accuracy, mean over {len(lrs)} learning rates ({min(lrs, default=0):g}–{max(lrs, default=0):g})",
+        "short": f"mean final acc, {len(lrs)} lrs",
+        "values": {n: per_norm[n]["mean_over_rates"] for n in norms},
+        "speedup": {},
+        "note": note,
+    }
+    return {"lrs": lrs, "table": table, "per_norm": per_norm, "best_mean_accuracy": best, "headline": headline}
+
+
+def summarize_disagreement(
+    exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
+) -> dict[str, Any]:
+    source_name = exp.options.get("source", "curves")
+    src_runs = [r for r in given.runs.get(source_name, []) if "predictions" in r]
+    labels = given.test_labels
+    base = _baseline(norms)
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for norm in norms:
+        if norm == base:
+            continue
+        pairs[norm] = []
+        for r in src_runs:
+            if r["norm"] != norm:
+                continue
+            b = next((x for x in src_runs if x["norm"] == base and x["seed"] == r["seed"]), None)
+            if b is None or labels is None:
+                continue
+            pairs[norm].append(_disagreement(b["predictions"], r["predictions"], labels, r["seed"]))
+    values: dict[str, Any] = {}
+    notes = []
+    for norm, ps in pairs.items():
+        values[base] = mean_std([p["baseline_accuracy_on_disagreements"] for p in ps])
+        values[norm] = mean_std([p["accuracy_on_disagreements"] for p in ps])
+        rate = mean_std([p["rate"] for p in ps])
+        if rate["n"]:
+            notes.append(
+                f"{_label(norm)} and {_label(base)} disagree on {100 * rate['mean']:.1f} ± "
+                f"{100 * rate['std']:.1f}% of the test examples"
+            )
+    if not pairs:
+        notes.append(f"needs the baseline '{base}' and another norm in '{source_name}'")
+    headline = {
+        "measure": "accuracy on the test examples where the two disagree",
+        "short": "acc where they disagree",
+        "values": values,
+        "speedup": {},
+        "note": "; ".join(notes),
+    }
+    return {"source": source_name, "baseline": base, "pairs": pairs, "headline": headline}
+
+
+def _disagreement(pred_base: Sequence[int], pred_other: Sequence[int], labels: Sequence[int], seed: int) -> dict[str, Any]:
+    n = len(labels)
+    where = [i for i in range(n) if pred_base[i] != pred_other[i]]
+    k = len(where)
+    base_right = sum(pred_base[i] == labels[i] for i in where)
+    other_right = sum(pred_other[i] == labels[i] for i in where)
+    return {
+        "seed": seed,
+        "test_examples": n,
+        "disagreements": k,
+        "rate": k / n if n else None,
+        "baseline_accuracy_on_disagreements": base_right / k if k else None,
+        "accuracy_on_disagreements": other_right / k if k else None,
+        "both_wrong": k - base_right - other_right,
+    }
+
+
+@dataclass(frozen=True)
+class Kind:
+    plan: Callable[[Experiment, TrainSpec, Sequence[str], Sequence[int]], list[PlannedRun]]
+    summarize: Callable[[Experiment, list[dict[str, Any]], Sequence[str], SummaryInputs], dict[str, Any]]
+    trains: bool = True
+
+
+KINDS: dict[str, Kind] = {
+    "curves": Kind(plan_curves, summarize_curves),
+    "lr_sweep": Kind(plan_lr_sweep, summarize_lr_sweep),
+    "disagreement": Kind(plan_nothing, summarize_disagreement, trains=False),
+}

@@ -1,0 +1,582 @@
+"""Training and evaluation for the study: seeded, checkpointed, resumable.
+
+One *run* trains one network (a model, a normalization, a seed, a learning rate) with
+plain mini-batch SGD (optionally momentum, weight decay and step decay) and records
+test accuracy/loss every ``eval_every`` steps. Determinism: the initial weights come
+from ``Generator(seed)`` (:func:`bnorm.study.models.initialize`), and the data order
+and augmentation of epoch e from ``Generator(seed · 1,000,003 + e)`` — so the arms with
+and without normalization see the same initialization and the same batches, and a run
+resumed from a checkpoint continues exactly as if it had not stopped.
+
+A checkpoint is written at the end of an epoch (at most one a second, so that tiny
+datasets whose epochs last milliseconds do not spend their time writing files; and
+always when the run ends): the tensors (model state and optimizer buffers) in a
+safetensors file, everything else (the resolved configuration, step, epoch, metrics so
+far) in a JSON file written after it that names it. Both writes are atomic (temporary
+file, fsync, rename). Where a checkpoint was written does not change any number: a
+resumed run recomputes the same batches from the epoch after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .data import Dataset
+from .models import ACTIVATIONS, INIT_SCHEMES, MODELS, build_model, initialize
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "EpochResult",
+    "Evaluation",
+    "TrainSpec",
+    "atomic_write",
+    "epoch_batches",
+    "evaluate",
+    "layer_grad_norms",
+    "train_one_epoch",
+    "train_run",
+]
+
+
+@dataclass
+class TrainSpec:
+    """Everything that defines how one network is trained (stored in config.json)."""
+
+    model: str = "mlp"  # a name from bnorm.study.models.MODELS
+    hidden: list[int] | None = None  # MLP hidden widths (None: the model's default)
+    activation: str | None = None  # MLP nonlinearity: sigmoid | tanh | relu (None: default)
+    init: str = "normal"  # normal (N(0, init_std²)) | kaiming | xavier | torch
+    init_std: float = 0.1
+    batch_size: int = 60
+    steps: int | None = 2000  # training length in SGD steps...
+    epochs: int | None = None  # ...or in epochs (exactly one of the two is set)
+    lr: float = 0.5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_milestones: list[float] = field(default_factory=list)  # fractions of training: lr ×= lr_gamma
+    lr_gamma: float = 0.1
+    augment: bool = False  # random 4-pixel-padded crop and horizontal flip
+    standardize: bool = False  # per-channel (x − mean)/std with the training set's statistics
+    eval_every: int = 20  # steps between test-set evaluations (also at step 0 and the end)
+    probe: bool = True  # record the 15/50/85th percentiles of the probe unit at each evaluation
+    grad_norms: bool = False  # per-layer gradient norms at initialization and at the end
+    keep_predictions: bool = False  # store the final test predictions (for disagreement)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def validate(self) -> None:
+        """Raise ValueError for a setting no run can use (checked before any training)."""
+        if self.model not in MODELS:
+            raise ValueError(f"expected model in {', '.join(MODELS)} (got {self.model!r})")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"expected init in {', '.join(INIT_SCHEMES)} (got {self.init!r})")
+        for name in ("augment", "standardize", "probe", "grad_norms", "keep_predictions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"expected {name} to be true or false (got {getattr(self, name)!r})")
+        if not isinstance(self.lr_milestones, list) or any(
+            isinstance(m, bool) or not isinstance(m, (int, float)) for m in self.lr_milestones
+        ):
+            raise ValueError(f"expected lr_milestones to be a list of fractions (got {self.lr_milestones!r})")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"expected exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs})")
+        for name in ("batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"expected {name} to be a positive integer (got {value!r})")
+        length = self.steps if self.steps is not None else self.epochs
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"expected a positive integer number of steps/epochs (got {length!r})")
+        for name in ("lr", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"expected {name} to be a positive number (got {value!r})")
+        for name in ("momentum", "weight_decay", "lr_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"expected {name} to be a number ≥ 0 (got {value!r})")
+        if any(not 0 < m < 1 for m in self.lr_milestones):
+            raise ValueError(f"expected lr_milestones as fractions in (0, 1) (got {self.lr_milestones})")
+        if self.hidden is not None and (
+            not isinstance(self.hidden, list)
+            or not self.hidden
+            or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden)
+        ):
+            raise ValueError(f"expected hidden to be a list of positive widths (got {self.hidden!r})")
+
+    def steps_per_epoch(self, num_train: int) -> int:
+        return num_train // self.batch_size
+
+    def total_steps(self, num_train: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None
+        return self.epochs * self.steps_per_epoch(num_train)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of step ``step`` (0-based): ``lr · gamma^k`` after k milestones."""
+        passed = sum(step >= round(m * total) for m in self.lr_milestones)
+        return self.lr * self.lr_gamma**passed
+
+
+# ------------------------------------------------------------------------------ batches
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _augment(images: Tensor, gen: torch.Generator) -> Tensor:
+    """Random crop of the 4-pixel zero-padded image (same size) and horizontal flip."""
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    rows = dy.view(n, 1, 1) + torch.arange(h).view(1, h, 1)
+    cols = dx.view(n, 1, 1) + torch.arange(w).view(1, 1, w)
+    cols = torch.where(flip.view(n, 1, 1), dx.view(n, 1, 1) + (w - 1 - torch.arange(w)).view(1, 1, w), cols)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(n).view(n, 1, 1), rows, cols]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def epoch_batches(
+    data: Dataset, spec: TrainSpec, seed: int, epoch: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The (inputs, labels) batches of one epoch: a permutation of the training set drawn
+    from ``Generator(seed · 1,000,003 + epoch)``, cut into full batches (the remainder is
+    dropped so that every batch has ``batch_size`` samples)."""
+    gen = _epoch_generator(seed, epoch)
+    n = data.train_labels.shape[0]
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n - spec.batch_size + 1, spec.batch_size):
+        idx = order[start : start + spec.batch_size]
+        images = data.train_images[idx]
+        if spec.augment:
+            images = _augment(images, gen)
+        x = data.inputs(images, spec.standardize)
+        yield x.to(device), data.train_labels[idx].to(device)
+
+
+# ------------------------------------------------------------------- train / evaluate
+
+
+class EpochResult(NamedTuple):
+    step: int  # steps done after this epoch (counting from the start of training)
+    mean_loss: float  # mean training loss over the epoch's steps (NaN if none)
+    diverged: bool  # a step's loss was not finite; training stopped there
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int = 0,
+    max_steps: int | None = None,
+    lr_at: Callable[[int], float] | None = None,
+    after_step: Callable[[int, float], None] | None = None,
+) -> EpochResult:
+    """One pass of SGD over ``batches`` with the cross-entropy loss.
+
+    Each step sets the learning rate to ``lr_at(step)`` (if given), minimizes
+    ``L = −(1/B) Σ_b log softmax(model(x))_{b, y_b}``, then calls ``after_step(step + 1,
+    loss)``. Stops early at ``max_steps`` or at the first non-finite loss.
+
+    Shape:
+        batches: (B, *) inputs with (B,) int64 labels.
+    """
+    model.train()
+    total = 0.0
+    count = 0
+    for x, y in batches:
+        if max_steps is not None and step >= max_steps:
+            break
+        if lr_at is not None:
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            return EpochResult(step, total / count if count else math.nan, True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        total += value
+        count += 1
+        if after_step is not None:
+            after_step(step, value)
+            if not model.training:
+                model.train()
+    return EpochResult(step, total / count if count else math.nan, False)
+
+
+class Evaluation(NamedTuple):
+    loss: float  # mean cross-entropy over the set (NaN if the outputs are not finite)
+    accuracy: float  # fraction of correct argmax predictions
+    predictions: Tensor  # (N,) int64 predicted classes
+    probe: Tensor | None  # values of the probe unit over the set (None without probe_unit)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    data: Dataset,
+    *,
+    standardize: bool = False,
+    batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    probe_unit: int | None = None,
+) -> Evaluation:
+    """Loss and accuracy of ``model`` in evaluation mode on uint8 ``images`` (converted
+    as in training), and, with ``probe_unit``, every value that unit of ``model.probe``
+    takes over the set (all positions of that channel for a convolutional probe).
+    The model's train/eval mode is restored afterwards.
+
+    Shape:
+        images: (N, C, H, W) uint8; labels: (N,); predictions: (N,).
+    """
+    was_training = model.training
+    model.eval()
+    captured: list[Tensor] = []
+    handle = None
+    if probe_unit is not None:
+        probe = getattr(model, "probe", None)
+        if probe is None:
+            raise TypeError(f"expected a model with a probe module (got {type(model).__name__})")
+
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            captured.append(output[:, probe_unit].reshape(-1).float().cpu())
+
+        handle = probe.register_forward_hook(hook)
+    loss_sum = 0.0
+    correct = 0
+    predictions: list[Tensor] = []
+    try:
+        for start in range(0, labels.shape[0], batch_size):
+            x = data.inputs(images[start : start + batch_size], standardize).to(device)
+            y = labels[start : start + batch_size].to(device)
+            logits = model(x)
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            pred = logits.argmax(dim=1)
+            correct += int((pred == y).sum())
+            predictions.append(pred.cpu())
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.train(was_training)
+    n = max(labels.shape[0], 1)
+    return Evaluation(
+        loss_sum / n,
+        correct / n,
+        torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long),
+        torch.cat(captured) if captured else None,
+    )
+
+
+def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
+    """‖∂L/∂W_l‖ (Frobenius) for each layer of ``model.weight_layers``, for the mean
+    cross-entropy of one batch in training mode. Computed on a copy: the model's
+    parameters, gradients and running statistics are left untouched."""
+    clone = copy.deepcopy(model)
+    clone.train()
+    clone.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(clone(x), y).backward()
+    norms = []
+    layers: list[nn.Module] = getattr(clone, "weight_layers")  # noqa: B009
+    for layer in layers:
+        weight = layer.weight
+        grad = weight.grad if isinstance(weight, Tensor) else None
+        norms.append(float(torch.linalg.vector_norm(grad)) if grad is not None else 0.0)
+    return norms
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one,
+    never a mix: a temporary file in the same directory, fsync, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_json(obj: Any, indent: int | None = 1) -> str:
+    """JSON with NaN/inf written as null (strict JSON has no NaN)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is damaged or belongs to another configuration."""
+
+
+# Keys of the configuration that may change between a run and its resumption.
+RUNTIME_KEY = "runtime"
+
+
+def _comparable(config: dict[str, Any]) -> Any:
+    return json.loads(to_json({k: v for k, v in config.items() if k != RUNTIME_KEY}))
+
+
+class Checkpointer:
+    """Per-run checkpoint files ``<tag>.json`` and ``<tag>-e<epoch>.safetensors`` in a
+    directory. The JSON, written last, names the tensor file it belongs to, so a crash
+    between the two writes leaves the previous consistent pair."""
+
+    def __init__(self, directory: Path, tag: str, config: dict[str, Any], min_interval_s: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.tag = tag
+        self.config = config
+        self.min_interval_s = min_interval_s
+        self._last_save = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether an end-of-epoch checkpoint should be written now: at least
+        ``min_interval_s`` seconds since the last one (or since this run started), so
+        that datasets with millisecond epochs do not spend their time writing files."""
+        return time.monotonic() - self._last_save >= self.min_interval_s
+
+    @property
+    def json_path(self) -> Path:
+        return self.directory / f"{self.tag}.json"
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from safetensors.torch import save as save_tensors
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {
+            f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+        }
+        optim_state = optimizer.state_dict()
+        for index, entries in optim_state["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
+        name = f"{self.tag}-e{state['epoch']:05d}.safetensors"
+        atomic_write(self.directory / name, save_tensors(tensors))
+        old = self._current_tensor_file()
+        payload = {"config": self.config, "tensors": name, **state}
+        atomic_write(self.json_path, to_json(payload, indent=None).encode())
+        self._last_save = time.monotonic()
+        if old is not None and old != name:
+            (self.directory / old).unlink(missing_ok=True)
+
+    def _current_tensor_file(self) -> str | None:
+        if not self.json_path.is_file():
+            return None
+        try:
+            return str(json.loads(self.json_path.read_text())["tensors"])
+        except (ValueError, KeyError):
+            return None
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """The saved state (after loading the tensors into ``model``/``optimizer``), or
+        None if there is no checkpoint. Raises CheckpointError if the checkpoint belongs
+        to another configuration (``config`` without its ``runtime`` entry) or is damaged."""
+        from safetensors.torch import load_file
+
+        if not self.json_path.is_file():
+            return None
+        try:
+            state = json.loads(self.json_path.read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{self.json_path}: damaged checkpoint ({err})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"{self.json_path}: damaged checkpoint (no configuration)")
+        if _comparable(state["config"]) != _comparable(self.config):
+            raise CheckpointError(
+                f"{self.json_path}: checkpoint of a different configuration than config.json"
+            )
+        tensor_path = self.directory / str(state.get("tensors"))
+        try:
+            tensors = load_file(str(tensor_path))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{tensor_path}: damaged or missing checkpoint tensors ({err})") from None
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(model_state)
+        optim_state = optimizer.state_dict()
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state["state"].setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(optim_state)
+        return dict(state)
+
+
+# ---------------------------------------------------------------------------- a run
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _percentiles(values: Tensor) -> list[float | None]:
+    q = torch.quantile(values.double(), torch.tensor([0.15, 0.50, 0.85], dtype=torch.float64))
+    return [_finite_or_none(float(v)) for v in q]
+
+
+def train_run(
+    spec: TrainSpec,
+    data: Dataset,
+    *,
+    norm: str,
+    seed: int,
+    device: torch.device | str = "cpu",
+    checkpointer: Checkpointer | None = None,
+    on_progress: Callable[[int, int, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train one network and return its record (the JSON-ready dict stored under
+    ``runs`` in metrics.json). With a ``checkpointer`` it resumes from the last saved
+    epoch and saves after every epoch. ``on_progress(step, total, last_accuracy)`` is
+    called after every step."""
+    spec.validate()
+    total = spec.total_steps(int(data.train_labels.shape[0]))
+    if spec.steps_per_epoch(int(data.train_labels.shape[0])) < 1:
+        raise ValueError(
+            f"expected batch_size ≤ the {int(data.train_labels.shape[0])} training samples "
+            f"(got {spec.batch_size})"
+        )
+    model = build_model(
+        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+    )
+    initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
+    model.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+    grad_x = data.inputs(data.train_images[:500], spec.standardize).to(device)
+    grad_y = data.train_labels[:500].to(device)
+
+    record: dict[str, Any] = {
+        "norm": norm,
+        "seed": seed,
+        "lr": spec.lr,
+        "total_steps": total,
+        "steps_done": 0,
+        "done": False,
+        "diverged_at": None,
+        "wall_s": 0.0,
+        "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
+    }
+    if spec.probe:
+        record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
+    if spec.grad_norms:
+        layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
+        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
+
+    # Training losses since the last evaluation (their mean is the next train_loss point).
+    pending_losses: list[float] = []
+    saved = checkpointer.load(model, optimizer) if checkpointer is not None else None
+    if saved is not None:
+        record = saved["record"]
+        if record["done"]:
+            return record
+        epoch, step = int(saved["epoch"]) + 1, int(saved["step"])
+        pending_losses = [float(v) for v in saved.get("pending_losses", [])]
+    else:
+        epoch, step = 0, 0
+    started = time.perf_counter() - float(record["wall_s"])
+
+    def log_eval(at_step: int) -> None:
+        ev = evaluate(
+            model,
+            data.test_images,
+            data.test_labels,
+            data,
+            standardize=spec.standardize,
+            device=device,
+            probe_unit=0 if spec.probe else None,
+        )
+        curve = record["curve"]
+        curve["step"].append(at_step)
+        curve["test_accuracy"].append(ev.accuracy)
+        # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
+        curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
+        curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
+        pending_losses.clear()
+        if spec.probe and ev.probe is not None:
+            p = record["probe"]
+            p["step"].append(at_step)
+            for key, value in zip(("p15", "p50", "p85"), _percentiles(ev.probe)):
+                p[key].append(value)
+        if spec.keep_predictions:
+            record["predictions"] = ev.predictions.tolist()
+
+    if step == 0 and not record["curve"]["step"]:
+        if spec.grad_norms:
+            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
+        log_eval(0)
+
+    def after_step(at_step: int, loss: float) -> None:
+        pending_losses.append(loss)
+        if at_step % spec.eval_every == 0 or at_step == total:
+            log_eval(at_step)
+        if on_progress is not None:
+            accuracy = record["curve"]["test_accuracy"][-1] if record["curve"]["test_accuracy"] else None
+            on_progress(at_step, total, accuracy)
+
+    def save(epoch_done: int, final: bool = False) -> None:
+        record["steps_done"] = step
+        record["wall_s"] = time.perf_counter() - started
+        if checkpointer is not None and (final or checkpointer.due()):
+            state = {"epoch": epoch_done, "step": step, "pending_losses": pending_losses, "record": record}
+            checkpointer.save(model, optimizer, state)
+
+    diverged = False
+    while step < total and not diverged:
+        result = train_one_epoch(
+            model,
+            epoch_batches(data, spec, seed, epoch, device),
+            optimizer,
+            step=step,
+            max_steps=total,
+            lr_at=lambda s: spec.lr_at(s, total),
+            after_step=after_step,
+        )
+        step, diverged = result.step, result.diverged
+        if diverged:
+            record["diverged_at"] = step
+        elif step < total:
+            save(epoch)
+        epoch += 1
+
+    if record["curve"]["step"][-1] != step:
+        log_eval(step)  # the final point (diverged runs stop between evaluations)
+    if spec.grad_norms:
+        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
+    record["done"] = True
+    save(epoch - 1, final=True)
+    return record
