@@ -192,6 +192,15 @@ def test_ghost_rejects_batch_not_divisible_and_leaves_state_unchanged():
     torch.testing.assert_close(layer.running_mean, torch.zeros(3))
 
 
+@pytest.mark.parametrize("batch", [2, 4])
+def test_ghost_batch_no_larger_than_k_is_one_group(batch):
+    torch.manual_seed(4)
+    x = torch.randn(batch, 3, 5, 5)
+    ghost, plain = bnorm.BatchNorm2d(3, virtual_batch_size=4), torch.nn.BatchNorm2d(3)
+    torch.testing.assert_close(ghost(x), plain(x))
+    torch.testing.assert_close(ghost.running_var, plain.running_var)
+
+
 def test_ghost_group_of_one_value_per_channel_raises():
     layer = bnorm.BatchNorm1d(3, virtual_batch_size=1)
     with pytest.raises(ValueError, match="expected more than 1 value per channel"):

@@ -1,13 +1,20 @@
 """bnorm: batch normalization for PyTorch."""
 
-from . import functional, reference
+from . import functional, kernels, reference
+from .calibrate import CalibrationReport, recalibrate
 from .convert import ConversionReport, convert
+from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
+from .fold import FoldReport, fold
 from .functional import Renorm
 from .modules import (
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -22,15 +29,27 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "CalibrationReport",
     "ConversionReport",
+    "DiagnosisReport",
+    "FoldReport",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "Renorm",
+    "StatisticsRecorder",
     "SyncBatchNorm",
     "__version__",
     "convert",
+    "diagnose",
+    "fold",
     "functional",
+    "kernels",
+    "recalibrate",
     "reference",
 ]

@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_suites() -> None:
     # Suites register themselves on import; keep the import here so `bnorm --help` stays fast.
-    from . import bench_suites, bench_variants  # noqa: F401
+    from . import bench_kernels, bench_suites, bench_variants  # noqa: F401
 
 
 def main(args: argparse.Namespace) -> int:

@@ -14,6 +14,10 @@ from .modules import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     FrozenBatchNorm,
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -27,6 +31,7 @@ __all__ = ["ConversionReport", "convert"]
 # Layer families by the input rank their layers check (None: any rank).
 _BNORM = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d, None: BatchNorm}
 _FROZEN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d, None: FrozenBatchNorm}
+_ACT = {1: BatchNormAct1d, 2: BatchNormAct2d, 3: BatchNormAct3d, None: BatchNormAct}
 _TORCH: dict[int | None, type[nn.Module]] = {
     1: nn.BatchNorm1d,
     2: nn.BatchNorm2d,
@@ -46,7 +51,13 @@ _RANK_OF: dict[type[nn.Module], int | None] = {
     FrozenBatchNorm2d: 2,
     FrozenBatchNorm3d: 3,
     FrozenBatchNorm: None,
+    BatchNormAct1d: 1,
+    BatchNormAct2d: 2,
+    BatchNormAct3d: 3,
+    BatchNormAct: None,
 }
+# BatchNormAct options carried over when converting among BatchNormAct layers.
+_ACT_OPTIONS = ("activation", "negative_slope", "alpha", "memory_efficient", "sync", "process_group")
 
 
 @dataclass
@@ -82,6 +93,8 @@ def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
             return "sync", {None: SyncBatchNorm}
         if issubclass(target, FrozenBatchNorm):
             return "frozen", dict(_FROZEN)
+        if issubclass(target, BatchNormAct):
+            return "act", dict(_ACT)
         if issubclass(target, _BatchNormBase):
             return "bnorm", dict(_BNORM)
         if issubclass(target, nn.SyncBatchNorm):
@@ -90,7 +103,7 @@ def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
             return "torch", dict(_TORCH)
     raise TypeError(
         "expected target to be a batch-norm layer class such as bnorm.BatchNorm, "
-        "bnorm.SyncBatchNorm, bnorm.FrozenBatchNorm, torch.nn.BatchNorm2d or "
+        "bnorm.SyncBatchNorm, bnorm.FrozenBatchNorm, bnorm.BatchNormAct, torch.nn.BatchNorm2d or "
         f"torch.nn.SyncBatchNorm (got {target!r})"
     )
 
@@ -116,6 +129,11 @@ def _state(m: nn.Module) -> dict[str, Any]:
 def _lossless(m: nn.Module, family: str) -> str | None:
     """Why converting ``m`` to ``family`` would lose something, or None."""
     st = _state(m)
+    if isinstance(m, BatchNormAct) and family != "act":
+        return (
+            f"the target family cannot hold an activation (activation={m.activation!r}) or a "
+            "residual input; convert to a bnorm.BatchNormAct class instead"
+        )
     if family.startswith("torch"):
         if st["axis"] != 1:
             return f"torch's layers have no channel axis option (axis={st['axis']})"
@@ -153,6 +171,12 @@ def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str,
         for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
             if hasattr(old, name) and not (family == "sync" and name == "virtual_batch_size"):
                 kwargs[name] = getattr(old, name)
+    elif family == "act":
+        kwargs.update(bias=st["bias"], axis=st["axis"])
+        for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
+            if hasattr(old, name):
+                kwargs[name] = getattr(old, name)
+        kwargs.update(_act_options(old))
     elif family == "torch":
         kwargs["bias"] = st["bias"]
     kwargs.update(options)
@@ -174,6 +198,27 @@ def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str,
     return new
 
 
+def _act_options(old: nn.Module) -> dict[str, Any]:
+    """The BatchNormAct options that reproduce ``old``: its own if it is one, else the
+    identity activation (the same function), synchronized if ``old`` was."""
+    if isinstance(old, BatchNormAct):
+        return {name: getattr(old, name) for name in _ACT_OPTIONS}
+    found: dict[str, Any] = {"activation": "identity"}
+    if isinstance(old, (SyncBatchNorm, nn.SyncBatchNorm)):
+        found.update(sync=True, process_group=old.process_group)
+    return found
+
+
+def _act_conflict(old: nn.Module, options: dict[str, Any]) -> str | None:
+    """Why ``old`` cannot become a BatchNormAct with ``options`` (memory_efficient needs the
+    plain statistics path), or None."""
+    merged = {**_act_options(old), **options}
+    ghost = options.get("virtual_batch_size", getattr(old, "virtual_batch_size", None))
+    if merged.get("memory_efficient") and (ghost is not None or merged.get("sync")):
+        return "memory_efficient=True is not supported with virtual_batch_size or sync"
+    return None
+
+
 def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, ConversionReport]:
     """Replace every batch-norm layer of ``module`` by a layer of ``target``'s family.
 
@@ -181,15 +226,18 @@ def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, 
     forward), ``torch.nn.SyncBatchNorm``, and bnorm's layers. ``target`` is a class that
     names the family — ``bnorm.BatchNorm`` (or any of ``BatchNorm1d/2d/3d``: each layer
     gets the class of its own rank), ``bnorm.SyncBatchNorm``, ``bnorm.FrozenBatchNorm``
-    (any rank), ``torch.nn.BatchNorm2d`` (torch's family, where lossless) or
-    ``torch.nn.SyncBatchNorm``. ``options`` go to every new layer's constructor (e.g.
-    ``renorm=True``, ``virtual_batch_size=8``, ``process_group=...``).
+    (any rank), ``bnorm.BatchNormAct`` (any rank; BatchNormAct layers keep their
+    activation, other layers become ``activation="identity"``), ``torch.nn.BatchNorm2d``
+    (torch's family, where lossless) or ``torch.nn.SyncBatchNorm``. ``options`` go to
+    every new layer's constructor (e.g. ``renorm=True``, ``virtual_batch_size=8``,
+    ``process_group=...``, ``memory_efficient=True``).
 
     The new layers share the old ones' parameter objects (an optimizer keeps working) and
     buffers, and keep device, dtype and train/eval mode. Layers that cannot be converted
     losslessly — a subclass that overrides ``forward`` (e.g. a fused activation), a
     bnorm-only option going to torch's classes, freezing a layer without running
-    statistics — are left unchanged and listed in the report's ``skipped``.
+    statistics, a BatchNormAct going to a family without activations — are left
+    unchanged and listed in the report's ``skipped``.
 
     Children are replaced in place (like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``);
     returns ``(module, report)``, where ``module`` is a new object only when ``module``
@@ -221,6 +269,8 @@ def _convert(
             )
             return m
         why = _lossless(m, family)
+        if why is None and family == "act":
+            why = _act_conflict(m, options)
         if why is not None:
             report.skipped.append((name, type(m).__name__, why))
             return m

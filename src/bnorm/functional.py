@@ -11,6 +11,9 @@ Two ways to the same numbers:
   is used whenever the batch statistics are those of the whole input (no mask), for any
   channel axis (the channel axis is moved to position 1 as a view: an NHWC tensor is an
   NCHW tensor in channels_last layout, which the kernel handles natively);
+* the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
+  ``act(BN(x) + residual)`` and the memory-efficient mode, and for plain batch norm where
+  it measured faster than ATen (:func:`bnorm.kernels.fused_plain_is_faster`);
 * the **moments path** — :func:`moments`, :func:`merge_moments`, :func:`normalize` —
   used where the statistics are not those of the whole input (masked positions). Moments
   are carried as (count, mean, M2) so that groups, masks and processes merge exactly
@@ -22,6 +25,7 @@ inputs; the output keeps the input's dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_gather_differentiable, world_size
+from .kernels import Activation, activation_tail, batch_norm_act_train, fused_plain_is_faster
 
 __all__ = [
     "Moments",
@@ -102,7 +107,11 @@ def _moments_keep(xs: Tensor, keep: tuple[int, ...], valid: Tensor | None) -> Mo
     safe = count.clamp_min(1)
     mean = torch.where(valid, xs, zero).sum(dim=dims, keepdim=True) / safe
     centered = torch.where(valid, xs - mean, zero)
-    m2 = centered.square().sum(dim=dims, keepdim=True)
+    # One correction step (the corrected two-pass algorithm): the rounding error of the
+    # first mean, Σ(x − μ̃)/m, moves the mean and comes off M2 as m·shift².
+    shift = centered.sum(dim=dims, keepdim=True) / safe
+    m2 = centered.square().sum(dim=dims, keepdim=True) - count * shift.square()
+    mean = mean + shift
     # The mask has no channel axis: expand the count over the channels.
     count = count.expand_as(mean)
     return Moments(count.reshape(out_shape), mean.reshape(out_shape), m2.reshape(out_shape))
@@ -409,6 +418,9 @@ def batch_norm(
     renorm: Renorm | None = None,
     sync: bool = False,
     process_group: Any = None,
+    residual: Tensor | None = None,
+    activation: str | Activation | None = None,
+    memory_efficient: bool = False,
 ) -> Tensor:
     """Batch normalization, ``y = γ (x − μ)/√(σ² + ε) + β`` per channel.
 
@@ -425,7 +437,8 @@ def batch_norm(
 
     * ``virtual_batch_size=k`` (ghost batch norm): each group of k consecutive samples
       is normalized with its own statistics; the running statistics are updated from the
-      moments of all groups merged (as if from the whole batch). k must divide the batch.
+      moments of all groups merged (as if from the whole batch). k must divide a batch
+      larger than k; a batch of at most k samples is a single group (plain batch norm).
     * ``renorm`` (a :class:`Renorm`): Batch Renormalization with the (r, d) correction,
       from the running statistics before this step's update and the schedule at step
       ``num_batches_tracked``. Needs running statistics.
@@ -437,9 +450,16 @@ def batch_norm(
     incremented in place in training; see :func:`update_running_stats` for
     ``skip_nonfinite``.
 
+    ``residual`` and ``activation`` (a name in :data:`bnorm.kernels.ACTIVATIONS` or a
+    :class:`bnorm.kernels.Activation`) make it ``act(y + residual)``; in training with the
+    statistics of the whole input that is one fused kernel (:mod:`bnorm.kernels`), and
+    ``memory_efficient=True`` saves only its output for backward (invertible activations;
+    not with masks, ghost batches or sync).
+
     Shape:
         input: (N, C, *) with C at ``axis``; mask: input's shape without ``axis``;
-        running_mean, running_var, weight, bias: (C,); output: like input.
+        residual: like input; running_mean, running_var, weight, bias: (C,);
+        output: like input.
     """
     ax = check_input(
         input,
@@ -452,6 +472,7 @@ def batch_norm(
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
+    act = _check_activation(input, residual, activation, memory_efficient)
     use_batch_stats = training or running_mean is None
     update = training and running_mean is not None and running_var is not None
     if momentum is None and update and num_batches_tracked is None:
@@ -464,6 +485,11 @@ def batch_norm(
     distributed = use_batch_stats and sync and world_size(process_group) > 1
     if distributed and groups is not None:
         raise ValueError("virtual_batch_size is not supported together with sync=True")
+    if memory_efficient and use_batch_stats and (mask is not None or groups or sync):
+        raise ValueError(
+            "memory_efficient=True needs the statistics of the whole local input: it is not "
+            "supported with a mask, virtual_batch_size or sync"
+        )
     if use_batch_stats and not distributed:
         count = _values_per_channel(input, ax, mask)
         per_group = count // groups if groups and mask is None else count
@@ -483,13 +509,13 @@ def batch_norm(
             out = out * weight.reshape(-1)[:1].sum()
         if bias is not None:
             out = out + bias.reshape(-1)[:1].sum()
-        return out
+        return activation_tail(out, residual, act)
     if not use_batch_stats:
         x = input.movedim(ax, 1) if ax != 1 else input
         out = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, False, 0.0, eps
         )[0]
-        return out.movedim(1, ax) if ax != 1 else out
+        return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, act)
     limits = None
     if renorm is not None:
         step = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long)
@@ -498,6 +524,7 @@ def batch_norm(
         return _native_training(
             input, ax, running_mean, running_var, weight, bias, momentum, eps, update,
             limits, num_batches_tracked, num_batches_skipped, skip_nonfinite,
+            residual, act, memory_efficient,
         )
     # The moments path: local moments → (all ranks) → normalize → running statistics.
     local = moments(input, ax, mask, groups)
@@ -533,10 +560,32 @@ def batch_norm(
             num_batches_skipped,
             skip_nonfinite,
         )
-    return out
+    return activation_tail(out, residual, act)
 
 
-def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int:
+def _check_activation(
+    input: Tensor, residual: Tensor | None, activation: Any, memory_efficient: bool
+) -> Activation | None:
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"expected residual to be a Tensor or None (got {type(residual).__name__})")
+        if residual.shape != input.shape:
+            raise ValueError(
+                f"expected a residual of the input's shape {tuple(input.shape)} "
+                f"(got {tuple(residual.shape)})"
+            )
+        if not residual.is_floating_point():
+            raise TypeError(f"expected a floating-point residual (got dtype {residual.dtype})")
+    act = Activation.parse(activation)
+    if memory_efficient and not (act or Activation("identity")).invertible:
+        raise ValueError(
+            "expected an invertible activation for memory_efficient=True: identity, "
+            f"leaky_relu with negative_slope > 0 or elu (got {act})"
+        )
+    return act
+
+
+def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int | None:
     if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
         raise TypeError(
             f"expected virtual_batch_size to be an int (got {type(virtual_batch_size).__name__})"
@@ -546,12 +595,19 @@ def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int:
     if ax == 0:
         raise ValueError("virtual_batch_size needs the samples on axis 0 (got channel axis 0)")
     n = input.shape[0]
+    if n <= virtual_batch_size:
+        return None  # a batch no larger than one ghost batch is a single group
     if n % virtual_batch_size:
         raise ValueError(
             f"expected a batch size divisible by virtual_batch_size={virtual_batch_size} "
             f"(got {n}); drop the last incomplete batch (DataLoader(drop_last=True))"
         )
     return n // virtual_batch_size
+
+
+def _TAIL_UNDER_COMPILE() -> bool:
+    import os
+    return os.environ.get("EXP_TAIL", "1") == "1"
 
 
 def _native_training(
@@ -568,8 +624,12 @@ def _native_training(
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
     skip_nonfinite: bool,
+    residual: Tensor | None = None,
+    activation: Activation | None = None,
+    memory_efficient: bool = False,
 ) -> Tensor:
-    """Training with the statistics of the whole input: ATen's fused kernel."""
+    """Training with the statistics of the whole input: ATen's fused kernel, or
+    :mod:`bnorm.kernels`' fused one with a residual, an activation or memory_efficient."""
     x = input.movedim(ax, 1) if ax != 1 else input
     count = x.numel() // x.shape[1]
     if limits is not None:
@@ -595,8 +655,34 @@ def _native_training(
         # Without a float32 weight the kernel returns μ_B and 1/σ_B rounded to the input's
         # half-precision dtype; with one it returns them in float32.
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    # The fused kernels, except inside an enclosing torch.compile (there Inductor fuses ATen's
+    # batch norm with the add and the activation itself; the memory-efficient mode's saving
+    # needs the kernels' own backward).
+    tail = residual is not None or (activation is not None and activation.name != "identity")
+    if memory_efficient or (
+        (tail or fused_plain_is_faster(x)) and not (torch.compiler.is_compiling() and _TAIL_UNDER_COMPILE())
+    ):
+        res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+        out, mean, invstd = batch_norm_act_train(x, weight, bias, res, eps, activation, memory_efficient)
+        tail = False
+    elif not tail and (
+        update
+        and x.device.type == "cpu"
+        and running_mean is not None
+        and running_var is not None
+        and running_mean.dtype == _stats_dtype(x.dtype)
+        and not torch.compiler.is_compiling()
+    ):
+        out = _native_training_cpu_update(
+            x, weight, bias, running_mean, running_var, momentum, eps,
+            num_batches_tracked, num_batches_skipped, skip_nonfinite,
+        )  # fmt: skip
+        return out.movedim(1, ax) if ax != 1 else out
+    else:
+        out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     out = out.movedim(1, ax) if ax != 1 else out
+    if tail:
+        out = activation_tail(out, residual, activation)
     if update:
         var = invstd.detach().to(_stats_dtype(input.dtype)).pow(-2) - eps
         update_running_stats(
@@ -610,4 +696,41 @@ def _native_training(
             num_batches_skipped,
             skip_nonfinite,
         )
+    return out
+
+
+def _native_training_cpu_update(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    skip_nonfinite: bool,
+) -> Tensor:
+    """The plain training step on CPU: ATen's kernel updates the running statistics
+    itself (torch's exact numbers, no extra pass over small tensors), and a batch whose
+    statistics are not finite is undone from a copy. Reading a CPU scalar costs no device
+    synchronization, so the check is a host branch here; elsewhere (CUDA, torch.compile)
+    :func:`update_running_stats` decides with a select on the device."""
+    if momentum is None:  # cumulative average: this batch gets weight 1/t
+        alpha = 1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 1.0
+    else:
+        alpha = momentum
+    saved = torch.stack((running_mean, running_var)) if skip_nonfinite else None
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, running_mean, running_var, True, alpha, eps
+    )
+    # Σ_c μ_c·σ_c is NaN/inf iff some mean or variance is (an infinite variance gives
+    # invstd = 0, so 1/invstd = inf).
+    if saved is not None and not math.isfinite(float(torch.dot(mean, invstd.reciprocal()))):
+        running_mean.copy_(saved[0])
+        running_var.copy_(saved[1])
+        if num_batches_skipped is not None:
+            num_batches_skipped.add_(1)
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return out

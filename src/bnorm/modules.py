@@ -12,12 +12,17 @@ import torch.fx
 from torch import Tensor, nn
 
 from . import functional as F
+from .kernels import Activation
 
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -47,6 +52,10 @@ def _batch_norm_layer(
     renorm: tuple[float, float, int, int, int] | None = None,
     sync: bool = False,
     process_group: Any = None,
+    num_features: int | None = None,
+    residual: Tensor | None = None,
+    activation: tuple[str, float] | None = None,
+    memory_efficient: bool = False,
 ) -> Tensor:
     """A layer's forward, as one function of tensors and constants.
 
@@ -59,6 +68,13 @@ def _batch_norm_layer(
     if ranks is not None and input.dim() not in ranks:
         want = " or ".join(f"{r}D" for r in ranks)
         raise ValueError(f"{layer}: expected {want} input (got {input.dim()}D input)")
+    if num_features is not None and input.dim() >= 2 and -input.dim() <= axis < input.dim():
+        # Checked here, not only against the parameters: a layer without any still knows C.
+        if input.shape[axis] != num_features:
+            raise ValueError(
+                f"{layer}: expected {num_features} channels at axis {axis} "
+                f"(got {input.shape[axis]} in an input of shape {tuple(input.shape)})"
+            )
     update = training and track_running_stats
     if training and not track_running_stats:
         running_mean = running_var = None
@@ -81,6 +97,9 @@ def _batch_norm_layer(
             renorm=None if renorm is None else F.Renorm(*renorm),
             sync=sync,
             process_group=process_group,
+            residual=residual,
+            activation=None if activation is None else Activation(*activation),
+            memory_efficient=memory_efficient,
         )
     except (TypeError, ValueError) as err:
         raise type(err)(f"{layer}: {err}") from None
@@ -114,7 +133,8 @@ class _BatchNormBase(nn.Module):
     output of such a batch is still what the math gives. ``virtual_batch_size=k``: ghost
     batch norm — in training each group of k consecutive samples is normalized with its
     own statistics, while γ, β and the running statistics are shared (updated from all
-    groups' moments merged, i.e. as if from the whole batch); k must divide the batch.
+    groups' moments merged, i.e. as if from the whole batch); k must divide a batch larger
+    than k, and a batch of at most k samples is one group.
     ``renorm``: Batch Renormalization (a :class:`bnorm.Renorm`, or True for the paper's
     schedule), driven by ``num_batches_tracked``. ``forward(input, mask)``: a boolean
     ``mask`` of the input's shape without the channel axis (True = valid) restricts the
@@ -274,8 +294,11 @@ class _BatchNormBase(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before version 2 have no num_batches_tracked: start at 0.
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # Checkpoints from before version 2 have no num_batches_tracked: keep the
+            # layer's own count (0 for a new layer), as torch does.
+            own = self.num_batches_tracked
+            keep = own is not None and own.device != torch.device("meta")
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -284,6 +307,9 @@ class _BatchNormBase(nn.Module):
         """Normalize ``input``; ``mask`` (bool, input's shape without the channel axis,
         True = valid) restricts the batch statistics to valid positions (every position is
         normalized with them)."""
+        return self._normalize(input, mask)
+
+    def _normalize(self, input: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
         return _batch_norm_layer(
             input,
             mask,
@@ -304,11 +330,18 @@ class _BatchNormBase(nn.Module):
             self.virtual_batch_size,
             None if self.renorm is None else astuple(self.renorm),
             *self._sync_args(),
+            num_features=self.num_features,
+            residual=residual,
+            **self._fused_args(),
         )
 
     def _sync_args(self) -> tuple[bool, Any]:
         """(sync, process_group) for the functional call; local layers don't sync."""
         return False, None
+
+    def _fused_args(self) -> dict[str, Any]:
+        """Activation options for the functional call; plain layers have none."""
+        return {}
 
 
 class BatchNorm(_BatchNormBase):
@@ -396,6 +429,131 @@ class SyncBatchNorm(_BatchNormBase):
 
         converted, _ = convert(module, cls, process_group=process_group)
         return converted
+
+
+class BatchNormAct(_BatchNormBase):
+    """``y = act(γ x̂ + β + residual)``: batch norm, an optional residual add and an
+    activation — a ResNet block's tail — in one fused forward and one fused backward in
+    training (:mod:`bnorm.kernels`; x̂ as in :class:`BatchNorm`).
+
+    Parameters, buffers, state_dict and the options ``axis``, ``renorm``,
+    ``virtual_batch_size``, ``skip_nonfinite``, ``bias`` are those of
+    :class:`BatchNorm` (a torch or bnorm batch-norm checkpoint loads as is). Keyword
+    options of this layer:
+
+    * ``activation``: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (slope
+      ``negative_slope``), ``"elu"`` (``alpha``), ``"silu"`` or ``"gelu"`` (exact, erf).
+    * ``memory_efficient=True``: In-Place Activated BN — only the output (and the
+      residual) is saved for backward and x̂ is recovered from it. Needs an invertible
+      activation (identity, leaky_relu with negative_slope > 0, elu); the forward then uses
+      γ' = sign(γ)·max(|γ|, 10⁻³) (γ itself wherever |γ| ≥ 10⁻³; γ's gradient passes
+      straight through). Not with ``virtual_batch_size``, ``sync`` or a mask.
+    * ``sync=True`` (with ``process_group``): statistics of the global batch, as
+      :class:`SyncBatchNorm`.
+
+    With a mask, ghost batches or sync the statistics take bnorm's moments path and the add
+    and activation follow unfused; in evaluation the running statistics normalize.
+
+    Shape:
+        input: (*, C, *) with C at ``axis``; residual: like input; output: like input.
+    """
+
+    activation: str
+    negative_slope: float
+    alpha: float
+    memory_efficient: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        memory_efficient: bool = False,
+        sync: bool = False,
+        process_group: Any = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(activation, str):
+            raise TypeError(f"expected activation to be a str (got {type(activation).__name__})")
+        for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"expected {name} to be a finite number (got {value!r})")
+        act = Activation.parse(activation, negative_slope, alpha)
+        assert act is not None  # activation is a str here
+        if memory_efficient:
+            if not act.invertible:
+                raise ValueError(
+                    "expected an invertible activation for memory_efficient=True: identity, "
+                    f"leaky_relu with negative_slope > 0 or elu (got activation={activation!r}"
+                    + (f", negative_slope={negative_slope})" if activation == "leaky_relu" else ")")
+                )
+            if options.get("virtual_batch_size") is not None or sync:
+                raise ValueError(
+                    "memory_efficient=True is not supported with virtual_batch_size or sync"
+                )
+        if sync and options.get("virtual_batch_size") is not None:
+            raise ValueError("virtual_batch_size is not supported together with sync=True")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
+        )
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
+        self.memory_efficient = bool(memory_efficient)
+        self.sync = bool(sync)
+        self.process_group = process_group
+
+    def forward(  # type: ignore[override]
+        self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``act(BN(input) + residual)``; ``mask`` as in :meth:`BatchNorm.forward`."""
+        return self._normalize(input, mask, residual)
+
+    def _fused_args(self) -> dict[str, Any]:
+        act = Activation.parse(self.activation, self.negative_slope, self.alpha)
+        assert act is not None
+        return {"activation": (act.name, act.param), "memory_efficient": self.memory_efficient}
+
+    def _sync_args(self) -> tuple[bool, Any]:
+        return self.sync, self.process_group
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr() + f", activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        elif self.activation == "elu":
+            text += f", alpha={self.alpha}"
+        if self.memory_efficient:
+            text += ", memory_efficient=True"
+        if self.sync:
+            text += ", sync=True"
+        return text
+
+
+class BatchNormAct1d(BatchNormAct):
+    """:class:`BatchNormAct` for (N, C) or (N, C, L) input."""
+
+    _ranks = (2, 3)
+
+
+class BatchNormAct2d(BatchNormAct):
+    """:class:`BatchNormAct` for (N, C, H, W) input (any memory layout)."""
+
+    _ranks = (4,)
+
+
+class BatchNormAct3d(BatchNormAct):
+    """:class:`BatchNormAct` for (N, C, D, H, W) input."""
+
+    _ranks = (5,)
 
 
 class FrozenBatchNorm(nn.Module):

@@ -33,6 +33,7 @@ TINY = {
     "curves": {"steps": 40, "eval_every": 10},
     "lr_tolerance": {"steps": 24, "eval_every": 24, "lrs": [0.1, 8.0]},
     "depth": {"steps": 30, "eval_every": 10, "hidden": [16, 16, 16, 16]},
+    "small_batch": {"steps": 12, "eval_every": 12, "batch_sizes": [4, 16], "norms": ["bn", "renorm", "ghost"]},
 }
 FIGURES = [
     "curves-accuracy.png",
@@ -40,6 +41,7 @@ FIGURES = [
     "lr_tolerance.png",
     "depth-accuracy.png",
     "depth-gradnorms.png",
+    "small_batch.png",
     "disagreement.png",
 ]
 
@@ -79,7 +81,8 @@ def test_config_json_is_fully_resolved_and_stored_in_every_checkpoint(tiny_run: 
     assert (curves["activation"], curves["init"], curves["hidden"]) == ("sigmoid", "normal", [100, 100, 100])
     assert exps["lr_tolerance"]["options"]["lrs"] == [0.1, 8.0]
     checkpoints = sorted((tiny_run / "checkpoints").rglob("*.json"))
-    assert len(checkpoints) == 4 + 8 + 4
+    assert exps["small_batch"]["options"]["batch_sizes"] == [4, 16]
+    assert len(checkpoints) == 4 + 8 + 4 + 12
     for path in checkpoints:
         saved = json.loads(path.read_text())
         assert saved["config"] == config
@@ -90,7 +93,7 @@ def test_config_json_is_fully_resolved_and_stored_in_every_checkpoint(tiny_run: 
 def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["schema_version"] == 1 and not metrics["interrupted"]
-    assert metrics["runs_planned"] == metrics["runs_finished"] == 16
+    assert metrics["runs_planned"] == metrics["runs_finished"] == 28
     exps = metrics["experiments"]
     runs = exps["curves"]["runs"]
     assert sorted((r["norm"], r["seed"]) for r in runs) == [("bn", 0), ("bn", 1), ("none", 0), ("none", 1)]
@@ -115,6 +118,30 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
     assert labels is None and len(pairs) == 2
     lr_runs = exps["lr_tolerance"]["runs"]
     assert sorted({r["lr"] for r in lr_runs}) == [0.1, 8.0] and len(lr_runs) == 8
+    for r in runs:  # from training to inference, for the BN networks
+        if r["norm"] == "bn":
+            inf = r["inference"]
+            assert inf["folded_layers"] == 3 and inf["not_folded_layers"] == 0
+            assert inf["fold_max_abs_logit_diff"] < 1e-4
+            assert 0.0 <= inf["recalibrated_accuracy"] <= 1.0
+            assert inf["ema_accuracy"] == r["curve"]["test_accuracy"][-1]
+            assert set(inf["latency"]) == {"batch_1", "batch_359"}
+        else:
+            assert r.get("inference") is None
+    small = exps["small_batch"]
+    assert sorted({(r["norm"], r["batch_size"]) for r in small["runs"]}) == [
+        (n, b) for n in ("bn", "ghost", "renorm") for b in (4, 16)
+    ]
+    table = small["summary"]["table"]
+    assert [row["batch_size"] for row in table] == [4, 16] and small["summary"]["field"] == "batch_size"
+    for row in table:  # the table's means recomputed from the runs
+        for norm in ("bn", "renorm", "ghost"):
+            finals = [r["curve"]["test_accuracy"][-1] for r in small["runs"] if r["norm"] == norm and r["batch_size"] == row["batch_size"]]
+            assert row[norm]["mean"] == pytest.approx(sum(finals) / len(finals))
+    # A batch of 4 is one ghost batch of at most 8: ghost BN is exactly BN there.
+    for seed in (0, 1):
+        pick = {r["norm"]: r for r in small["runs"] if r["batch_size"] == 4 and r["seed"] == seed}
+        assert pick["ghost"]["curve"]["test_accuracy"] == pick["bn"]["curve"]["test_accuracy"]
     depth = exps["depth"]["runs"]
     assert all(len(r["grad_norms"]["init"]) == len(r["grad_norms"]["final"]) == 5 for r in depth)
 
@@ -233,7 +260,7 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "steps-zero": (["--steps", "0"], "expected steps to be a positive integer (got '0')"),
         "steps-and-epochs": (["--steps", "5", "--epochs", "2"], "not allowed with argument"),
         "lr-negative": (["--lr", "-1"], "expected lr to be a positive number (got '-1')"),
-        "unknown-norm": (["--norm", "none,layernorm"], "expected norm from none, bn (got 'layernorm')"),
+        "unknown-norm": (["--norm", "none,layernorm"], "expected norm from none, bn, renorm, ghost, syncbn (got 'layernorm')"),
         "repeated-norm": (["--norm", "bn,bn"], "expected no repeated entries in norm"),
         "unknown-experiment": (["--experiments", "curves,foo"], "expected experiments from curves, lr_tolerance"),
         "missing-source": (["--experiments", "disagreement"], "experiment 'disagreement' compares the runs of 'curves'"),
@@ -347,4 +374,7 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
         straight = json.loads(json.dumps(train_run(spec, data, norm=r["norm"], seed=r["seed"])))
         got = {k: v for k, v in r.items() if k not in ("wall_s", "tag")}
         straight.pop("wall_s")
+        for record in (got, straight):  # latencies are measurements, not results
+            if record.get("inference"):
+                record["inference"].pop("latency")
         assert got == straight, (r["norm"], r["seed"], {k for k in got if got[k] != straight.get(k)})

@@ -1,13 +1,13 @@
 """Experiment kinds: how an experiment's runs are scheduled and how they are summarized.
 
 An *experiment* (a line in :data:`bnorm.study.run.EXPERIMENTS`) names a *kind* from
-:data:`KINDS` and gives it a training spec and options. Three kinds exist:
+:data:`KINDS` and gives it a training spec and options. Four kinds exist:
 
 * ``curves`` — one run per (seed, norm): test accuracy/loss against steps, the probe
   unit's percentiles, per-layer gradient norms if the spec asks for them, and the
   speed-up of each norm over the baseline (see :func:`speedup`).
-* ``lr_sweep`` — one run per (learning rate, seed, norm) on the grid ``options["lrs"]``:
-  final accuracy per rate.
+* ``lr_sweep`` / ``batch_sweep`` (:data:`SWEEPS`) — one run per (grid value, seed, norm)
+  on the grid ``options["lrs"]`` / ``options["batch_sizes"]``: final accuracy per value.
 * ``disagreement`` — no training: compares the final test predictions of the baseline
   and each other norm in the experiment ``options["source"]``, seed by seed.
 
@@ -27,13 +27,13 @@ from typing import Any
 from .models import NORM_LABELS
 from .train import TrainSpec
 
-__all__ = ["KINDS", "Experiment", "Kind", "PlannedRun", "SummaryInputs", "mean_std", "speedup", "steps_to_reach"]
+__all__ = ["KINDS", "SWEEPS", "Experiment", "Kind", "PlannedRun", "SummaryInputs", "Sweep", "mean_std", "speedup", "steps_to_reach"]
 
 
 @dataclass(frozen=True)
 class Experiment:
     """One entry of the study. ``spec`` overrides :class:`TrainSpec`'s defaults;
-    ``options`` are the kind's (``lrs``, ``source``, ``norms``); ``follows_model``:
+    ``options`` are the kind's (``lrs``, ``batch_sizes``, ``source``, ``norms``); ``follows_model``:
     ``--model``/``--preset`` replace this experiment's network and recipe."""
 
     name: str
@@ -137,11 +137,29 @@ def plan_curves(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: S
     return [PlannedRun(f"{norm}-seed{seed}", norm, seed, spec) for seed in seeds for norm in norms]
 
 
-def plan_lr_sweep(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
-    lrs = exp.options.get("lrs", [])
+@dataclass(frozen=True)
+class Sweep:
+    """A grid over one :class:`TrainSpec` field: ``field`` takes each value of
+    ``options[option]``; ``label`` and ``log_base`` describe the plot's x axis."""
+
+    field: str
+    option: str
+    label: str
+    log_base: float
+    cast: Callable[[Any], Any]
+
+
+SWEEPS: dict[str, Sweep] = {
+    "lr_sweep": Sweep("lr", "lrs", "learning rate", 10, float),
+    "batch_sweep": Sweep("batch_size", "batch_sizes", "batch size", 2, int),
+}
+
+
+def plan_sweep(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+    sweep = SWEEPS[exp.kind]
     return [
-        PlannedRun(f"{norm}-lr{lr:g}-seed{seed}", norm, seed, replace(spec, lr=float(lr)))
-        for lr in lrs
+        PlannedRun(f"{norm}-{sweep.field}{v:g}-seed{seed}", norm, seed, replace(spec, **{sweep.field: sweep.cast(v)}))
+        for v in exp.options.get(sweep.option, [])
         for seed in seeds
         for norm in norms
     ]
@@ -181,6 +199,18 @@ def summarize_curves(
                 pairs.append(speedup(partner, r, given.chance))
         factors = [p["factor"] for p in pairs]
         speedups[norm] = {"per_seed": pairs, **mean_std(factors)}
+    for norm in norms:
+        checks = [r["inference"] for r in runs if r["norm"] == norm and r.get("inference")]
+        if checks:
+            per_norm[norm]["inference"] = {
+                "ema_accuracy": mean_std([c["ema_accuracy"] for c in checks]),
+                "recalibrated_accuracy": mean_std([c["recalibrated_accuracy"] for c in checks]),
+                "fold_max_abs_logit_diff": max(c["fold_max_abs_logit_diff"] for c in checks),
+                "folded_layers": checks[0]["folded_layers"],
+                "latency_ratio": {
+                    k: mean_std([c["latency"][k]["ratio"] for c in checks]) for k in checks[0]["latency"]
+                },
+            }
     notes = [_speedup_note(speedups, base)]
     gradients = []
     for norm in norms:
@@ -223,15 +253,16 @@ def _speedup_note(speedups: dict[str, Any], base: str) -> str:
     return " ".join(notes)
 
 
-def summarize_lr_sweep(
+def summarize_sweep(
     exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
 ) -> dict[str, Any]:
-    lrs = [float(v) for v in exp.options.get("lrs", [])]
+    sweep = SWEEPS[exp.kind]
+    values = [sweep.cast(v) for v in exp.options.get(sweep.option, [])]
     table = []
-    for lr in lrs:
-        row: dict[str, Any] = {"lr": lr}
+    for v in values:
+        row: dict[str, Any] = {sweep.field: v}
         for norm in norms:
-            mine = [r for r in runs if r["norm"] == norm and r["lr"] == lr]
+            mine = [r for r in runs if r["norm"] == norm and r.get(sweep.field) == v]
             row[norm] = {
                 **mean_std([_final_accuracy(r) for r in mine]),
                 "diverged": sum(r["diverged_at"] is not None for r in mine),
@@ -242,25 +273,42 @@ def summarize_lr_sweep(
     per_norm = {}
     for norm in norms:
         seeds = sorted({r["seed"] for r in runs if r["norm"] == norm})
-        # Per seed: the mean final accuracy over the rates that seed finished.
+        # Per seed: the mean final accuracy over the grid values that seed finished.
         per_seed = []
         for seed in seeds:
             accs = [_final_accuracy(r) for r in runs if r["norm"] == norm and r["seed"] == seed]
             finite = [a for a in accs if a is not None]
             per_seed.append(sum(finite) / len(finite) if finite else None)
-        trains = [row["lr"] for row in table if row[norm]["mean"] is not None and row[norm]["mean"] >= 0.9 * best]
-        per_norm[norm] = {"mean_over_rates": mean_std(per_seed), "rates_that_train": trains}
-    note = "trains (final accuracy ≥ 90% of the best) at " + ", ".join(
-        f"{len(per_norm[norm]['rates_that_train'])} of {len(lrs)} rates with {_label(norm)}" for norm in norms
-    )
+        trains = [row[sweep.field] for row in table if row[norm]["mean"] is not None and row[norm]["mean"] >= 0.9 * best]
+        per_norm[norm] = {"mean_over_values": mean_std(per_seed), "values_that_train": trains}
+    if sweep.field == "batch_size" and table:
+        # Where small batches hurt: the accuracy of each norm at the smallest batch.
+        smallest = table[int(min(range(len(values)), key=lambda i: values[i]))]
+        note = f"final accuracy at batch size {smallest['batch_size']:g}: " + ", ".join(
+            f"{_label(norm)} {100 * smallest[norm]['mean']:.1f}%" for norm in norms if smallest[norm]["mean"] is not None
+        )
+    else:
+        note = "trains (final accuracy ≥ 90% of the best) at " + ", ".join(
+            f"{len(per_norm[norm]['values_that_train'])} of {len(values)} {sweep.label}s with {_label(norm)}"
+            for norm in norms
+        )
     headline = {
-        "measure": f"final accuracy, mean over {len(lrs)} learning rates ({min(lrs, default=0):g}–{max(lrs, default=0):g})",
-        "short": f"mean final acc, {len(lrs)} lrs",
-        "values": {n: per_norm[n]["mean_over_rates"] for n in norms},
+        "measure": f"final accuracy, mean over {len(values)} {sweep.label}s ({min(values, default=0):g}–{max(values, default=0):g})",
+        "short": f"mean final acc, {len(values)} {sweep.option.replace('_', ' ')}",
+        "values": {n: per_norm[n]["mean_over_values"] for n in norms},
         "speedup": {},
         "note": note,
     }
-    return {"lrs": lrs, "table": table, "per_norm": per_norm, "best_mean_accuracy": best, "headline": headline}
+    return {
+        "field": sweep.field,
+        "label": sweep.label,
+        "log_base": sweep.log_base,
+        "values": values,
+        "table": table,
+        "per_norm": per_norm,
+        "best_mean_accuracy": best,
+        "headline": headline,
+    }
 
 
 def summarize_disagreement(
@@ -331,6 +379,6 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "curves": Kind(plan_curves, summarize_curves),
-    "lr_sweep": Kind(plan_lr_sweep, summarize_lr_sweep),
+    **{name: Kind(plan_sweep, summarize_sweep) for name in SWEEPS},
     "disagreement": Kind(plan_nothing, summarize_disagreement, trains=False),
 }

@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["format_accuracy", "format_speedup", "summary_rows", "write_report"]
 
-_COLOURS = {"none": "#d9730d", "bn": "#1f6fb2", "renorm": "#2e9e4f", "ghost": "#8e44ad"}
+_COLOURS = {"none": "#d9730d", "bn": "#1f6fb2", "renorm": "#2e9e4f", "ghost": "#8e44ad", "syncbn": "#16a085"}
 _FALLBACK = ["#c0392b", "#16a085", "#7f8c8d", "#b7950b"]
 
 
@@ -106,8 +106,10 @@ def summary_rows(metrics: dict[str, Any], compact: bool = False) -> tuple[list[s
     """The summary table: one row per experiment (the experiment's headline). ``compact``
     (for a terminal): experiment names, short measures, no note column."""
     norms: list[str] = list(metrics.get("norms", []))
-    speed_norms = [n for n in norms if n != ("none" if "none" in norms else norms[0])] if norms else []
     base = "none" if "none" in norms else (norms[0] if norms else "")
+    # A speed-up column only for the norms some experiment measured one for.
+    measured = {n for row in metrics.get("summary", []) for n in row.get("speedup", {})}
+    speed_norms = [n for n in norms if n != base and n in measured]
     headers = ["Experiment", "Measured", *(_label(n) for n in norms)]
     headers += [f"Speed-up {_label(n)} vs {_label(base)}" for n in speed_norms]
     if compact:
@@ -230,13 +232,14 @@ def plot_grad_norms(runs: list[dict[str, Any]], norms: Sequence[str], path: Path
     return _save(fig, path)
 
 
-def plot_lr_sweep(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Path | None:
+def plot_sweep(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Path | None:
     table = summary.get("table", [])
     if not table:
         return None
+    field, label = summary["field"], summary["label"]
     fig, (ax,) = _new_figure(7, 3.8)
     for norm in norms:
-        pts = [(row["lr"], row[norm]) for row in table if row[norm]["mean"] is not None]
+        pts = [(row[field], row[norm]) for row in table if row[norm]["mean"] is not None]
         if not pts:
             continue
         colour = _colour(norm, norms)
@@ -254,10 +257,11 @@ def plot_lr_sweep(summary: dict[str, Any], norms: Sequence[str], path: Path) -> 
         if bad:
             ax.scatter([lr for lr, _ in bad], [100 * st["mean"] for _, st in bad], s=110, marker="x",
                        color="#c0392b", zorder=5, label=f"{_label(norm)}: some seeds diverged (loss not finite)")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
+    ax.set_xscale("log", base=summary["log_base"])
+    ax.set_xticks(summary["values"], [f"{v:g}" for v in summary["values"]])
+    ax.set_xlabel(label)
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Learning-rate tolerance (mean ± std over seeds)")
+    ax.set_title(f"Final test accuracy per {label} (mean ± std over seeds)")
     ax.legend(loc="best")
     return _save(fig, path)
 
@@ -296,7 +300,8 @@ def plot_disagreement(summary: dict[str, Any], norms: Sequence[str], path: Path)
 # ---------------------------------------------------------------------- the document
 
 
-def _spec_text(spec: dict[str, Any], lrs: list[float] | None = None) -> str:
+def _spec_text(spec: dict[str, Any], options: dict[str, Any] | None = None) -> str:
+    options = options or {}
     model = spec.get("model", "?")
     if model in ("mlp", "deep-mlp"):
         hidden = spec.get("hidden")
@@ -308,9 +313,9 @@ def _spec_text(spec: dict[str, Any], lrs: list[float] | None = None) -> str:
     parts = [
         f"model {model}",
         f"init {init}",
-        f"batch {spec.get('batch_size')}",
+        "each batch size of the grid" if options.get("batch_sizes") else f"batch {spec.get('batch_size')}",
         length,
-        ("SGD at each learning rate of the grid" if lrs else f"SGD lr {spec.get('lr'):g}")
+        ("SGD at each learning rate of the grid" if options.get("lrs") else f"SGD lr {spec.get('lr'):g}")
         + (f", momentum {spec['momentum']:g}" if spec.get("momentum") else ""),
     ]
     if spec.get("weight_decay"):
@@ -368,6 +373,7 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
                 "as training goes on — the BN paper's Fig. 1(b, c).",
             )
         )
+    blocks += _inference_blocks(summ, norms)
     grads = plot_grad_norms(runs, norms, out / f"{name}-gradnorms.png")
     if grads is not None:
         blocks.append(_grad_table(runs, norms))
@@ -379,6 +385,35 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
             )
         )
     return blocks
+
+
+def _inference_blocks(summ: dict[str, Any], norms: list[str]) -> list[Block]:
+    """From training to inference: EMA vs recalibrated statistics, and the folded net."""
+    checked = [n for n in norms if "inference" in summ["per_norm"][n]]
+    if not checked:
+        return []
+    inf = {n: summ["per_norm"][n]["inference"] for n in checked}
+    sizes = list(inf[checked[0]]["latency_ratio"])
+    rows = [
+        ["test accuracy, running (EMA) statistics", *(format_accuracy(inf[n]["ema_accuracy"]) for n in checked)],
+        ["test accuracy after bnorm.recalibrate", *(format_accuracy(inf[n]["recalibrated_accuracy"]) for n in checked)],
+        ["batch-norm layers folded by bnorm.fold", *(str(inf[n]["folded_layers"]) for n in checked)],
+        ["largest change of a test logit after folding", *(f"{inf[n]['fold_max_abs_logit_diff']:.1e}" for n in checked)],
+    ]
+    for size in sizes:
+        rows.append(
+            [f"folded / unfolded latency, {size.replace('_', ' ')}", *(f"{inf[n]['latency_ratio'][size]['mean']:.2f}×" for n in checked)]
+        )
+    return [
+        Para(
+            "From training to inference: the running statistics are an exponential moving average "
+            "of batch statistics taken while the weights moved; bnorm.recalibrate replaces them by "
+            "the exact statistics of the training set under the final weights. bnorm.fold then "
+            "folds each batch norm into the layer before it (inference latency: median of "
+            "alternated runs, this machine)."
+        ),
+        Table(["", *(_label(n) for n in checked)], rows),
+    ]
 
 
 def _loss(stats: dict[str, Any]) -> str:
@@ -406,12 +441,12 @@ def _grad_table(runs: list[dict[str, Any]], norms: list[str]) -> Table:
     return Table(headers, rows)
 
 
-def _lr_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
+def _sweep_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
     summ = exp["summary"]
-    headers = ["learning rate", *(_label(n) for n in norms)]
+    headers = [summ["label"], *(_label(n) for n in norms)]
     rows = []
     for row in summ["table"]:
-        cells = [f"{row['lr']:g}"]
+        cells = [f"{row[summ['field']]:g}"]
         for n in norms:
             text = format_accuracy(row[n])
             if row[n]["diverged"]:
@@ -419,9 +454,9 @@ def _lr_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> l
             cells.append(text)
         rows.append(cells)
     blocks: list[Block] = [Table(headers, rows)]
-    fig = plot_lr_sweep(summ, norms, out / f"{name}.png")
+    fig = plot_sweep(summ, norms, out / f"{name}.png")
     if fig is not None:
-        blocks.append(Figure(fig, "Final test accuracy per learning rate (mean ± std over seeds)."))
+        blocks.append(Figure(fig, f"Final test accuracy per {summ['label']} (mean ± std over seeds)."))
     return blocks
 
 
@@ -460,7 +495,12 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
-_SECTION_BUILDERS = {"curves": _curves_blocks, "lr_sweep": _lr_blocks, "disagreement": _disagreement_blocks}
+_SECTION_BUILDERS = {
+    "curves": _curves_blocks,
+    "lr_sweep": _sweep_blocks,
+    "batch_sweep": _sweep_blocks,
+    "disagreement": _disagreement_blocks,
+}
 
 
 def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -> list[Block]:
@@ -491,12 +531,12 @@ def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -
         if exp.get("about"):
             blocks.append(Para(exp["about"]))
         if exp["kind"] != "disagreement":
-            blocks.append(Para("Setup: " + _spec_text(exp["spec"], exp["options"].get("lrs"))))
+            blocks.append(Para("Setup: " + _spec_text(exp["spec"], exp["options"])))
         builder = _SECTION_BUILDERS.get(exp["kind"])
         if not exp["runs"] and exp["kind"] != "disagreement":
             blocks.append(Para("No run of this experiment finished."))
         elif builder is not None:
-            blocks += builder(name, exp, norms, out)
+            blocks += builder(name, exp, list(exp.get("norms", norms)), out)
     return blocks
 
 

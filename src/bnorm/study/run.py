@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .data import DATASETS, DataError, Dataset, load_dataset
-from .experiments import KINDS, Experiment, PlannedRun, SummaryInputs
+from .experiments import KINDS, SWEEPS, Experiment, PlannedRun, SummaryInputs
 from .models import MODELS, NORM_LAYERS
 from .train import (
     RUNTIME_KEY,
@@ -38,6 +38,7 @@ from .train import (
     CheckpointError,
     TrainSpec,
     atomic_write,
+    process_rank,
     to_json,
     train_run,
 )
@@ -47,13 +48,12 @@ __all__ = ["EXPERIMENTS", "PRESETS", "UsageError", "add_arguments", "main", "res
 _PAPER_MLP = {"model": "mlp", "hidden": [100, 100, 100], "init": "normal", "batch_size": 60}
 
 # The study, one experiment per line. An entry names a kind (bnorm.study.experiments.KINDS),
-# overrides TrainSpec's defaults and gives the kind's options; e.g. small batches for the
-# variants, once they exist, would be:
-#   Experiment("small_batch", "curves", "Small batches", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "batch_size": 4, "steps": 1500, "lr": 0.05}, {"norms": ["bn", "renorm", "ghost"]}),
+# overrides TrainSpec's defaults and gives the kind's options.
 EXPERIMENTS: list[Experiment] = [
-    Experiment("curves", "curves", "The BN paper's MNIST experiment, adapted", {**_PAPER_MLP, "activation": "sigmoid", "init_std": 0.1, "steps": 1500, "lr": 0.5, "eval_every": 20, "keep_predictions": True}, follows_model=True, about="Three fully connected hidden layers of 100 sigmoid units, small Gaussian initial weights, batches of 60, plain SGD — the network of the paper's Fig. 1, on the chosen dataset."),
+    Experiment("curves", "curves", "The BN paper's MNIST experiment, adapted", {**_PAPER_MLP, "activation": "sigmoid", "init_std": 0.1, "steps": 1500, "lr": 0.5, "eval_every": 20, "keep_predictions": True, "inference_check": True}, follows_model=True, about="Three fully connected hidden layers of 100 sigmoid units, small Gaussian initial weights, batches of 60, plain SGD — the network of the paper's Fig. 1, on the chosen dataset."),
     Experiment("lr_tolerance", "lr_sweep", "Learning-rate tolerance", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "steps": 300, "eval_every": 300, "probe": False}, {"lrs": [0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 4.0]}, follows_model=True, about="The same 3×100 network with ReLU units and He initialization, trained for a fixed number of steps at each learning rate of a grid: the paper's claim that BN allows higher learning rates."),
     Experiment("depth", "curves", "Depth: 10 hidden sigmoid layers", {"model": "deep-mlp", "hidden": [64] * 10, "activation": "sigmoid", "init": "xavier", "batch_size": 60, "steps": 600, "lr": 0.2, "eval_every": 20, "probe": False, "grad_norms": True}, about="Ten hidden layers of 64 sigmoid units with Glorot (Xavier) normal initialization: the depth at which vanishing gradients bite. The gradient norm of each layer's weights is measured at initialization and after training."),
+    Experiment("small_batch", "batch_sweep", "Small batches: BN, Batch Renorm, ghost BN", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "steps": None, "epochs": 1, "lr": 0.05, "eval_every": 10**6, "probe": False}, {"batch_sizes": [2, 4, 8, 32], "norms": ["none", "bn", "renorm", "ghost"]}, about="The 3×100 ReLU network trained for the same number of epochs at each batch size: BN's statistics get noisy as the batch shrinks, and the running statistics used at test time drift from the batch statistics used in training. Batch Renorm corrects the training-time normalization towards the running statistics (the paper's schedule scaled to these short runs); ghost BN normalizes groups of 8 samples within larger batches."),
     Experiment("disagreement", "disagreement", "Prediction disagreement", {}, {"source": "curves"}, about="On the test set, how often the final networks of the first experiment with and without BN (same seed) predict different classes, and which of them is right when they do."),
 ]
 
@@ -92,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
 _RUNTIME_OPTIONS = ("device", "threads", "quiet")
 _SPEC_OPTIONS = ("steps", "epochs", "batch_size", "lr", "eval_every")
 # Keys of an experiment's config table that are kind options, not TrainSpec fields.
-_OPTION_KEYS = ("lrs", "norms")
+_OPTION_KEYS = ("lrs", "batch_sizes", "norms")
 
 
 class UsageError(ValueError):
@@ -380,15 +380,23 @@ def _spec_for(
 
 
 def _options_for(exp: Experiment, table: dict[str, Any]) -> dict[str, Any]:
-    """The experiment's kind options, with ``lrs``/``norms`` from its config table."""
+    """The experiment's kind options, with a sweep's grid (``lrs``, ``batch_sizes``) and
+    ``norms`` from its config table."""
     options = dict(exp.options)
-    if "lrs" in table:
-        if exp.kind != "lr_sweep":
-            raise UsageError(f"experiment {exp.name!r} has no learning-rate grid (lrs is for lr_sweep experiments)")
-        value = table["lrs"]
+    for kind, sweep in SWEEPS.items():
+        if sweep.option not in table:
+            continue
+        if exp.kind != kind:
+            raise UsageError(
+                f"experiment {exp.name!r} has no {sweep.label} grid ({sweep.option} is for {kind} experiments)"
+            )
+        value = table[sweep.option]
         if not isinstance(value, list) or not value:
-            raise UsageError(f"expected lrs for {exp.name!r} to be a non-empty list of numbers (got {value!r})")
-        options["lrs"] = [_positive_float("lrs", v) for v in value]
+            raise UsageError(
+                f"expected {sweep.option} for {exp.name!r} to be a non-empty list of numbers (got {value!r})"
+            )
+        check = _positive_float if sweep.cast is float else _positive_int
+        options[sweep.option] = [check(sweep.option, v) for v in value]
     if "norms" in table:
         options["norms"] = _choices(f"norms of {exp.name}", table["norms"], list(NORM_LAYERS))
     return options
@@ -613,16 +621,31 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads_before)
 
 
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE,
+    RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, NCCL on CUDA. (0, 1) when not launched
+    so. Rank 0 alone writes the run directory and prints."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return process_rank()
+
+
 def _run_study(cli: dict[str, Any]) -> int:
     quiet = bool(cli.get("quiet", False))
     wall_start = time.perf_counter()
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     try:
+        rank, _ = _init_distributed(str(cli.get("device") or "cpu"))
+        quiet = quiet or rank != 0
         if "resume" in cli:
             config, out = _load_resume(cli)
         else:
             config = resolve_config(cli)
-            out = _new_out_dir(config)
+            # Only rank 0 owns (creates, checks, writes) the run directory.
+            out = _new_out_dir(config) if rank == 0 else Path(os.devnull)
         experiments = _experiment_objects(config)
         runtime = config[RUNTIME_KEY]
         torch.set_num_threads(int(runtime["threads"]))
@@ -637,8 +660,9 @@ def _run_study(cli: dict[str, Any]) -> int:
                         f"training images (got {run.spec.batch_size})"
                     )
             plans.append((exp, planned))
-        out.mkdir(parents=True, exist_ok=True)
-        if "resume" not in cli:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        if "resume" not in cli and rank == 0:
             atomic_write(out / "config.json", to_json(config).encode())
     except (UsageError, DataError) as err:
         print(f"bnorm study: error: {err}", file=sys.stderr)
@@ -654,8 +678,13 @@ def _run_study(cli: dict[str, Any]) -> int:
                 for run in planned:
                     total = run.spec.total_steps(n_train)
                     progress.start_run(f"{exp.name} · {run.norm} · seed {run.seed}" + (
-                        f" · lr {run.spec.lr:g}" if exp.kind == "lr_sweep" else ""), total)
-                    checkpointer = Checkpointer(out / "checkpoints" / exp.name, run.tag, config)
+                        f" · {SWEEPS[exp.kind].field} {getattr(run.spec, SWEEPS[exp.kind].field):g}"
+                        if exp.kind in SWEEPS else ""), total)
+                    # Every rank resumes from the same files; rank 0 alone writes them.
+                    checkpointer = (
+                        Checkpointer(out / "checkpoints" / exp.name, run.tag, config)
+                        if rank == 0 or "resume" in cli else None
+                    )
                     record = train_run(
                         run.spec, data, norm=run.norm, seed=run.seed, device=runtime["device"],
                         checkpointer=checkpointer, on_progress=progress.step,
@@ -669,6 +698,8 @@ def _run_study(cli: dict[str, Any]) -> int:
         print(f"bnorm study: error: {err}", file=sys.stderr)
         return 2
 
+    if rank != 0:
+        return 130 if state.interrupted else 0
     metrics = build_metrics(state, experiments, started, time.perf_counter() - wall_start)
     atomic_write(out / "metrics.json", to_json(metrics).encode())
     from .report import write_report

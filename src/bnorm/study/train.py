@@ -73,6 +73,7 @@ class TrainSpec:
     probe: bool = True  # record the 15/50/85th percentiles of the probe unit at each evaluation
     grad_norms: bool = False  # per-layer gradient norms at initialization and at the end
     keep_predictions: bool = False  # store the final test predictions (for disagreement)
+    inference_check: bool = False  # BN nets: accuracy after recalibrate(), folded latency
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -173,6 +174,35 @@ def epoch_batches(
         yield x.to(device), data.train_labels[idx].to(device)
 
 
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialized
+    (e.g. under ``torchrun``), in which case every rank trains on its share of each batch
+    inside DistributedDataParallel."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+def shard_batches(
+    batches: Iterable[tuple[Tensor, Tensor]], rank: int, world: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Rank ``rank``'s part of each global batch: consecutive slices of (nearly) equal size."""
+    for x, y in batches:
+        yield x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+
+
+def _global_mean(loss: Tensor, count: int) -> float:
+    """The mean loss over the global batch (one all_reduce), so that every rank sees the
+    same value and takes the same decisions (divergence, logging)."""
+    import torch.distributed as dist
+
+    both = torch.stack([loss.detach().double() * count, torch.tensor(float(count), dtype=torch.float64)])
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
+
+
 # ------------------------------------------------------------------- train / evaluate
 
 
@@ -191,12 +221,15 @@ def train_one_epoch(
     max_steps: int | None = None,
     lr_at: Callable[[int], float] | None = None,
     after_step: Callable[[int, float], None] | None = None,
+    distributed: bool = False,
 ) -> EpochResult:
     """One pass of SGD over ``batches`` with the cross-entropy loss.
 
     Each step sets the learning rate to ``lr_at(step)`` (if given), minimizes
     ``L = −(1/B) Σ_b log softmax(model(x))_{b, y_b}``, then calls ``after_step(step + 1,
-    loss)``. Stops early at ``max_steps`` or at the first non-finite loss.
+    loss)``. Stops early at ``max_steps`` or at the first non-finite loss. With
+    ``distributed`` (``model`` wrapped in DistributedDataParallel, ``batches`` this
+    rank's shards), the loss reported and checked is the global batch's mean.
 
     Shape:
         batches: (B, *) inputs with (B,) int64 labels.
@@ -213,7 +246,7 @@ def train_one_epoch(
                 group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
-        value = loss.detach().item()
+        value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
         if not math.isfinite(value):
             return EpochResult(step, total / count if count else math.nan, True)
         loss.backward()
@@ -223,8 +256,7 @@ def train_one_epoch(
         count += 1
         if after_step is not None:
             after_step(step, value)
-            if not model.training:
-                model.train()
+            model.train()  # after_step may have evaluated (eval mode), also inside a DDP wrapper
     return EpochResult(step, total / count if count else math.nan, False)
 
 
@@ -291,6 +323,53 @@ def evaluate(
         torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long),
         torch.cat(captured) if captured else None,
     )
+
+
+def inference_check(
+    model: nn.Module, data: Dataset, spec: TrainSpec, device: torch.device | str = "cpu", repeats: int = 25
+) -> dict[str, Any] | None:
+    """From training to inference, for a trained network with batch-norm layers (None
+    without): test accuracy with the running (EMA) statistics vs after
+    :func:`bnorm.recalibrate` over the training set (exact population statistics), and
+    the folded network (:func:`bnorm.fold`): how many layers folded, the largest change
+    of a test logit, and its latency against the unfolded one (medians of alternated
+    runs, at batch 1 and on the whole test set)."""
+    import bnorm
+    from bnorm.bench import time_alternated
+
+    if not any(isinstance(m, (bnorm.modules._BatchNormBase, nn.modules.batchnorm._BatchNorm)) for m in model.modules()):
+        return None
+    test = lambda m: evaluate(m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device)  # noqa: E731
+    ema = test(model)
+    calibrated = copy.deepcopy(model).eval()
+    n = int(data.train_labels.shape[0])
+    batches = (
+        data.inputs(data.train_images[i : i + spec.batch_size], spec.standardize).to(device)
+        for i in range(0, n - spec.batch_size + 1, spec.batch_size)
+    )
+    bnorm.recalibrate(calibrated, batches, progress=False)
+    recal = test(calibrated)
+    unfolded = copy.deepcopy(model).eval()
+    folded, report = bnorm.fold(copy.deepcopy(model).eval(), return_report=True)
+    x_all = data.inputs(data.test_images, spec.standardize).to(device)
+    x_one = x_all[:1]
+    latency: dict[str, dict[str, float]] = {}
+    def call(net: nn.Module, x: Tensor) -> Callable[[], object]:
+        return lambda: net(x)
+
+    with torch.no_grad():
+        diff = float((folded(x_all) - unfolded(x_all)).abs().max())
+        for name, x in (("batch_1", x_one), (f"batch_{x_all.shape[0]}", x_all)):
+            t = time_alternated({"unfolded": call(unfolded, x), "folded": call(folded, x)}, repeats, warmup=3)
+            latency[name] = {"unfolded_us": 1e6 * t["unfolded"], "folded_us": 1e6 * t["folded"], "ratio": t["folded"] / t["unfolded"]}
+    return {
+        "ema_accuracy": ema.accuracy,
+        "recalibrated_accuracy": recal.accuracy,
+        "folded_layers": len(report.folded),
+        "not_folded_layers": len(report.not_folded),
+        "fold_max_abs_logit_diff": diff,
+        "latency": latency,
+    }
 
 
 def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
@@ -464,6 +543,9 @@ def train_run(
     called after every step."""
     spec.validate()
     total = spec.total_steps(int(data.train_labels.shape[0]))
+    rank, world = process_rank()
+    if spec.batch_size < world:
+        raise ValueError(f"expected batch_size ≥ the {world} processes (got {spec.batch_size})")
     if spec.steps_per_epoch(int(data.train_labels.shape[0])) < 1:
         raise ValueError(
             f"expected batch_size ≤ the {int(data.train_labels.shape[0])} training samples "
@@ -477,6 +559,9 @@ def train_run(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
     )
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
     grad_x = data.inputs(data.train_images[:500], spec.standardize).to(device)
     grad_y = data.train_labels[:500].to(device)
 
@@ -484,6 +569,7 @@ def train_run(
         "norm": norm,
         "seed": seed,
         "lr": spec.lr,
+        "batch_size": spec.batch_size,
         "total_steps": total,
         "steps_done": 0,
         "done": False,
@@ -551,20 +637,22 @@ def train_run(
     def save(epoch_done: int, final: bool = False) -> None:
         record["steps_done"] = step
         record["wall_s"] = time.perf_counter() - started
-        if checkpointer is not None and (final or checkpointer.due()):
+        if checkpointer is not None and rank == 0 and (final or checkpointer.due()):
             state = {"epoch": epoch_done, "step": step, "pending_losses": pending_losses, "record": record}
             checkpointer.save(model, optimizer, state)
 
     diverged = False
     while step < total and not diverged:
+        batches = epoch_batches(data, spec, seed, epoch, device)
         result = train_one_epoch(
-            model,
-            epoch_batches(data, spec, seed, epoch, device),
+            net,
+            shard_batches(batches, rank, world) if world > 1 else batches,
             optimizer,
             step=step,
             max_steps=total,
             lr_at=lambda s: spec.lr_at(s, total),
             after_step=after_step,
+            distributed=world > 1,
         )
         step, diverged = result.step, result.diverged
         if diverged:
@@ -577,6 +665,8 @@ def train_run(
         log_eval(step)  # the final point (diverged runs stop between evaluations)
     if spec.grad_norms:
         record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
+    if spec.inference_check and not diverged:
+        record["inference"] = inference_check(model, data, spec, device)
     record["done"] = True
     save(epoch - 1, final=True)
     return record

@@ -1,0 +1,394 @@
+"""``bnorm bench kernels``: the fused BN + activation (+ residual) kernels against PyTorch.
+
+Four parts, every timing a median of alternated runs in one process (see
+:func:`bnorm.bench.time_alternated`):
+
+* layer — forward+backward in training of BN+ReLU and BN+add+ReLU at ResNet-20 shapes
+  (N=128; C=16/32/64 at 32²/16²/8²), NCHW and channels_last: ``bnorm.BatchNormAct2d``
+  against torch eager (``nn.BatchNorm2d`` then ``torch.relu``, out of place; target
+  ≤ 0.5×) and against ``torch.compile`` of the same torch ops (target ≤ 1.0×);
+* bandwidth — each fused kernel's achieved GB/s (the bytes its passes must move: forward
+  3 tensor passes, 4 with a residual; backward 5, 7 with a residual) next to this
+  machine's copy bandwidth (``dst.copy_(src)``, 2 tensor passes);
+* model — a CIFAR ResNet-20 training step (batch 128, 32×32, SGD): bnorm layers vs torch
+  layers (target ≤ 0.75×), and the BN step over the same network without BN (target
+  ≤ 1.10×), in eager mode and under ``torch.compile(model)``;
+* memory — bytes saved for backward (:func:`saved_tensor_bytes`) per conv→BN→act block
+  and per ResNet-20, relative to one activation / to torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from .bench import format_table, register, time_alternated
+from .modules import BatchNormAct2d
+
+RESNET20_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]  # N, C, side
+LAYER_TARGET_EAGER = 0.5
+LAYER_TARGET_COMPILED = 1.0
+MODEL_TARGET_TORCH = 0.75
+MODEL_TARGET_NO_BN = 1.10
+MEMORY_TARGET_BLOCK = 2.0
+
+
+# --- saved-for-backward bytes ------------------------------------------------------
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: nn.Module | None = None) -> tuple[int, Any]:
+    """(bytes, fn()): the bytes of the distinct storages that autograd saves for backward
+    while ``fn`` runs (recorded with :func:`torch.autograd.graph.saved_tensors_hooks`;
+    a view counts its whole storage, a storage saved twice counts once), leaving out the
+    parameters and buffers of ``exclude`` (they exist whether or not anything is saved)."""
+    skip = set()
+    if exclude is not None:
+        skip = {t.untyped_storage().data_ptr() for t in (*exclude.parameters(), *exclude.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+# --- the compared layers -----------------------------------------------------------
+
+
+class TorchTail(nn.Module):
+    """torch's layers for ``act(BN(x) + residual)``: ``nn.BatchNorm2d``, an out-of-place
+    add and ``torch.relu``/``F.leaky_relu``."""
+
+    def __init__(self, channels: int, activation: str = "relu", negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        y = self.bn(x)
+        if residual is not None:
+            y = y + residual
+        if self.activation == "leaky_relu":
+            return TF.leaky_relu(y, self.negative_slope)
+        return torch.relu(y)
+
+
+def _fwd_bwd(layer: nn.Module, x: Tensor, dy: Tensor, residual: Tensor | None) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        if residual is not None:
+            residual.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x, residual).backward(dy)
+
+    return run
+
+
+def _fwd(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            layer(x, residual)
+
+    return run
+
+
+def copy_bandwidth(nbytes: int, repeats: int, warmup: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (one read and one write of ``nbytes``)."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+    t = time_alternated({"copy": lambda: dst.copy_(src)}, repeats, warmup)["copy"]
+    return 2 * nbytes / t
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def layer_part(args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for n, c, side in RESNET20_SHAPES:
+        n = 16 if args.quick else n
+        nbytes = n * c * side * side * 4
+        copy_bps = copy_bandwidth(nbytes, args.repeats, args.warmup)
+        for layout in ("NCHW", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            for pattern in ("BN+ReLU", "BN+add+ReLU"):
+                torch.manual_seed(0)
+                x = torch.randn(n, c, side, side).to(memory_format=fmt).requires_grad_()
+                dy = torch.randn(n, c, side, side).to(memory_format=fmt)
+                res = None
+                if pattern == "BN+add+ReLU":
+                    res = torch.randn(n, c, side, side).to(memory_format=fmt).requires_grad_()
+                eager, ours = TorchTail(c), BatchNormAct2d(c, activation="relu")
+                compiled = cast(nn.Module, torch.compile(TorchTail(c)))
+                t = time_alternated(
+                    {
+                        "eager": _fwd_bwd(eager, x, dy, res),
+                        "compiled": _fwd_bwd(compiled, x, dy, res),
+                        "bnorm": _fwd_bwd(ours, x, dy, res),
+                        "bnorm_fwd": _fwd(ours, x, res),
+                    },
+                    args.repeats,
+                    args.warmup,
+                )
+                extra = 0 if res is None else 1
+                fwd_bytes = (3 + extra) * nbytes
+                bwd_bytes = (5 + 2 * extra) * nbytes
+                t_bwd = max(t["bnorm"] - t["bnorm_fwd"], 1e-9)
+                rows.append(
+                    {
+                        "pattern": pattern,
+                        "shape": f"{n}x{c}x{side}x{side}",
+                        "layout": layout,
+                        "eager_ms": 1e3 * t["eager"],
+                        "compiled_ms": 1e3 * t["compiled"],
+                        "bnorm_ms": 1e3 * t["bnorm"],
+                        "bnorm/eager": t["bnorm"] / t["eager"],
+                        "bnorm/compiled": t["bnorm"] / t["compiled"],
+                        "fwd_GB/s": fwd_bytes / t["bnorm_fwd"] / 1e9,
+                        "bwd_GB/s": bwd_bytes / t_bwd / 1e9,
+                        "copy_GB/s": copy_bps / 1e9,
+                        "fwd/copy": fwd_bytes / t["bnorm_fwd"] / copy_bps,
+                        "bwd/copy": bwd_bytes / t_bwd / copy_bps,
+                    }
+                )
+    vs_eager = [r["bnorm/eager"] for r in rows]
+    vs_compiled = [r["bnorm/compiled"] for r in rows]
+    fractions = [r["fwd/copy"] for r in rows] + [r["bwd/copy"] for r in rows]
+    return {
+        "rows": rows,
+        "summary": [
+            f"layer fwd+bwd, bnorm/torch eager: geomean {_geomean(vs_eager):.2f}x, worst "
+            f"{max(vs_eager):.2f}x (target <= {LAYER_TARGET_EAGER}x)",
+            f"layer fwd+bwd, bnorm/torch.compile: geomean {_geomean(vs_compiled):.2f}x, worst "
+            f"{max(vs_compiled):.2f}x (target <= {LAYER_TARGET_COMPILED}x)",
+            f"bandwidth: fused kernels reach {min(fractions):.0%}..{max(fractions):.0%} of the "
+            "copy bandwidth (target >= 50%)",
+        ],
+    }
+
+
+# --- ResNet-20 -----------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, activation: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm = norm
+        self.activation = activation
+        self.pad = cout - cin
+        self.stride = stride
+        self.bn1: nn.Module
+        self.bn2: nn.Module
+        if norm == "bnorm":
+            self.bn1 = BatchNormAct2d(cout, activation=activation)
+            self.bn2 = BatchNormAct2d(cout, activation=activation)
+        elif norm == "bnorm-me":
+            self.bn1 = BatchNormAct2d(cout, activation=activation, memory_efficient=True)
+            self.bn2 = BatchNormAct2d(cout, activation=activation, memory_efficient=True)
+        elif norm == "torch":
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.bn2 = nn.BatchNorm2d(cout)
+        else:
+            self.bn1 = self.bn2 = nn.Identity()
+
+    def act(self, y: Tensor) -> Tensor:
+        return TF.leaky_relu(y, 0.01) if self.activation == "leaky_relu" else torch.relu(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if self.stride != 1 or self.pad:
+            # Option A (He et al. 2016): subsample, zero-pad the new channels.
+            shortcut = TF.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad))
+        if self.norm.startswith("bnorm"):
+            y = self.bn1(self.conv1(x))
+            return self.bn2(self.conv2(y), shortcut)
+        y = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(y)) + shortcut)
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20 (He et al. 2016): 3×3 conv 16, three stages of three basic blocks
+    (16, 32, 64 channels), option-A shortcuts, global average pool, linear 10.
+    ``norm``: "torch" (nn.BatchNorm2d), "bnorm" (bnorm.BatchNormAct2d, the add and the
+    activation fused), "bnorm-me" (the same, memory-efficient) or "none" (no BN)."""
+
+    def __init__(self, norm: str = "torch", activation: str = "relu") -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.norm = norm
+        self.activation = activation
+        self.stem_bn: nn.Module
+        if norm.startswith("bnorm"):
+            self.stem_bn = BatchNormAct2d(16, activation=activation, memory_efficient=norm == "bnorm-me")
+        elif norm == "torch":
+            self.stem_bn = nn.BatchNorm2d(16)
+        else:
+            self.stem_bn = nn.Identity()
+        blocks: list[nn.Module] = []
+        cin = 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1, norm, activation))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.stem_bn(self.stem(x))
+        if not self.norm.startswith("bnorm"):
+            y = TF.leaky_relu(y, 0.01) if self.activation == "leaky_relu" else torch.relu(y)
+        y = self.blocks(y)
+        return self.fc(y.mean((2, 3)))
+
+
+def _train_step(model: nn.Module, x: Tensor, target: Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        TF.cross_entropy(model(x), target).backward()
+        opt.step()
+
+    return run
+
+
+def model_part(args: argparse.Namespace) -> dict[str, Any]:
+    n = 16 if args.quick else 128
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, 32, 32)
+    target = torch.randint(0, 10, (n,))
+    repeats = max(3, args.repeats // 2)
+    rows = []
+    summary = []
+    for mode in ("eager", "compiled"):
+        models: dict[str, nn.Module] = {}
+        for norm in ("torch", "bnorm", "none"):
+            torch.manual_seed(0)
+            model = ResNet20(norm)
+            models[norm] = cast(nn.Module, torch.compile(model)) if mode == "compiled" else model
+        start = time.perf_counter()
+        steps = {norm: _train_step(m, x, target) for norm, m in models.items()}
+        if mode == "compiled":
+            for step in steps.values():
+                step()  # compile outside the timing
+        compile_s = time.perf_counter() - start
+        t = time_alternated(steps, repeats, max(1, args.warmup))
+        row = {
+            "mode": mode,
+            "batch": n,
+            "torch_ms": 1e3 * t["torch"],
+            "bnorm_ms": 1e3 * t["bnorm"],
+            "no_bn_ms": 1e3 * t["none"],
+            "bnorm/torch": t["bnorm"] / t["torch"],
+            "bnorm/no_bn": t["bnorm"] / t["none"],
+            "torch/no_bn": t["torch"] / t["none"],
+        }
+        if mode == "compiled":
+            row["compile_s"] = compile_s
+        rows.append(row)
+        target_torch = MODEL_TARGET_TORCH if mode == "eager" else 1.0
+        summary.append(
+            f"ResNet-20 step ({mode}): bnorm/torch {row['bnorm/torch']:.2f}x (target <= "
+            f"{target_torch}x), bnorm/no-BN {row['bnorm/no_bn']:.2f}x (target <= "
+            f"{MODEL_TARGET_NO_BN}x), torch/no-BN {row['torch/no_bn']:.2f}x"
+        )
+    return {"rows": rows, "summary": summary}
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def memory_part(args: argparse.Namespace) -> dict[str, Any]:
+    n = 16 if args.quick else 128
+    rows: list[dict[str, Any]] = []
+    c, side = 16, 32
+    activation_bytes = n * c * side * side * 4
+    layers: dict[str, Callable[[str], nn.Module]] = {
+        "torch": lambda act: TorchTail(c, act),
+        "bnorm": lambda act: BatchNormAct2d(c, activation=act),
+        "bnorm memory_efficient": lambda act: BatchNormAct2d(c, activation=act, memory_efficient=True),
+    }
+    for pattern in ("conv-BN-act", "conv-BN-add-act"):
+        for name, make in layers.items():
+            act = "leaky_relu" if name.endswith("efficient") else "relu"
+            block = nn.ModuleDict({"conv": nn.Conv2d(c, c, 3, 1, 1, bias=False), "norm": make(act)})
+            x = torch.randn(n, c, side, side, requires_grad=True)
+            res = x if pattern == "conv-BN-add-act" else None
+
+            def run(block: nn.ModuleDict = block, x: Tensor = x, res: Tensor | None = res) -> Tensor:
+                return block["norm"](block["conv"](x), res)
+
+            nbytes, _ = saved_tensor_bytes(run, exclude=block)
+            rows.append(
+                {
+                    "what": f"{pattern} block",
+                    "layers": f"{name} ({act})",
+                    "saved_MB": nbytes / 2**20,
+                    "saved/activation": nbytes / activation_bytes,
+                }
+            )
+    x = torch.randn(n, 3, 32, 32)
+    for norm, act in (("torch", "relu"), ("bnorm", "relu"), ("torch", "leaky_relu"), ("bnorm-me", "leaky_relu")):
+        model = ResNet20(norm, act)
+
+        def forward(model: nn.Module = model) -> Tensor:
+            return model(x)
+
+        nbytes, _ = saved_tensor_bytes(forward, exclude=model)
+        rows.append(
+            {
+                "what": f"ResNet-20, batch {n}",
+                "layers": f"{norm} ({act})",
+                "saved_MB": nbytes / 2**20,
+                "saved/activation": nbytes / activation_bytes,
+            }
+        )
+    me_block = next(
+        r for r in rows if r["what"] == "conv-BN-act block" and "efficient" in r["layers"]
+    )
+    return {
+        "rows": rows,
+        "summary": [
+            f"memory-efficient conv->BN->act block saves {me_block['saved/activation']:.3f}x "
+            f"the activation (target <= {MEMORY_TARGET_BLOCK}x); activation = "
+            f"{activation_bytes / 2**20:.1f} MB ({n}x{c}x{side}x{side} float32)"
+        ],
+    }
+
+
+@register("kernels")
+def kernels_suite(args: argparse.Namespace) -> dict[str, Any]:
+    """Layer (with bandwidth), model and memory parts; the layer table is the main one."""
+    # One torch.compile'd TorchTail per case: all share TorchTail.forward's code object,
+    # whose default recompile limit (8) would silently send later cases to eager.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        layer = layer_part(args)
+        model = model_part(args)
+    memory = memory_part(args)
+    summary = list(layer["summary"])
+    summary += ["", "ResNet-20 training step:", format_table(model["rows"]), *model["summary"]]
+    summary += ["", "saved for backward:", format_table(memory["rows"]), *memory["summary"]]
+    return {
+        "rows": layer["rows"],
+        "model_rows": model["rows"],
+        "memory_rows": memory["rows"],
+        "summary": summary,
+        "torch_threads": torch.get_num_threads(),
+    }

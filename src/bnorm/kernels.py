@@ -1,0 +1,659 @@
+"""Fused training kernels for ``act(BN(x) + residual)``: one forward, one backward.
+
+In a ResNet block's tail, batch norm, the residual add and the activation each read and
+write the whole activation tensor and each allocate a new one. Here the three are one
+:class:`torch.autograd.Function` whose forward and backward are each one torch function
+compiled by :func:`torch.compile` (Inductor: C++/OpenMP on CPU, Triton on GPU)::
+
+    forward   μ, σ² per channel                         (one read of x)
+              y = act(γ (x − μ)/√(σ² + ε) + β + r)      (one read of x [and r], one write)
+    backward  z = γ x̂ + β + r (recomputed),  dz = dy · act'(z)
+              Σ dz, Σ dz·x̂ per channel                 (one read of dy, x [and r])
+              dx = γ/√(σ² + ε) · (dz − mean(dz) − x̂ · mean(dz·x̂)),  dr = dz   (a second read)
+
+with x̂ = (x − μ)/√(σ² + ε), dγ = Σ dz·x̂, dβ = Σ dz. The statistics are sums of values
+shifted by one sample of each channel — partial sums over contiguous rows in float32,
+then those accumulated in float64 (no E[x²] − E[x]² cancellation at any realistic
+offset) — kept in float32 (float64 for float64 inputs); half-precision inputs are
+computed in float32 and rounded once at the end.
+
+Only x (and r) are saved for backward; y is not, so a conv → BN → act block saves the
+conv's input and the BN input — 2× the activation size, where torch's separate layers
+save 3× (conv input, BN input, activation output).
+
+**Memory-efficient mode** (In-Place Activated BatchNorm, Rota Bulò et al. 2018): for an
+invertible activation — identity, leaky_relu with slope > 0, elu with α > 0 — only the
+output y is saved (plus r with a residual); backward recovers z = act⁻¹(y) and
+x̂ = (z − β − r)/γ. In a network, y is also the next layer's input, which that layer
+saves anyway, so the block adds no activation-sized tensor of its own. Recovering x̂
+divides by γ, so γ must not be 0: in this mode the forward uses
+γ' = sign(γ) · max(|γ|, :data:`MIN_ABS_WEIGHT`) (sign(0) = +1) — identical to γ wherever
+|γ| ≥ 10⁻³ — and γ's gradient passes straight through the clamp (it is the gradient with
+respect to γ'), so a γ inside the band can still leave it. ELU's inverse is
+z = log(1 + y/α) for y ≤ 0: where the output has saturated at −α (z below about −16 in
+float32) z is clamped there, which only matters where dz = dy·(y + α) is already ~0.
+In half precision x̂ is recovered from the half-precision output, so the gradients carry
+that precision (about 3 significant digits in bfloat16).
+
+**Compilation.** Each kernel is compiled once per (activation, residual or not, mode,
+dtype) with dynamic shapes; inputs are viewed as a contiguous (A_outer, A_inner, C, B)
+tensor in memory order — NCHW is (N, 1, C, H·W), channels_last (N, H·W, C, 1) — so
+memory layouts differ only in which of A_inner and B is 1 (one more compile each). The
+first call of each compiles (seconds; see the README for measured latency), later calls
+reuse it, and Inductor's on-disk cache makes later processes faster. Each call costs
+about 0.1 ms of fixed overhead (Dynamo's guards and wrappers), so small tensors gain
+little; plain batch norm uses these kernels only where they measured faster than ATen
+(:func:`fused_plain_is_faster`).
+Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
+ATen's ``native_batch_norm``/``native_batch_norm_backward`` with ATen's activation ops
+(memory-efficient mode: the same torch functions as the compiled kernels, run eagerly).
+The fallback is also used, with a one-time warning, when compilation fails (e.g. no C++
+compiler). Inside an enclosing ``torch.compile`` the uncompiled kernel functions are
+traced into the caller's graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import types
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
+    "MIN_ABS_WEIGHT",
+    "Activation",
+    "activation_tail",
+    "batch_norm_act_train",
+    "compile_enabled",
+    "fused_plain_is_faster",
+]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+"""Activations of the fused kernels (gelu is the exact, erf-based one)."""
+
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+"""Activations usable with ``memory_efficient=True`` (leaky_relu needs slope > 0, elu α > 0)."""
+
+MIN_ABS_WEIGHT = 1e-3
+"""Memory-efficient mode uses γ' = sign(γ)·max(|γ|, MIN_ABS_WEIGHT) so that x̂ = (z − β)/γ'."""
+
+_ENV_NO_COMPILE = "BNORM_NO_COMPILE"
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation of the fused kernels: ``name`` in :data:`ACTIVATIONS` and its
+    parameter ``param`` (the negative slope of leaky_relu, α of elu; 0 otherwise).
+
+    identity: z;  relu: max(z, 0);  leaky_relu: z if z > 0 else param·z;
+    elu: z if z > 0 else param·(eᶻ − 1);  silu: z·sigmoid(z);  gelu: z·Φ(z) (exact).
+    Derivatives at z = 0 are those of PyTorch (relu, leaky_relu, elu use the z ≤ 0 side).
+    """
+
+    name: str
+    param: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"expected an activation in {ACTIVATIONS} (got {self.name!r})")
+        if not isinstance(self.param, (int, float)) or not math.isfinite(self.param):
+            raise ValueError(f"expected a finite activation parameter (got {self.param!r})")
+        if self.name == "elu" and self.param <= 0:
+            raise ValueError(f"expected elu alpha > 0 (got {self.param!r})")
+
+    @classmethod
+    def parse(
+        cls, activation: str | Activation | None, negative_slope: float = 0.01, alpha: float = 1.0
+    ) -> Activation | None:
+        """An :class:`Activation` from a name (with leaky_relu's ``negative_slope`` and elu's
+        ``alpha``), an :class:`Activation`, or None."""
+        if activation is None or isinstance(activation, Activation):
+            return activation
+        if not isinstance(activation, str):
+            raise TypeError(
+                f"expected activation to be a str, bnorm.kernels.Activation or None "
+                f"(got {type(activation).__name__})"
+            )
+        if activation == "leaky_relu":
+            return cls(activation, float(negative_slope))
+        if activation == "elu":
+            return cls(activation, float(alpha))
+        return cls(activation)
+
+    @property
+    def invertible(self) -> bool:
+        """Whether z can be recovered from act(z) (memory-efficient mode)."""
+        if self.name == "leaky_relu":
+            return self.param > 0
+        return self.name in INVERTIBLE_ACTIVATIONS
+
+    # --- the math, as torch functions (used eagerly and traced by torch.compile) ---------
+
+    def forward(self, z: Tensor) -> Tensor:
+        """act(z)."""
+        name, p = self.name, self.param
+        if name == "relu":
+            return torch.relu(z)
+        if name == "leaky_relu":
+            return torch.where(z > 0, z, z * p)
+        if name == "elu":
+            return torch.where(z > 0, z, torch.expm1(z) * p)
+        if name == "silu":
+            return z * torch.sigmoid(z)
+        if name == "gelu":
+            return 0.5 * z * (1.0 + torch.erf(z * _SQRT1_2))
+        return z
+
+    def grad(self, g: Tensor, z: Tensor) -> Tensor:
+        """g · act'(z)."""
+        name, p = self.name, self.param
+        if name == "relu":
+            return torch.where(z > 0, g, 0.0)
+        if name == "leaky_relu":
+            return torch.where(z > 0, g, g * p)
+        if name == "elu":
+            return torch.where(z > 0, g, g * (torch.exp(z) * p))
+        if name == "silu":
+            s = torch.sigmoid(z)
+            return g * (s * (1.0 + z * (1.0 - s)))
+        if name == "gelu":
+            cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
+            pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+            return g * (cdf + z * pdf)
+        return g
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """z = act⁻¹(y) for an invertible activation (elu: clamped where y saturates)."""
+        name, p = self.name, self.param
+        if name == "leaky_relu":
+            return torch.where(y > 0, y, y * (1.0 / p))
+        if name == "elu":
+            tiny = torch.finfo(y.dtype).eps
+            return torch.where(y > 0, y, torch.log1p(torch.clamp_min(y * (1.0 / p), tiny - 1.0)))
+        return y
+
+    def grad_from_output(self, g: Tensor, y: Tensor) -> Tensor:
+        """g · act'(z) written with y = act(z) (invertible activations)."""
+        name, p = self.name, self.param
+        if name == "leaky_relu":
+            return torch.where(y > 0, g, g * p)
+        if name == "elu":
+            return torch.where(y > 0, g, g * (y + p))
+        return g
+
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation | None) -> Tensor:
+    """``act(out + residual)`` with differentiable eager ops, for the paths that are not
+    fused (evaluation, masks, ghost batches, sync). ``out`` must be a fresh tensor: when no
+    gradient is recorded it is updated in place."""
+    if residual is None and (activation is None or activation.name == "identity"):
+        return out
+    inplace = not (torch.is_grad_enabled() and (out.requires_grad or (residual is not None and residual.requires_grad)))
+    if residual is not None:
+        out = out.add_(residual) if inplace else out + residual
+    if activation is None:
+        return out
+    f = torch.nn.functional
+    name, p = activation.name, activation.param
+    if name == "relu":
+        return f.relu(out, inplace=inplace)
+    if name == "leaky_relu":
+        return f.leaky_relu(out, p, inplace=inplace)
+    if name == "elu":
+        return f.elu(out, p, inplace=inplace)
+    if name == "silu":
+        return f.silu(out, inplace=inplace)
+    if name == "gelu":
+        return f.gelu(out)
+    return out
+
+
+def compile_enabled() -> bool:
+    """Whether the kernels are compiled: False when ``BNORM_NO_COMPILE`` is set to anything
+    but ``""``/``"0"``, when torch.compile is unsupported here, or after a failed compile."""
+    if os.environ.get(_ENV_NO_COMPILE, "") not in ("", "0"):
+        return False
+    return _COMPILE_FAILURE is None and _dynamo_supported()
+
+
+_COMPILE_FAILURE: str | None = None
+
+
+@functools.cache
+def _dynamo_supported() -> bool:
+    try:
+        return bool(torch._dynamo.is_dynamo_supported())
+    except Exception:  # pragma: no cover - very old or unusual builds
+        return False
+
+
+# --- layout: any tensor as a contiguous (A, C, B) view ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a tensor with channels at dim 1 maps to a contiguous (A, C, B) tensor: permute
+    its dims to memory order (``perm``), then merge the dims before/after the channel."""
+
+    perm: tuple[int, ...]
+    permuted_shape: tuple[int, ...]
+    a: int
+    b: int
+    a_outer: int  # A = a_outer · a_inner: the first dim, and the rest before the channel
+    a_inner: int
+
+    @staticmethod
+    def of(x: Tensor) -> _Layout:
+        if torch.compiler.is_compiling():
+            return _Layout.compute(x)
+        key = (x.shape, x.stride())
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            if len(_LAYOUTS) > 256:
+                _LAYOUTS.clear()
+            layout = _LAYOUTS[key] = _Layout.compute(x)
+        return layout
+
+    @staticmethod
+    def compute(x: Tensor) -> _Layout:
+        order = sorted(range(x.dim()), key=lambda d: (-x.stride()[d], d))
+        perm = tuple(order)
+        if not x.permute(perm).is_contiguous():
+            perm = tuple(range(x.dim()))
+        shape = tuple(x.shape[d] for d in perm)
+        p = perm.index(1)
+        a = math.prod(shape[:p])
+        a_outer = shape[0] if p >= 2 else a
+        return _Layout(perm, shape, a, math.prod(shape[p + 1 :]), a_outer, a // max(a_outer, 1))
+
+    def to3d(self, t: Tensor) -> Tensor:
+        """``t`` (x's logical shape, any layout) as the contiguous (A, C, B) tensor."""
+        tp = t.permute(self.perm)
+        if not tp.is_contiguous():
+            tp = tp.contiguous()
+        return tp.view(self.a, self.permuted_shape[self.perm.index(1)], self.b)
+
+    def split(self, t3: Tensor) -> Tensor:
+        """The (A, C, B) tensor as (A_outer, A_inner, C, B): for channels_last, one sample's
+        rows per A_outer index, so the kernels' reductions work on cache-sized blocks."""
+        return t3.view(self.a_outer, self.a_inner, t3.shape[1], self.b)
+
+    def from3d(self, t3: Tensor) -> Tensor:
+        inverse = [0] * len(self.perm)
+        for i, d in enumerate(self.perm):
+            inverse[d] = i
+        return t3.view(self.permuted_shape).permute(inverse)
+
+
+_LAYOUTS: dict[tuple[Any, ...], _Layout] = {}
+
+
+# --- the kernels as torch functions ----------------------------------------------------
+
+
+def _per_channel(v: Tensor) -> Tensor:
+    """A (C,) vector for broadcasting against the kernels' (A_outer, A_inner, C, B) tensors."""
+    return v[None, None, :, None]
+
+
+def _per_channel3(v: Tensor) -> Tensor:
+    """A (C,) vector for broadcasting against an (A, C, B) tensor."""
+    return v[None, :, None]
+
+
+# The kernels return their per-channel coefficients as extra outputs: a graph output is
+# stored once, while an intermediate (C,) value would be recomputed for every element of
+# the loop that uses it (Inductor inlines pointwise work into its consumers).
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Σ over every dim but the channel (2) of an (A_outer, A_inner, C, B) tensor, in two
+    stages: the contiguous rows (B, or else A_inner) in the tensor's dtype, then the
+    partial sums in float64 — as accurate as converting every element and much faster,
+    and the first stage works on one cache-sized block at a time."""
+    if t.shape[3] > 1:
+        return t.sum(3).to(torch.float64).sum((0, 1))
+    if t.shape[1] > 1:
+        return t.sum(1).to(torch.float64).sum((0, 2))
+    return t.to(torch.float64).sum((0, 1, 3))
+
+
+def _forward_kernel(
+    x3: Tensor, weight: Tensor, bias: Tensor, r3: Tensor | None, eps: float, act: Activation
+) -> tuple[Tensor, ...]:
+    """(y, μ, 1/√(σ² + ε), scale, shift) of y = act(x·scale + shift + r), scale = γ/√(σ² + ε),
+    shift = β − μ·scale; weight/bias in the statistics dtype."""
+    sd = weight.dtype
+    count = x3.shape[0] * x3.shape[1] * x3.shape[3]
+    xs = x3.to(sd)
+    pivot = xs[0, 0, :, 0]
+    shifted = xs - _per_channel(pivot)
+    s1 = _channel_sum(shifted)
+    s2 = _channel_sum(shifted * shifted)
+    mean_shift = s1 / count
+    var = torch.clamp_min(s2 / count - mean_shift * mean_shift, 0.0)
+    mean = (pivot.to(torch.float64) + mean_shift).to(sd)
+    invstd = torch.rsqrt(var + eps).to(sd)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    z = xs * _per_channel(scale) + _per_channel(shift)
+    if r3 is not None:
+        z = z + r3.to(sd)
+    return act.forward(z).to(x3.dtype), mean, invstd, scale, shift
+
+
+def _backward_kernel(
+    dy3: Tensor,
+    x3: Tensor,
+    r3: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    act: Activation,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dγ, dβ, dr, *coefficients) from the saved input; z is recomputed exactly as in
+    the forward. With xc = x − μ: dγ = invstd·Σ dz·xc, dβ = Σ dz and
+    dx = dz·scale + xc·k + c, k = −invstd²·scale·mean(dz·xc), c = −scale·mean(dz)."""
+    sd = weight.dtype
+    count = x3.shape[0] * x3.shape[1] * x3.shape[3]
+    xs = x3.to(sd)
+    scale = weight * invstd
+    shift = bias - mean * scale
+    z = xs * _per_channel(scale) + _per_channel(shift)
+    if r3 is not None:
+        z = z + r3.to(sd)
+    dz = act.grad(dy3.to(sd), z)
+    centered = xs - _per_channel(mean)
+    sum_dz = _channel_sum(dz)
+    sum_dz_xc = _channel_sum(dz * centered)
+    k = (-(invstd * invstd * scale).to(torch.float64) * sum_dz_xc / count).to(sd)
+    c = (-scale.to(torch.float64) * sum_dz / count).to(sd)
+    dx = dz * _per_channel(scale) + centered * _per_channel(k) + _per_channel(c)
+    dweight = (invstd.to(torch.float64) * sum_dz_xc).to(sd)
+    dr = None if r3 is None else dz.to(r3.dtype)
+    return dx.to(x3.dtype), dweight, sum_dz.to(sd), dr, scale, shift, k, c
+
+
+def _backward_from_output_kernel(
+    dy3: Tensor,
+    y3: Tensor,
+    r3: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    invstd: Tensor,
+    act: Activation,
+) -> tuple[Tensor | None, ...]:
+    """(dx, dγ', dβ, dr, *coefficients) from the saved output (memory-efficient mode):
+    z = act⁻¹(y), x̂ = (z − β − r)/γ' with γ' the clamped weight; then
+    dx = dz·scale + x̂·k + c, k = −scale·mean(dz·x̂), c = −scale·mean(dz)."""
+    sd = weight.dtype
+    count = y3.shape[0] * y3.shape[1] * y3.shape[3]
+    ys = y3.to(sd)
+    z = act.inverse(ys)
+    if r3 is not None:
+        z = z - r3.to(sd)
+    inv_weight = 1.0 / weight
+    offset = bias * inv_weight
+    xhat = z * _per_channel(inv_weight) - _per_channel(offset)
+    dz = act.grad_from_output(dy3.to(sd), ys)
+    sum_dz = _channel_sum(dz)
+    sum_dz_xhat = _channel_sum(dz * xhat)
+    scale = weight * invstd
+    k = (-scale.to(torch.float64) * sum_dz_xhat / count).to(sd)
+    c = (-scale.to(torch.float64) * sum_dz / count).to(sd)
+    dx = dz * _per_channel(scale) + xhat * _per_channel(k) + _per_channel(c)
+    dr = None if r3 is None else dz.to(r3.dtype)
+    return dx.to(y3.dtype), sum_dz_xhat.to(sd), sum_dz.to(sd), dr, inv_weight, offset, scale, k, c
+
+
+# --- eager ATen versions of the normal mode (the fallback) ----------------------------
+
+
+def _forward_eager(
+    x3: Tensor, weight: Tensor, bias: Tensor, r3: Tensor | None, eps: float, act: Activation
+) -> tuple[Tensor, Tensor, Tensor]:
+    z, mean, invstd = torch.ops.aten.native_batch_norm(x3, weight, bias, None, None, True, 0.0, eps)
+    y = activation_tail(z, r3, act)
+    return y, mean, invstd
+
+
+_ATEN_GRAD: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "relu": lambda g, z, p: torch.ops.aten.threshold_backward(g, z, 0.0),
+    "leaky_relu": lambda g, z, p: torch.ops.aten.leaky_relu_backward(g, z, p, False),
+    "elu": lambda g, z, p: torch.ops.aten.elu_backward(g, p, 1.0, 1.0, False, z),
+    "silu": lambda g, z, p: torch.ops.aten.silu_backward(g, z),
+    "gelu": lambda g, z, p: torch.ops.aten.gelu_backward(g, z),
+}
+
+
+def _backward_eager(
+    dy3: Tensor,
+    x3: Tensor,
+    r3: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    act: Activation,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    if act.name == "identity":
+        dz = dy3
+    else:
+        scale = weight * invstd
+        shift = bias - mean * scale
+        z = torch.addcmul(_per_channel3(shift), x3, _per_channel3(scale))
+        if r3 is not None:
+            z.add_(r3)
+        dz = _ATEN_GRAD[act.name](dy3.to(z.dtype), z, act.param).to(x3.dtype)
+    dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+        dz, x3, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+    )
+    return dx, dweight, dbias, None if r3 is None else dz.to(r3.dtype)
+
+
+# --- compilation: one code object per kernel variant ---------------------------------
+
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+# Inductor stores a pointwise result that feeds both a reduction and another kernel once it
+# reads more than `realize_reads_threshold` (4) buffers: in the backward that is dz, one
+# more tensor-sized allocation, write and read. Recomputing dz from dy and x is cheaper.
+_INDUCTOR_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 16}
+
+
+def _specialized(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object: torch.compile keeps its cache (and its
+    recompile limit) per code object, so every kernel variant gets its own."""
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def _run(kind: str, fn: Callable[..., Any], key: tuple[Any, ...], *args: Any) -> Any:
+    """``fn(*args)``: compiled (cached per ``key``) when enabled, else eager."""
+    if torch.compiler.is_compiling() or not compile_enabled():
+        return fn(*args)
+    full_key = (kind, *key)
+    compiled = _COMPILED.get(full_key)
+    if compiled is None:
+        text = "_".join(str(k) for k in full_key).replace("torch.", "").replace(".", "p")
+        name = "".join(ch if ch.isalnum() else "_" for ch in text)
+        compiled = torch.compile(
+            _specialized(fn, f"bnorm_{name}"), dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
+        )
+        try:
+            out = compiled(*args)
+        except Exception as err:  # no C++ compiler, unsupported platform, ...
+            _disable_compile(err)
+            return fn(*args)
+        _COMPILED[full_key] = compiled
+        return out
+    return compiled(*args)
+
+
+def _disable_compile(err: Exception) -> None:
+    global _COMPILE_FAILURE
+    _COMPILE_FAILURE = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"bnorm: compiling the fused kernels failed ({_COMPILE_FAILURE.splitlines()[0][:300]}); "
+        f"using the eager fallback. Set {_ENV_NO_COMPILE}=1 to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _split(layout: _Layout, *tensors: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else layout.split(t) for t in tensors]
+
+
+def _clamped_weight(w: Tensor) -> Tensor:
+    sign = torch.where(w < 0, -1.0, 1.0).to(w.dtype)
+    return sign * torch.clamp_min(w.abs(), MIN_ABS_WEIGHT)
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """act(BN(x) + r) in training: see the module docstring. Returns (y, μ, 1/√(σ²+ε));
+    the statistics are not differentiable outputs."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        eps: float,
+        act: Activation,
+        memory_efficient: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        channels = x.shape[1]
+        w = torch.ones(channels, dtype=sd, device=x.device) if weight is None else weight.to(sd)
+        b = torch.zeros(channels, dtype=sd, device=x.device) if bias is None else bias.to(sd)
+        if memory_efficient:
+            w = _clamped_weight(w)
+        layout = _Layout.of(x)
+        x3 = layout.to3d(x)
+        r3 = None if residual is None else layout.to3d(residual)
+        key = (act.name, act.param, r3 is not None, x3.dtype)
+        if torch.compiler.is_compiling() or compile_enabled():
+            x4, r4 = _split(layout, x3, r3)
+            y4, mean, invstd = _run("fwd", _forward_kernel, key, x4, w, b, r4, eps, act)[:3]
+            y3 = y4.view(x3.shape)
+        else:
+            y3, mean, invstd = _forward_eager(x3, w, b, r3, eps, act)
+        ctx.layout = layout
+        ctx.act = act
+        ctx.memory_efficient = memory_efficient
+        ctx.key = key
+        ctx.dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+            None if residual is None else residual.dtype,
+        )
+        if memory_efficient:
+            ctx.save_for_backward(y3, r3, w, b, invstd)
+        else:
+            ctx.save_for_backward(x3, r3, w, b, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return layout.from3d(y3), mean, invstd
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        layout: _Layout = ctx.layout
+        act: Activation = ctx.act
+        dy3 = layout.to3d(dy)
+        if ctx.memory_efficient:
+            y3, r3, w, b, invstd = ctx.saved_tensors
+            dx3, dw, db, dr3 = _run(
+                "bwd_out", _backward_from_output_kernel, ctx.key, *_split(layout, dy3, y3, r3), w, b, invstd, act
+            )[:4]
+        else:
+            x3, r3, w, b, mean, invstd = ctx.saved_tensors
+            if torch.compiler.is_compiling() or compile_enabled():
+                dx3, dw, db, dr3 = _run(
+                    "bwd", _backward_kernel, ctx.key, *_split(layout, dy3, x3, r3), w, b, mean, invstd, act
+                )[:4]
+            else:
+                dx3, dw, db, dr3 = _backward_eager(dy3, x3, r3, w, b, mean, invstd, act)
+        wdt, bdt, rdt = ctx.dtypes
+        dx3 = dx3.view(dy3.shape)
+        dr3 = None if dr3 is None else dr3.view(dy3.shape)
+        return (
+            layout.from3d(dx3),
+            None if wdt is None else dw.to(wdt),
+            None if bdt is None else db.to(bdt),
+            None if rdt is None else layout.from3d(dr3).to(rdt),
+            None,
+            None,
+            None,
+        )
+
+
+# Plain training BN (no activation, no residual) takes the fused kernels where they measured
+# faster than ATen's native_batch_norm forward+backward on CPU (bnorm bench kernels, README):
+# from 2^20 values with the channels in the middle (NCHW), from 2^21 with channels innermost
+# (channels_last); below that torch.compile's fixed cost per call (~0.1 ms) dominates.
+FUSED_PLAIN_MIN_NUMEL = 2**20
+FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST = 2**21
+
+
+def fused_plain_is_faster(x: Tensor) -> bool:
+    """Whether plain training BN of ``x`` (channels at dim 1) should use the fused kernels:
+    compiled kernels available, a CPU tensor, and at least :data:`FUSED_PLAIN_MIN_NUMEL`
+    values (:data:`FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST` when the channels are innermost).
+    Inside an enclosing torch.compile, Inductor fuses ATen's batch norm itself: False."""
+    n = x.numel()
+    if n < FUSED_PLAIN_MIN_NUMEL or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if not compile_enabled():
+        return False
+    return n >= FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST or _Layout.of(x).b > 1
+
+
+def batch_norm_act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: Activation | None,
+    memory_efficient: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode ``y = act(γ (x − μ_B)/√(σ²_B + ε) + β + residual)`` with the batch's
+    statistics over every dim but 1, fused forward and backward.
+
+    Returns ``(y, μ_B, 1/√(σ²_B + ε))`` — the statistics in float32 (float64 for float64
+    input), not differentiable — like ``aten::native_batch_norm``. ``memory_efficient``
+    saves only y (and the residual) for backward; it needs an invertible activation and
+    clamps |γ| to at least :data:`MIN_ABS_WEIGHT` (see the module docstring).
+
+    Shape:
+        x: (N, C, *) in any memory layout; residual: like x; weight, bias: (C,);
+        y: like x, in x's memory layout.
+    """
+    act = activation if activation is not None else Activation("identity")
+    if memory_efficient and not act.invertible:
+        raise ValueError(
+            "expected an invertible activation for memory_efficient=True: identity, "
+            f"leaky_relu with negative_slope > 0 or elu (got {act})"
+        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"expected a residual of the input's shape {tuple(x.shape)} (got {tuple(residual.shape)})"
+        )
+    out = _BatchNormAct.apply(x, weight, bias, residual, eps, act, memory_efficient)
+    return out[0], out[1], out[2]

@@ -1,0 +1,28 @@
+"""`bnorm bench layer` runs end to end and writes its JSON (a smoke run: no timings checked)."""
+
+from __future__ import annotations
+
+import json
+
+from bnorm.cli import main
+
+
+def test_bench_layer_quick_run_writes_valid_json(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    code = main(["bench", "layer", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    layer = result["suites"]["layer"]
+    cases = {(row["shape"], row["layout"]) for row in layer["rows"]}
+    assert cases == {
+        (f"16x{c}x{s}x{s}", layout)
+        for c, s in ((16, 32), (32, 16), (64, 8))
+        for layout in ("NCHW", "channels_last")
+    }
+    for row in layer["rows"]:
+        assert row["torch_ms"] > 0 and row["bnorm_ms"] > 0
+        assert abs(row["bnorm/torch"] - row["bnorm_ms"] / row["torch_ms"]) < 1e-9
+    assert layer["worst_ratio"] == max(row["bnorm/torch"] for row in layer["rows"])
+    assert layer["target_ratio"] == 1.05
+    assert "machine" in result and result["machine"]["torch"]
+    assert "overall (geometric mean)" in capsys.readouterr().out

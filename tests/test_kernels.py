@@ -1,0 +1,574 @@
+"""Fused BN + activation (+ residual): bnorm.kernels and bnorm.BatchNormAct*.
+
+Outputs and gradients against unfused torch ops and the float64 reference (with the
+activation's derivative written out by hand in NumPy), over activations, memory layouts,
+dtypes and the residual; float64 gradcheck; the memory-efficient mode against the normal
+one; saved-for-backward bytes; the layers' options and conversions.
+
+Every test runs the eager fallback (``BNORM_NO_COMPILE=1``) except those marked
+``compiled``, which compile a few small kernels (seconds each).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch import nn
+
+import bnorm
+from bnorm import kernels, reference
+from bnorm.bench_kernels import TorchTail, saved_tensor_bytes
+from bnorm.kernels import Activation
+
+SLOPE = 0.1
+ALPHA = 0.7
+
+
+@pytest.fixture(autouse=True)
+def eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BNORM_NO_COMPILE")
+    if not kernels.compile_enabled():
+        pytest.skip("torch.compile is not available here")
+
+
+def make_act(name: str) -> Activation:
+    return Activation.parse(name, negative_slope=SLOPE, alpha=ALPHA)  # type: ignore[return-value]
+
+
+# --- independent references ----------------------------------------------------------
+
+_erf = np.vectorize(math.erf)
+
+
+def np_act(name: str, z: np.ndarray) -> np.ndarray:
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, SLOPE * z)
+    if name == "elu":
+        return np.where(z > 0, z, ALPHA * np.expm1(z))
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+    return z
+
+
+def np_act_grad(name: str, z: np.ndarray) -> np.ndarray:
+    """act'(z), by hand (the z ≤ 0 side at 0, as PyTorch)."""
+    if name == "relu":
+        return (z > 0).astype(np.float64)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, SLOPE)
+    if name == "elu":
+        return np.where(z > 0, 1.0, ALPHA * np.exp(z))
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        return cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return np.ones_like(z)
+
+
+def reference_bn_act(x, gamma, beta, residual, dy, name, eps=1e-5):
+    """float64 (y, dx, dγ, dβ, dr) of y = act(BN(x) + r) from bnorm.reference."""
+    as64 = lambda t: None if t is None else t.detach().double().numpy()  # noqa: E731
+    bn, cache = reference.forward(as64(x), as64(gamma), as64(beta), eps)
+    z = bn if residual is None else bn + as64(residual)
+    dz = as64(dy) * np_act_grad(name, z)
+    dx, dgamma, dbeta = reference.backward(dz, cache)
+    return np_act(name, z), dx, dgamma, dbeta, dz, cache
+
+
+def torch_bn_act(x, weight, bias, residual, name):
+    """The same with torch's unfused ops."""
+    y = TF.batch_norm(x, None, None, weight, bias, training=True)
+    if residual is not None:
+        y = y + residual
+    return {
+        "identity": lambda t: t,
+        "relu": torch.relu,
+        "leaky_relu": lambda t: TF.leaky_relu(t, SLOPE),
+        "elu": lambda t: TF.elu(t, ALPHA),
+        "silu": TF.silu,
+        "gelu": TF.gelu,
+    }[name](y)
+
+
+def rel_err(a: torch.Tensor, b) -> float:
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def inputs(shape, layout="NCHW", residual=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    dy = torch.randn(shape, generator=g).to(dtype)
+    w = torch.empty(c).uniform_(0.5, 1.5, generator=g)
+    w[0] = -0.8  # a negative γ
+    b = torch.empty(c).uniform_(-0.5, 0.5, generator=g)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = x.to(memory_format=fmt)
+        dy = dy.to(memory_format=fmt)
+        r = None if r is None else r.to(memory_format=fmt)
+    return x, r, dy, w, b
+
+
+def run_fused(x, r, dy, w, b, act, memory_efficient=False):
+    """(y, dx, dγ, dβ, dr) through bnorm.kernels' autograd Function."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    xl, wl, bl, rl = leaves
+    y, mean, invstd = kernels.batch_norm_act_train(xl, wl, bl, rl, 1e-5, act, memory_efficient)
+    y.backward(dy)
+    return y.detach(), xl.grad, wl.grad, bl.grad, None if rl is None else rl.grad, mean, invstd
+
+
+# --- activations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", kernels.ACTIVATIONS)
+def test_activation_math_matches_hand_derived_numpy(name):
+    act = make_act(name)
+    z = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    g = torch.linspace(-1, 2, 241, dtype=torch.float64)
+    y = act.forward(z)
+    np.testing.assert_allclose(y.numpy(), np_act(name, z.numpy()), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        act.grad(g, z).numpy(), g.numpy() * np_act_grad(name, z.numpy()), rtol=1e-12, atol=1e-12
+    )
+    if act.invertible:
+        np.testing.assert_allclose(act.inverse(y).numpy(), z.numpy(), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            act.grad_from_output(g, y).numpy(), act.grad(g, z).numpy(), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_invertible_activations_are_the_documented_ones():
+    assert [n for n in kernels.ACTIVATIONS if make_act(n).invertible] == ["identity", "leaky_relu", "elu"]
+    assert not Activation("leaky_relu", 0.0).invertible
+    with pytest.raises(ValueError, match="alpha > 0"):
+        Activation("elu", 0.0)
+    with pytest.raises(ValueError, match="expected an activation in"):
+        Activation("tanh")
+
+
+# --- fused vs unfused torch and the float64 reference (eager fallback) ----------------
+
+FUSED_CASES = [
+    (name, layout, residual, me)
+    for name, layout, residual, me in itertools.product(
+        kernels.ACTIVATIONS, ("NCHW", "channels_last"), (False, True), (False, True)
+    )
+    if not me or make_act(name).invertible
+]
+
+
+def test_fused_case_list():
+    # 6 activations x 2 layouts x 2 residual in the normal mode + 3 invertible ones in the
+    # memory-efficient mode.
+    assert len(FUSED_CASES) == 6 * 2 * 2 + 3 * 2 * 2
+
+
+@pytest.mark.parametrize("name,layout,residual,memory_efficient", FUSED_CASES)
+def test_fused_matches_unfused_torch_and_reference(name, layout, residual, memory_efficient):
+    x, r, dy, w, b = inputs((6, 5, 4, 3), layout, residual)
+    y, dx, dw, db, dr, mean, invstd = run_fused(x, r, dy, w, b, make_act(name), memory_efficient)
+    assert y.shape == x.shape and y.stride() == x.stride()  # the input's memory layout
+    assert mean.dtype == invstd.dtype == torch.float32
+    # unfused torch ops
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    yt = torch_bn_act(leaves[0], leaves[1], leaves[2], leaves[3], name)
+    yt.backward(dy)
+    torch.testing.assert_close(y, yt.detach(), rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip((dx, dw, db, dr), (t.grad if t is not None else None for t in leaves)):
+        if theirs is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # float64 reference: forward within 1e-5 relative
+    y64, dx64, dw64, db64, dr64, cache = reference_bn_act(x, w, b, r, dy, name)
+    assert rel_err(y, y64) < 1e-5
+    assert rel_err(mean, cache["mean"]) < 1e-6
+    assert rel_err(invstd, 1 / np.sqrt(cache["var"] + 1e-5)) < 1e-6
+    assert rel_err(dx, dx64) < 1e-4
+    assert rel_err(dw, dw64) < 1e-5 and rel_err(db, db64) < 1e-5
+    if residual:
+        assert rel_err(dr, dr64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_half_precision_input_float32_statistics(dtype, memory_efficient):
+    x, r, dy, w, b = inputs((8, 4, 5, 5), "channels_last", True, dtype=dtype)
+    name = "leaky_relu"
+    y, dx, dw, db, dr, mean, invstd = run_fused(x, r, dy, w, b, make_act(name), memory_efficient)
+    assert y.dtype == dx.dtype == dr.dtype == dtype and dw.dtype == torch.float32
+    # The statistics are those of the half-precision values, in float32 precision.
+    y64, dx64, dw64, db64, _, cache = reference_bn_act(x, w, b, r, dy, name)
+    assert mean.dtype == torch.float32
+    assert rel_err(mean, cache["mean"]) < 1e-6
+    assert rel_err(invstd, 1 / np.sqrt(cache["var"] + 1e-5)) < 1e-6
+    # Outputs and gradients: one rounding to the half dtype (plus, memory-efficient,
+    # x̂ recovered from the rounded output).
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert rel_err(y, y64) < tol
+    assert rel_err(dx, dx64) < 4 * tol
+    assert rel_err(dw, dw64) < 4 * tol and rel_err(db, db64) < tol
+
+
+@pytest.mark.parametrize(
+    "name,residual,memory_efficient",
+    [("silu", True, False), ("gelu", False, False), ("leaky_relu", True, True), ("elu", False, True)],
+)
+def test_gradcheck_float64(name, residual, memory_efficient):
+    x, r, _, w, b = inputs((4, 3, 3, 2), residual=residual, dtype=torch.float64)
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    if residual:
+        leaves.append(r.double().requires_grad_())
+    act = make_act(name)
+
+    def f(*args):
+        xx, ww, bb = args[:3]
+        rr = args[3] if residual else None
+        return kernels.batch_norm_act_train(xx, ww, bb, rr, 1e-5, act, memory_efficient)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(leaves), eps=1e-6, atol=1e-6)
+
+
+# --- memory-efficient mode --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["identity", "leaky_relu", "elu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_memory_efficient_gradients_equal_normal_mode(name, residual):
+    x, r, dy, w, b = inputs((8, 4, 6, 6), "NCHW", residual)
+    w[1] = 2e-3  # small but above the clamp
+    normal = run_fused(x, r, dy, w, b, make_act(name), False)
+    efficient = run_fused(x, r, dy, w, b, make_act(name), True)
+    for a, c in zip(normal, efficient):
+        if a is None:
+            assert c is None
+        else:
+            torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_efficient_clamps_zero_weight_with_straight_through_gradient():
+    x, _, dy, w, b = inputs((8, 3, 4, 4))
+    w[1] = 0.0
+    w[2] = -1e-4
+    clamped = w.clone()
+    clamped[1] = kernels.MIN_ABS_WEIGHT
+    clamped[2] = -kernels.MIN_ABS_WEIGHT
+    act = make_act("leaky_relu")
+    efficient = run_fused(x, None, dy, w, b, act, True)
+    normal_at_clamped = run_fused(x, None, dy, clamped, b, act, False)
+    # x̂ = (z − β)/γ' loses digits as |γ'| gets small: z carries γ'x̂ next to β.
+    for a, c in zip(normal_at_clamped[:4], efficient[:4]):
+        torch.testing.assert_close(c, a, rtol=2e-3, atol=1e-4)
+
+
+def test_memory_efficient_rejects_non_invertible_activation():
+    x, _, _, w, b = inputs((4, 3, 2, 2))
+    with pytest.raises(ValueError, match="invertible activation"):
+        kernels.batch_norm_act_train(x, w, b, None, 1e-5, make_act("relu"), True)
+    with pytest.raises(ValueError, match="invertible activation"):
+        bnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.0, memory_efficient=True)
+
+
+def _block_saved_ratio(norm: nn.Module, residual: bool) -> float:
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"conv": nn.Conv2d(8, 8, 3, 1, 1, bias=False), "norm": norm})
+    x = torch.randn(16, 8, 8, 8, requires_grad=True)
+    nbytes, y = saved_tensor_bytes(lambda: block["norm"](block["conv"](x), x if residual else None), block)
+    return nbytes / y.nelement() / y.element_size()
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_saved_for_backward_bytes_of_a_conv_bn_act_block(residual):
+    # torch's separate layers save the conv input, the BN input and the ReLU output: 3x
+    # (plus per-channel vectors: 0.002x at this small size).
+    assert _block_saved_ratio(TorchTail(8), residual) == pytest.approx(3.0, abs=0.005)
+    me = bnorm.BatchNormAct2d(8, activation="leaky_relu", memory_efficient=True)
+    assert _block_saved_ratio(me, residual) <= 2.005
+    assert _block_saved_ratio(bnorm.BatchNormAct2d(8), residual) <= 2.005
+
+
+def test_memory_efficient_saves_the_output_not_the_input():
+    layer = bnorm.BatchNormAct2d(4, activation="elu", memory_efficient=True)
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x * 1.0)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+
+
+# --- the layers -------------------------------------------------------------------------
+
+RANK_CASES = {
+    "1d-2D": (bnorm.BatchNormAct1d, nn.BatchNorm1d, (16, 3)),
+    "1d-3D": (bnorm.BatchNormAct1d, nn.BatchNorm1d, (4, 3, 5)),
+    "2d": (bnorm.BatchNormAct2d, nn.BatchNorm2d, (4, 3, 4, 5)),
+    "3d": (bnorm.BatchNormAct3d, nn.BatchNorm3d, (2, 3, 2, 3, 4)),
+}
+
+
+@pytest.mark.parametrize("rank", RANK_CASES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_layer_matches_torch_layers_over_steps(rank, momentum):
+    ours_cls, torch_cls, shape = RANK_CASES[rank]
+    torch.manual_seed(0)
+    ours = ours_cls(3, momentum=momentum, activation="relu")
+    theirs = torch_cls(3, momentum=momentum)
+    for step in range(3):
+        x = torch.randn(shape) * (step + 1) + step
+        r = torch.randn(shape)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo = ours(xo, r)
+        yt = torch.relu(theirs(xt) + r)
+        dy = torch.randn(shape)
+        yo.backward(dy)
+        yt.backward(dy)
+        torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-5)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(ours(x), torch.relu(theirs(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_checkpoint_loads_and_repr_names_the_activation():
+    theirs = nn.BatchNorm2d(3)
+    theirs.running_mean.fill_(0.3)
+    ours = bnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.2, memory_efficient=True)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.running_mean, theirs.running_mean)
+    assert "activation='leaky_relu', negative_slope=0.2, memory_efficient=True" in repr(ours)
+
+
+def test_generic_layer_with_channels_last_axis_matches_nchw():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6)
+    r = torch.randn(4, 3, 5, 6)
+    nchw = bnorm.BatchNormAct2d(3, activation="gelu")
+    nhwc = bnorm.BatchNormAct(3, activation="gelu", axis=-1)
+    y = nchw(x, r)
+    y_nhwc = nhwc(x.permute(0, 2, 3, 1), r.permute(0, 2, 3, 1))
+    torch.testing.assert_close(y_nhwc.permute(0, 3, 1, 2), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(nhwc.running_var, nchw.running_var)
+
+
+def test_renorm_composes_with_the_fused_kernel():
+    renorm = bnorm.Renorm(2.0, 1.0, 0, 0, 0)
+    act = bnorm.BatchNormAct2d(3, activation="elu", renorm=renorm, memory_efficient=True)
+    plain = bnorm.BatchNorm2d(3, renorm=renorm)
+    for layer in (act, plain):
+        layer.running_mean.fill_(0.5)
+        layer.running_var.fill_(3.0)
+    x = torch.randn(8, 3, 4, 4) * 0.5
+    xa, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = act(xa)
+    yp = TF.elu(plain(xp))
+    torch.testing.assert_close(ya, yp, rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(x)
+    ya.backward(dy)
+    yp.backward(dy)
+    torch.testing.assert_close(xa.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("option", ["ghost", "mask", "sync-single-process"])
+def test_unfused_options_equal_bn_then_add_then_act(option):
+    torch.manual_seed(0)
+    kwargs = {"virtual_batch_size": 4} if option == "ghost" else {}
+    if option == "sync-single-process":
+        kwargs["sync"] = True  # torch.distributed not initialized: local statistics
+    act = bnorm.BatchNormAct2d(3, activation="silu", **kwargs)
+    plain = bnorm.BatchNorm2d(3, virtual_batch_size=kwargs.get("virtual_batch_size"))
+    x = torch.randn(8, 3, 4, 4)
+    r = torch.randn(8, 3, 4, 4)
+    mask = torch.rand(8, 4, 4) > 0.3 if option == "mask" else None
+    xa, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = act(xa, r, mask=mask)
+    yp = TF.silu(plain(xp, mask) + r)
+    torch.testing.assert_close(ya, yp, rtol=1e-5, atol=1e-6)
+    ya.sum().backward()
+    yp.sum().backward()
+    torch.testing.assert_close(xa.grad, xp.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(act.running_mean, plain.running_mean)
+
+
+def test_memory_efficient_with_mask_is_a_clear_error_and_changes_nothing():
+    layer = bnorm.BatchNormAct2d(3, activation="leaky_relu", memory_efficient=True)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="not supported with a mask"):
+        layer(x, mask=torch.ones(4, 2, 2, dtype=torch.bool))
+    assert int(layer.num_batches_tracked) == 0 and torch.equal(layer.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"activation": "tanh"}, ValueError, "expected an activation in"),
+        ({"activation": None}, TypeError, "expected activation to be a str"),
+        ({"activation": "leaky_relu", "negative_slope": float("nan")}, ValueError, "negative_slope"),
+        ({"activation": "relu", "memory_efficient": True}, ValueError, "invertible"),
+        ({"activation": "elu", "memory_efficient": True, "virtual_batch_size": 2}, ValueError, "virtual_batch_size"),
+        ({"sync": True, "virtual_batch_size": 2}, ValueError, "virtual_batch_size"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bnorm.BatchNormAct2d(3, **kwargs)
+
+
+def test_residual_of_another_shape_is_a_clear_error_and_changes_nothing():
+    layer = bnorm.BatchNormAct2d(3)
+    with pytest.raises(ValueError, match=r"BatchNormAct2d: expected a residual of the input's shape"):
+        layer(torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 1))
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_fx_trace_records_one_call_with_the_residual():
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = bnorm.BatchNormAct2d(3)
+
+        def forward(self, x, r):
+            return self.bn(x, r)
+
+    traced = torch.fx.symbolic_trace(Tail())
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    assert [n.target.__name__ for n in calls] == ["_batch_norm_layer"]
+    x, r = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(traced(x, r), Tail()(x, r))
+
+
+# --- convert ---------------------------------------------------------------------------
+
+
+def test_convert_among_batchnormact_keeps_activation_and_shares_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), bnorm.BatchNormAct2d(3, activation="elu", alpha=0.5))
+    old = model[1]
+    converted, report = bnorm.convert(model, bnorm.BatchNormAct, memory_efficient=True)
+    new = converted[1]
+    assert type(new) is bnorm.BatchNormAct2d and new is not old
+    assert (new.activation, new.alpha, new.memory_efficient) == ("elu", 0.5, True)
+    assert new.weight is old.weight
+    assert report.converted == [("1", "BatchNormAct2d", "BatchNormAct2d")]
+
+
+def test_convert_reports_activation_layers_that_the_target_cannot_hold():
+    model = nn.Sequential(bnorm.BatchNormAct2d(3), nn.BatchNorm2d(3))
+    converted, report = bnorm.convert(model, nn.BatchNorm2d)
+    assert type(converted[0]) is bnorm.BatchNormAct2d
+    assert len(report.skipped) == 1 and "activation" in report.skipped[0][2]
+    _, report = bnorm.convert(model, bnorm.SyncBatchNorm)
+    assert [row[0] for row in report.skipped] == ["0"]
+
+
+def test_convert_plain_layers_to_batchnormact_is_lossless_identity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    x = torch.randn(4, 3, 2, 2)
+    expected = model(x)
+    converted, _ = bnorm.convert(model, bnorm.BatchNormAct2d)
+    assert type(converted[0]) is bnorm.BatchNormAct2d and converted[0].activation == "identity"
+    torch.testing.assert_close(converted[0](x), expected)
+
+
+# --- plain batch norm through the fused kernels --------------------------------------------
+
+
+def test_plain_layers_take_the_fused_path_only_where_it_measured_faster(monkeypatch):
+    nchw = torch.empty(1024, 64, 4, 4)  # 2^20 values, channels in the middle
+    cl = nchw.to(memory_format=torch.channels_last)
+    assert not kernels.fused_plain_is_faster(nchw)  # BNORM_NO_COMPILE=1 here
+    monkeypatch.setenv("BNORM_NO_COMPILE", "0")
+    if not kernels.compile_enabled():
+        pytest.skip("torch.compile is not available here")
+    assert kernels.fused_plain_is_faster(nchw)
+    assert not kernels.fused_plain_is_faster(nchw[:-1])  # below 2^20
+    assert not kernels.fused_plain_is_faster(cl)  # channels innermost: from 2^21
+    assert kernels.fused_plain_is_faster(torch.cat([cl, cl]).contiguous(memory_format=torch.channels_last))
+
+
+def test_plain_layer_through_the_fused_kernels_matches_torch(monkeypatch):
+    # Force the fused route (eager fallback kernels here) for a small plain layer.
+    monkeypatch.setattr(bnorm.functional, "fused_plain_is_faster", lambda x: True)
+    calls = []
+    original = kernels._BatchNormAct.forward
+    monkeypatch.setattr(
+        kernels._BatchNormAct, "forward", staticmethod(lambda *a: calls.append(1) or original(*a))
+    )
+    torch.manual_seed(0)
+    ours, theirs = bnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-6)
+        yo.backward(x)
+        yt.backward(x)
+        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+# --- the compiled kernels ----------------------------------------------------------------
+
+
+def test_environment_variable_disables_compilation():
+    assert not kernels.compile_enabled()
+    before = dict(kernels._COMPILED)
+    run_fused(*inputs((4, 3, 2, 2), residual=True)[:5], make_act("relu"))
+    assert kernels._COMPILED == before
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_kernels_match_torch_and_reference_both_layouts():
+    for layout in ("NCHW", "channels_last"):
+        x, r, dy, w, b = inputs((6, 5, 4, 3), layout, residual=True)
+        y, dx, dw, db, dr, mean, _ = run_fused(x, r, dy, w, b, make_act("relu"))
+        y64, dx64, dw64, db64, dr64, cache = reference_bn_act(x, w, b, r, dy, "relu")
+        assert y.stride() == x.stride()
+        assert rel_err(y, y64) < 1e-5
+        assert rel_err(mean, cache["mean"]) < 1e-6
+        assert rel_err(dx, dx64) < 1e-4 and rel_err(dr, dr64) < 1e-5
+        assert rel_err(dw, dw64) < 1e-5 and rel_err(db, db64) < 1e-5
+    assert any(key[0] == "fwd" for key in kernels._COMPILED)
+    assert any(key[0] == "bwd" for key in kernels._COMPILED)
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
+    x, r, dy, w, b = inputs((8, 4, 5, 5), "NCHW", residual=False, dtype=torch.bfloat16)
+    act = make_act("leaky_relu")
+    fused = run_fused(x, r, dy, w, b, act, True)
+    assert any(key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernels._COMPILED)
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    fallback = run_fused(x, r, dy, w, b, act, True)
+    for a, c in zip(fused, fallback):
+        if a is not None:
+            torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
