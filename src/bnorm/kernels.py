@@ -596,7 +596,7 @@ class _BatchNormAct(torch.autograd.Function):
             layout.from3d(dx3),
             None if wdt is None else dw.to(wdt),
             None if bdt is None else db.to(bdt),
-            None if rdt is None else layout.from3d(dr3).to(rdt),
+            None if rdt is None or dr3 is None else layout.from3d(dr3).to(rdt),
             None,
             None,
             None,

@@ -308,7 +308,8 @@ def _spec_text(spec: dict[str, Any], options: dict[str, Any] | None = None) -> s
         act = spec.get("activation")
         widths = "×".join(str(h) for h in hidden) if hidden else "default"
         model = f"{model} (hidden {widths}, {act or 'default'} units)"
-    length = f"{spec['steps']} steps" if spec.get("steps") else f"{spec.get('epochs')} epochs"
+    epochs = spec.get("epochs")
+    length = f"{spec['steps']} steps" if spec.get("steps") else f"{epochs} epoch{'' if epochs == 1 else 's'}"
     init = "N(0, {:g}²)".format(spec["init_std"]) if spec.get("init") == "normal" else spec.get("init")
     parts = [
         f"model {model}",
