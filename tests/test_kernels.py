@@ -572,3 +572,16 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
     for a, c in zip(fused, fallback):
         if a is not None:
             torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bench_memory_part_reports_the_memory_efficient_saving():
+    import argparse
+
+    from bnorm.bench_kernels import memory_part
+
+    result = memory_part(argparse.Namespace(quick=True, repeats=1, warmup=0))
+    ratio = {(r["what"], r["layers"]): r["saved/activation"] for r in result["rows"]}
+    assert ratio[("conv-BN-act block", "torch (relu)")] == pytest.approx(3.0, abs=1e-3)
+    assert ratio[("conv-BN-act block", "bnorm memory_efficient (leaky_relu)")] <= 2.0 + 1e-3
+    resnet = {k[1]: v for k, v in ratio.items() if k[0].startswith("ResNet-20")}
+    assert resnet["bnorm-me (leaky_relu)"] < 0.6 * resnet["torch (relu)"]
