@@ -497,45 +497,6 @@ def test_convert_plain_layers_to_batchnormact_is_lossless_identity():
     torch.testing.assert_close(converted[0](x), expected)
 
 
-# --- plain batch norm through the fused kernels --------------------------------------------
-
-
-def test_plain_layers_take_the_fused_path_only_where_it_measured_faster(monkeypatch):
-    nchw = torch.empty(1024, 64, 4, 4)  # 2^20 values, channels in the middle
-    cl = nchw.to(memory_format=torch.channels_last)
-    assert not kernels.fused_plain_is_faster(nchw)  # BNORM_NO_COMPILE=1 here
-    monkeypatch.setenv("BNORM_NO_COMPILE", "0")
-    if not kernels.compile_enabled():
-        pytest.skip("torch.compile is not available here")
-    assert kernels.fused_plain_is_faster(nchw)
-    assert not kernels.fused_plain_is_faster(nchw[:-1])  # below 2^20
-    assert not kernels.fused_plain_is_faster(cl)  # channels innermost: from 2^21
-    assert kernels.fused_plain_is_faster(torch.cat([cl, cl]).contiguous(memory_format=torch.channels_last))
-
-
-def test_plain_layer_through_the_fused_kernels_matches_torch(monkeypatch):
-    # Force the fused route (eager fallback kernels here) for a small plain layer.
-    monkeypatch.setattr(bnorm.functional, "fused_plain_is_faster", lambda x: True)
-    calls = []
-    original = kernels._BatchNormAct.forward
-    monkeypatch.setattr(
-        kernels._BatchNormAct, "forward", staticmethod(lambda *a: calls.append(1) or original(*a))
-    )
-    torch.manual_seed(0)
-    ours, theirs = bnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
-    for _ in range(2):
-        x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
-        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
-        yo, yt = ours(xo), theirs(xt)
-        torch.testing.assert_close(yo, yt, rtol=1e-5, atol=1e-6)
-        yo.backward(x)
-        yt.backward(x)
-        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-4, atol=1e-5)
-    assert len(calls) == 2
-    for key, value in theirs.state_dict().items():
-        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
-
-
 # --- the compiled kernels ----------------------------------------------------------------
 
 
@@ -544,6 +505,28 @@ def test_environment_variable_disables_compilation():
     before = dict(kernels._COMPILED)
     run_fused(*inputs((4, 3, 2, 2), residual=True)[:5], make_act("relu"))
     assert kernels._COMPILED == before
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
+    monkeypatch.setenv("BNORM_NO_COMPILE", "0")
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_COMPILE_FAILURE", None)
+    monkeypatch.setattr(kernels, "_dynamo_supported", lambda: True)
+
+    def broken_compile(fn, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(kernels.torch, "compile", broken_compile)
+    x, r, dy, w, b = inputs((4, 3, 2, 2), residual=True)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        fused = run_fused(x, r, dy, w, b, make_act("gelu"))
+    assert not kernels.compile_enabled()
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    for a, c in zip(fused, run_fused(x, r, dy, w, b, make_act("gelu"))):
+        torch.testing.assert_close(a, c)
 
 
 @pytest.mark.usefixtures("compiled")
@@ -559,6 +542,7 @@ def test_compiled_kernels_match_torch_and_reference_both_layouts():
         assert rel_err(dw, dw64) < 1e-5 and rel_err(db, db64) < 1e-5
     assert any(key[0] == "fwd" for key in kernels._COMPILED)
     assert any(key[0] == "bwd" for key in kernels._COMPILED)
+    assert kernels._COMPILE_FAILURE is None
 
 
 @pytest.mark.usefixtures("compiled")
@@ -567,6 +551,7 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
     act = make_act("leaky_relu")
     fused = run_fused(x, r, dy, w, b, act, True)
     assert any(key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernels._COMPILED)
+    assert kernels._COMPILE_FAILURE is None
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
     fallback = run_fused(x, r, dy, w, b, act, True)
     for a, c in zip(fused, fallback):

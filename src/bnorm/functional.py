@@ -12,8 +12,8 @@ Two ways to the same numbers:
   channel axis (the channel axis is moved to position 1 as a view: an NHWC tensor is an
   NCHW tensor in channels_last layout, which the kernel handles natively);
 * the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
-  ``act(BN(x) + residual)`` and the memory-efficient mode, and for plain batch norm where
-  it measured faster than ATen (:func:`bnorm.kernels.fused_plain_is_faster`);
+  ``act(BN(x) + residual)`` and the memory-efficient mode (plain batch norm keeps ATen's
+  kernel: the compiled one measured no consistent gain for it, README "Fused kernels");
 * the **moments path** — :func:`moments`, :func:`merge_moments`, :func:`normalize` —
   used where the statistics are not those of the whole input (masked positions). Moments
   are carried as (count, mean, M2) so that groups, masks and processes merge exactly
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .distributed import all_gather_differentiable, world_size
-from .kernels import Activation, activation_tail, batch_norm_act_train, fused_plain_is_faster
+from .kernels import Activation, activation_tail, batch_norm_act_train
 
 __all__ = [
     "Moments",
@@ -652,10 +652,10 @@ def _native_training(
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
     # The fused kernels, except inside an enclosing torch.compile: there Inductor fusing
     # ATen's batch norm with the add and the activation itself measured faster (ResNet-20
-    # step, 1 thread: 681 ms vs 882 ms tracing the kernels' Function). The memory-efficient mode's
-    # saving needs the kernels' own backward, compiled or not.
+    # step, 1 thread: 681 ms vs 882 ms tracing the kernels' Function). The memory-efficient
+    # mode's saving needs the kernels' own backward, compiled or not.
     tail = residual is not None or (activation is not None and activation.name != "identity")
-    if memory_efficient or ((tail or fused_plain_is_faster(x)) and not torch.compiler.is_compiling()):
+    if memory_efficient or (tail and not torch.compiler.is_compiling()):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
         out, mean, invstd = batch_norm_act_train(x, weight, bias, res, eps, activation, memory_efficient)
         tail = False

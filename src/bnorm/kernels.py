@@ -42,8 +42,8 @@ memory layouts differ only in which of A_inner and B is 1 (one more compile each
 first call of each compiles (seconds; see the README for measured latency), later calls
 reuse it, and Inductor's on-disk cache makes later processes faster. Each call costs
 about 0.1 ms of fixed overhead (Dynamo's guards and wrappers), so small tensors gain
-little; plain batch norm uses these kernels only where they measured faster than ATen
-(:func:`fused_plain_is_faster`).
+little. Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
+measured no consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
 ATen's ``native_batch_norm``/``native_batch_norm_backward`` with ATen's activation ops
 (memory-efficient mode: the same torch functions as the compiled kernels, run eagerly).
@@ -74,7 +74,6 @@ __all__ = [
     "activation_tail",
     "batch_norm_act_train",
     "compile_enabled",
-    "fused_plain_is_faster",
 ]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
@@ -483,25 +482,28 @@ def _specialized(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
 
 
 def _run(kind: str, fn: Callable[..., Any], key: tuple[Any, ...], *args: Any) -> Any:
-    """``fn(*args)``: compiled (cached per ``key``) when enabled, else eager."""
+    """``fn(*args)``: compiled (cached per ``key``) when enabled, else eager. If compiling or
+    running the compiled kernel fails (no C++ compiler, an unsupported platform, Dynamo's
+    recompile limit...), compilation is switched off with a warning and ``fn`` runs eagerly:
+    the kernels are pure functions, so the result is the same."""
     if torch.compiler.is_compiling() or not compile_enabled():
         return fn(*args)
+    # Plain tensors in: Dynamo keeps a Parameter's shape static (which would make the
+    # channel count static too) and guards on requires_grad (one more compile each).
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
     full_key = (kind, *key)
     compiled = _COMPILED.get(full_key)
     if compiled is None:
         text = "_".join(str(k) for k in full_key).replace("torch.", "").replace(".", "p")
         name = "".join(ch if ch.isalnum() else "_" for ch in text)
-        compiled = torch.compile(
+        compiled = _COMPILED[full_key] = torch.compile(
             _specialized(fn, f"bnorm_{name}"), dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
         )
-        try:
-            out = compiled(*args)
-        except Exception as err:  # no C++ compiler, unsupported platform, ...
-            _disable_compile(err)
-            return fn(*args)
-        _COMPILED[full_key] = compiled
-        return out
-    return compiled(*args)
+    try:
+        return compiled(*args)
+    except Exception as err:
+        _disable_compile(err)
+        return fn(*args)
 
 
 def _disable_compile(err: Exception) -> None:
@@ -601,27 +603,6 @@ class _BatchNormAct(torch.autograd.Function):
             None,
             None,
         )
-
-
-# Plain training BN (no activation, no residual) takes the fused kernels where they measured
-# faster than ATen's native_batch_norm forward+backward on CPU (bnorm bench kernels, README):
-# from 2^20 values with the channels in the middle (NCHW), from 2^21 with channels innermost
-# (channels_last); below that torch.compile's fixed cost per call (~0.1 ms) dominates.
-FUSED_PLAIN_MIN_NUMEL = 2**20
-FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST = 2**21
-
-
-def fused_plain_is_faster(x: Tensor) -> bool:
-    """Whether plain training BN of ``x`` (channels at dim 1) should use the fused kernels:
-    compiled kernels available, a CPU tensor, and at least :data:`FUSED_PLAIN_MIN_NUMEL`
-    values (:data:`FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST` when the channels are innermost).
-    Inside an enclosing torch.compile, Inductor fuses ATen's batch norm itself: False."""
-    n = x.numel()
-    if n < FUSED_PLAIN_MIN_NUMEL or x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    if not compile_enabled():
-        return False
-    return n >= FUSED_PLAIN_MIN_NUMEL_CHANNELS_LAST or _Layout.of(x).b > 1
 
 
 def batch_norm_act_train(
