@@ -74,12 +74,6 @@ def _channel_axis(ndim: int, axis: int) -> int:
     return axis % ndim
 
 
-def _broadcast_shape(ndim: int, axis: int) -> list[int]:
-    shape = [1] * ndim
-    shape[axis] = -1
-    return shape
-
-
 def _expand(v: Tensor, ndim: int, dims: tuple[int, ...]) -> Tensor:
     """View ``v`` (whose dimensions are ``dims`` of a rank-``ndim`` tensor) for broadcasting."""
     shape = [1] * ndim
@@ -110,7 +104,8 @@ def _moments_keep(xs: Tensor, keep: tuple[int, ...], valid: Tensor | None) -> Mo
     # One correction step (the corrected two-pass algorithm): the rounding error of the
     # first mean, Σ(x − μ̃)/m, moves the mean and comes off M2 as m·shift².
     shift = centered.sum(dim=dims, keepdim=True) / safe
-    m2 = centered.square().sum(dim=dims, keepdim=True) - count * shift.square()
+    # (Non-negative in exact arithmetic; clamp the rounding of a near-constant channel.)
+    m2 = (centered.square().sum(dim=dims, keepdim=True) - count * shift.square()).clamp_min(0)
     mean = mean + shift
     # The mask has no channel axis: expand the count over the channels.
     count = count.expand_as(mean)
@@ -130,8 +125,8 @@ def moments(
     Computed in float32 or wider.
 
     Shape:
-        x: (N, *) with C channels at ``axis`` ≠ 0; mask: x's shape without ``axis``;
-        returns (C,) tensors, or (G, C) with ``groups``.
+        x: any rank ≥ 2 with C channels at ``axis`` (not 0 with ``groups``); mask: x's
+        shape without ``axis``; returns (C,) tensors, or (G, C) with ``groups``.
     """
     axis = _channel_axis(x.dim(), axis)
     xs = x.to(_stats_dtype(x.dtype))
