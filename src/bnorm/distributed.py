@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_differentiable", "world_size"]
+__all__ = ["all_gather_differentiable", "all_gather_tensor", "all_reduce_sum", "world_size"]
 
 
 def world_size(process_group: Any = None) -> int:
@@ -41,27 +41,37 @@ def _collective_error(what: str, err: Exception) -> RuntimeError:
     )
 
 
+def all_gather_tensor(t: Tensor, process_group: Any = None) -> Tensor:
+    """``t`` from every rank, stacked (not differentiable): result[r] is rank r's."""
+    t = t.detach().contiguous()
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(process_group))]
+    try:
+        dist.all_gather(out, t, group=process_group)
+    except RuntimeError as err:
+        raise _collective_error("all_gather of batch statistics", err) from err
+    return torch.stack(out)
+
+
+def all_reduce_sum(t: Tensor, process_group: Any = None) -> Tensor:
+    """The sum of ``t`` over every rank, in a new tensor (not differentiable)."""
+    total = t.detach().contiguous().clone()
+    try:
+        dist.all_reduce(total, group=process_group)
+    except RuntimeError as err:
+        raise _collective_error("all_reduce of statistics gradients", err) from err
+    return total
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
         ctx.group = group
         ctx.rank = dist.get_rank(group)
-        t = t.contiguous()
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-        try:
-            dist.all_gather(out, t, group=group)
-        except RuntimeError as err:
-            raise _collective_error("all_gather of batch statistics", err) from err
-        return torch.stack(out)
+        return all_gather_tensor(t, group)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        grad = grad.contiguous().clone()
-        try:
-            dist.all_reduce(grad, group=ctx.group)
-        except RuntimeError as err:
-            raise _collective_error("all_reduce of statistics gradients", err) from err
-        return grad[ctx.rank], None
+        return all_reduce_sum(grad, ctx.group)[ctx.rank], None
 
 
 def all_gather_differentiable(t: Tensor, process_group: Any = None) -> Tensor:

@@ -14,10 +14,12 @@ Two ways to the same numbers:
 * the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
   ``act(BN(x) + residual)`` and the memory-efficient mode (plain batch norm keeps ATen's
   kernel: the compiled one measured no consistent gain for it, README "Fused kernels");
-* the **moments path** — :func:`moments`, :func:`merge_moments`, :func:`normalize` —
-  used where the statistics are not those of the whole input (masked positions). Moments
-  are carried as (count, mean, M2) so that groups, masks and processes merge exactly
-  (Chan et al.), without the E[x²] − E[x]² cancellation.
+* the **moments path** — used where the statistics are not those of the whole local
+  input (masked positions, ghost batches, other ranks): one fused autograd Function with
+  an analytic backward (:mod:`bnorm.kernels_moments`), whose differentiable twin built
+  from :func:`moments`, :func:`pool_moments` and :func:`normalize` serves double
+  backward. Moments are carried as (count, mean, M2) so that groups, masks and processes
+  merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
 
 Statistics are computed in float32 (or float64 for float64 inputs) for half-precision
 inputs; the output keeps the input's dtype.
@@ -25,6 +27,7 @@ inputs; the output keeps the input's dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -32,8 +35,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ._formulas import pool, renorm_rd, running_update
 from .distributed import all_gather_differentiable, world_size
-from .kernels import Activation, activation_tail, batch_norm_act_train
+from .kernels import Activation, activation_tail, batch_norm_act_train, compile_enabled
+from .kernels_moments import batch_norm_moments_train
 
 __all__ = [
     "Moments",
@@ -151,10 +156,7 @@ def pool_moments(m: Moments, dim: int = 0) -> Moments:
 
     Exact for any group sizes; empty groups (m_g = 0) contribute nothing.
     """
-    count = m.count.sum(dim)
-    mean = (m.count * m.mean).sum(dim) / count.clamp_min(1)
-    spread = m.count * (m.mean - mean.unsqueeze(dim)).square()
-    return Moments(count, mean, (m.m2 + spread).sum(dim))
+    return Moments(*pool(m.count, m.mean, m.m2, dim))
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -267,14 +269,9 @@ def renorm_correction(
     Shape:
         mean, var: the batch's (C,) or (G, C) mean and biased variance; running_*: (C,).
     """
-    dtype = mean.dtype
-    sigma = (running_var.to(dtype) + eps).sqrt()
-    sigma_b = (var + eps).sqrt()
-    r_hi = torch.as_tensor(r_max, dtype=dtype, device=mean.device)
-    d_hi = torch.as_tensor(d_max, dtype=dtype, device=mean.device)
-    r = torch.clamp(sigma_b / sigma, 1.0 / r_hi, r_hi)
-    d = torch.clamp((mean - running_mean.to(dtype)) / sigma, -d_hi, d_hi)
-    return r, d
+    r_hi = torch.as_tensor(r_max, dtype=mean.dtype, device=mean.device)
+    d_hi = torch.as_tensor(d_max, dtype=mean.dtype, device=mean.device)
+    return renorm_rd(mean, var, running_mean, running_var, r_hi, d_hi, eps)
 
 
 @torch.no_grad()
@@ -301,31 +298,17 @@ def update_running_stats(
     ``num_batches_skipped`` instead. The decision is a select on the tensors' device: no
     host synchronization.
     """
-    dtype = running_mean.dtype
-    mean = mean.detach().to(dtype)
-    var = var.detach().to(dtype)
-    if isinstance(count, Tensor):
-        count = count.detach().to(dtype)
-        unbiased = var * (count / (count - 1).clamp_min(1))
-    else:
-        unbiased = var * (count / max(count - 1, 1))
-    if skip_nonfinite:
-        ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
-    else:
-        ok = torch.ones((), dtype=torch.bool, device=mean.device)
     alpha: float | Tensor
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
-        alpha = 1.0 / (num_batches_tracked + 1).to(dtype)
+        alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)
     else:
         alpha = momentum
-    new_mean = torch.lerp(running_mean, mean, alpha)
-    new_var = torch.lerp(running_var, unbiased, alpha)
-    if skip_nonfinite:
-        new_mean = torch.where(ok, new_mean, running_mean)
-        new_var = torch.where(ok, new_var, running_var)
+    new_mean, new_var, ok = running_update(
+        running_mean, running_var, mean, var, count, alpha, skip_nonfinite
+    )
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
     if num_batches_tracked is not None:
@@ -515,14 +498,89 @@ def batch_norm(
     if renorm is not None:
         step = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long)
         limits = renorm.limits(step.to(input.device))
-    if mask is None and groups is None and not distributed:
+    # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
+    # moments kernel, which computes the statistics, (r, d) and the output in one call.
+    renorm_fused = (
+        limits is not None
+        and not memory_efficient
+        and compile_enabled()
+        and not torch.compiler.is_compiling()
+    )
+    if mask is None and groups is None and not distributed and not renorm_fused:
         return _native_training(
             input, ax, running_mean, running_var, weight, bias, momentum, eps, update,
             limits, num_batches_tracked, num_batches_skipped, skip_nonfinite,
             residual, act, memory_efficient,
         )
-    # The moments path: local moments → (all ranks) → normalize → running statistics.
-    local = moments(input, ax, mask, groups)
+    # The moments path (masks, ghost batches, sync): one fused Function with an analytic
+    # backward (bnorm.kernels_moments); _moments_composite is its differentiable twin,
+    # which double backward differentiates.
+    x = input.movedim(ax, 1) if ax != 1 else input
+    res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+    renorm_args = None
+    if limits is not None and running_mean is not None and running_var is not None:
+        renorm_args = (running_mean, running_var, *limits)
+    running = None
+    if update and running_mean is not None and running_var is not None:
+        alpha: float | Tensor
+        if momentum is None:  # cumulative average: weight 1/t for the t-th batch
+            alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)  # type: ignore[operator, union-attr]
+        else:
+            alpha = momentum
+        running = (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
+    composite = functools.partial(
+        _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed, process_group=process_group
+    )
+    if torch.compiler.is_compiling():
+        # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
+        out, batch = composite(x, weight, bias, res, mask, None, None, renorm_args=renorm_args)
+        if update:
+            total = pool_moments(batch) if groups is not None else batch
+            update_running_stats(
+                running_mean,  # type: ignore[arg-type]
+                running_var,  # type: ignore[arg-type]
+                total.mean,
+                total.m2 / total.count.clamp_min(1),
+                total.count,
+                momentum,
+                num_batches_tracked,
+                num_batches_skipped,
+                skip_nonfinite,
+            )
+        return out.movedim(1, ax) if ax != 1 else out
+
+    def recompute(*args: Any) -> Tensor:
+        return composite(*args)[0]
+
+    out = batch_norm_moments_train(
+        x, weight, bias, eps, recompute=recompute, groups=groups or 1, mask=mask, residual=res,
+        activation=act, renorm=renorm_args, running=running, skip_nonfinite=skip_nonfinite,
+        process_group=process_group, distributed=distributed,
+    )  # fmt: skip
+    return out.movedim(1, ax) if ax != 1 else out
+
+
+def _moments_composite(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    mask: Tensor | None,
+    r: Tensor | None,
+    d: Tensor | None,
+    *,
+    eps: float,
+    groups: int | None,
+    act: Activation | None,
+    distributed: bool,
+    process_group: Any,
+    renorm_args: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Moments]:
+    """The moments path from differentiable eager ops (channels at dim 1): local moments →
+    (all ranks) → normalize → act(· + residual). Batch Renorm's constants are (r, d), or
+    computed from ``renorm_args`` = (running_mean, running_var, r_max, d_max) when None.
+    Returns the output and the batch's moments ((G, C) with groups)."""
+    local = moments(x, 1, mask, groups)
     if distributed:
         stacked = torch.stack(tuple(local))
         if torch.is_grad_enabled() and not stacked.requires_grad:
@@ -536,26 +594,16 @@ def batch_norm(
     var = batch.m2 / batch.count.clamp_min(1)
     invstd = torch.rsqrt(var + eps)
     mean = batch.mean
-    if limits is not None:
-        r, d = renorm_correction(mean, var, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]
+    if r is None and renorm_args is not None:
+        r, d = renorm_correction(mean, var, *renorm_args, eps)
+    elif r is not None and groups is None:
+        r, d = r[0], d[0]  # type: ignore[index]
+    if r is not None and d is not None:
         # x̂ = (x − μ_B)·invstd·r + d  =  (x − (μ_B − d/(invstd·r)))·(invstd·r)
         invstd = invstd * r
         mean = mean - d / invstd
-    out = normalize(input, mean, invstd, weight, bias, ax, groups)
-    if update:
-        total = pool_moments(batch) if groups is not None else batch
-        update_running_stats(
-            running_mean,  # type: ignore[arg-type]
-            running_var,  # type: ignore[arg-type]
-            total.mean,
-            total.m2 / total.count.clamp_min(1),
-            total.count,
-            momentum,
-            num_batches_tracked,
-            num_batches_skipped,
-            skip_nonfinite,
-        )
-    return activation_tail(out, residual, act)
+    out = normalize(x, mean, invstd, weight, bias, 1, groups)
+    return activation_tail(out, residual, act), batch
 
 
 def _check_activation(

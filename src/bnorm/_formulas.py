@@ -1,0 +1,67 @@
+"""The small per-channel formulas shared by the eager paths and the compiled kernels
+(:mod:`bnorm.functional`, :mod:`bnorm.kernels_moments`): stated once, as torch functions
+that torch.compile can trace. :mod:`bnorm.reference` states the same math in NumPy."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pool(count: Tensor, mean: Tensor, m2: Tensor, dim: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, M2) of the union of the groups along ``dim`` (law of total variance)::
+
+        n = Σ_g m_g,  μ = Σ_g m_g μ_g / n,  M2 = Σ_g (M2_g + m_g (μ_g − μ)²)
+    """
+    total = count.sum(dim)
+    mu = (count * mean).sum(dim) / total.clamp_min(1)
+    spread = count * (mean - mu.unsqueeze(dim)).square()
+    return total, mu, (m2 + spread).sum(dim)
+
+
+def running_update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: float | Tensor,
+    alpha: float | Tensor,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(new running_mean, new running_var, ok) for one batch with biased variance ``var``
+    over ``count`` values and weight ``alpha``::
+
+        running_mean ← (1 − α) · running_mean + α · μ_B
+        running_var  ← (1 − α) · running_var  + α · m/(m − 1) · σ²_B
+
+    With ``skip_nonfinite`` a batch with a NaN/inf mean or variance in any channel leaves
+    both unchanged (ok = False), decided by a select on the device."""
+    dtype = running_mean.dtype
+    mean = mean.detach().to(dtype)
+    var = var.detach().to(dtype)
+    if isinstance(count, Tensor):
+        count = count.detach().to(dtype)
+        unbiased = var * (count / (count - 1).clamp_min(1))
+    else:
+        unbiased = var * (count / max(count - 1, 1))
+    new_mean = torch.lerp(running_mean, mean, alpha)
+    new_var = torch.lerp(running_var, unbiased, alpha)
+    if not skip_nonfinite:
+        return new_mean, new_var, torch.ones((), dtype=torch.bool, device=mean.device)
+    ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    return torch.where(ok, new_mean, running_mean), torch.where(ok, new_var, running_var), ok
+
+
+def renorm_rd(
+    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, r_max: Tensor, d_max: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's r = clip(σ_B/σ, 1/r_max, r_max) and
+    d = clip((μ_B − μ)/σ, −d_max, d_max), σ = √(running_var + ε), σ_B = √(var + ε)."""
+    dtype = mean.dtype
+    sigma = (running_var.to(dtype) + eps).sqrt()
+    sigma_b = (var + eps).sqrt()
+    r_hi = r_max.to(dtype)
+    d_hi = d_max.to(dtype)
+    r = torch.minimum(torch.maximum(sigma_b / sigma, 1.0 / r_hi), r_hi)
+    d = torch.minimum(torch.maximum((mean - running_mean.to(dtype)) / sigma, -d_hi), d_hi)
+    return r, d
