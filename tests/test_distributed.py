@@ -134,6 +134,11 @@ def _worker(rank: int, world: int, port: int, outdir: str, scenario: str) -> Non
     finally:
         if scenario != "timeout":
             dist.destroy_process_group()
+    if scenario == "timeout":
+        # A process group whose collective timed out cannot be torn down cleanly: gloo's
+        # destructor may abort ("terminate called without an active exception") at
+        # interpreter exit. The result is saved; leave without running destructors.
+        os._exit(0)
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,13 @@ from torch import Tensor
 
 from ._formulas import pool, renorm_rd, running_update
 from .distributed import all_gather_differentiable, world_size
-from .kernels import Activation, activation_tail, batch_norm_act_train, compile_enabled
+from .kernels import (
+    Activation,
+    RunningState,
+    activation_tail,
+    batch_norm_act_train,
+    compile_enabled,
+)
 from .kernels_moments import batch_norm_moments_train
 
 __all__ = [
@@ -520,14 +526,7 @@ def batch_norm(
     renorm_args = None
     if limits is not None and running_mean is not None and running_var is not None:
         renorm_args = (running_mean, running_var, *limits)
-    running = None
-    if update and running_mean is not None and running_var is not None:
-        alpha: float | Tensor
-        if momentum is None:  # cumulative average: weight 1/t for the t-th batch
-            alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)  # type: ignore[operator, union-attr]
-        else:
-            alpha = momentum
-        running = (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
+    running = _running_state(update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
     composite = functools.partial(
         _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed, process_group=process_group
     )
@@ -558,6 +557,28 @@ def batch_norm(
         process_group=process_group, distributed=distributed,
     )  # fmt: skip
     return out.movedim(1, ax) if ax != 1 else out
+
+
+def _running_state(
+    update: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> RunningState | None:
+    """The buffers a fused kernel updates in place, with this batch's weight α (momentum,
+    or 1/t for the cumulative average); None when there is nothing to update."""
+    if not update or running_mean is None or running_var is None:
+        return None
+    alpha: float | Tensor
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)
+    else:
+        alpha = momentum
+    return (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
 
 
 def _moments_composite(
@@ -700,8 +721,11 @@ def _native_training(
     tail = residual is not None or (activation is not None and activation.name != "identity")
     if memory_efficient or (tail and not torch.compiler.is_compiling()):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
-        out, mean, invstd = batch_norm_act_train(x, weight, bias, res, eps, activation, memory_efficient)
-        tail = False
+        running = _running_state(update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+        out = batch_norm_act_train(
+            x, weight, bias, res, eps, activation, memory_efficient, running=running, skip_nonfinite=skip_nonfinite
+        )[0]
+        return out.movedim(1, ax) if ax != 1 else out
     elif not tail and (
         update
         and x.device.type == "cpu"

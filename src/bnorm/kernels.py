@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._formulas import running_update
+
 __all__ = [
     "ACTIVATIONS",
     "INVERTIBLE_ACTIVATIONS",
@@ -86,6 +88,25 @@ MIN_ABS_WEIGHT = 1e-3
 """Memory-efficient mode uses γ' = sign(γ)·max(|γ|, MIN_ABS_WEIGHT) so that x̂ = (z − β)/γ'."""
 
 _ENV_NO_COMPILE = "BNORM_NO_COMPILE"
+
+Running = tuple[Tensor, Tensor, "float | Tensor"]
+"""(running_mean, running_var, α) of a running-statistics update inside a kernel."""
+
+RunningState = tuple[Tensor, Tensor, "float | Tensor", "Tensor | None", "Tensor | None"]
+"""(running_mean, running_var, α, num_batches_tracked, num_batches_skipped): the buffers a
+training step updates in place (α: the momentum, or 1/t for the cumulative average)."""
+
+
+def store_running(state: RunningState, new_mean: Tensor, new_var: Tensor, ok: Tensor) -> None:
+    """Write a running-statistics update into ``state``'s buffers: the statistics, and one
+    more tracked (ok) or skipped (not ok) batch."""
+    running_mean, running_var, _, tracked, skipped = state
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+    if tracked is not None:
+        tracked.add_(ok.to(tracked.dtype))
+    if skipped is not None:
+        skipped.add_((~ok).to(skipped.dtype))
 
 
 @dataclass(frozen=True)
@@ -331,10 +352,19 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def _forward_kernel(
-    x3: Tensor, weight: Tensor, bias: Tensor, r3: Tensor | None, eps: float, act: Activation
+    x3: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    r3: Tensor | None,
+    eps: float,
+    act: Activation,
+    running: Running | None = None,
+    skip_nonfinite: bool = True,
 ) -> tuple[Tensor, ...]:
     """(y, μ, 1/√(σ² + ε), scale, shift) of y = act(x·scale + shift + r), scale = γ/√(σ² + ε),
-    shift = β − μ·scale; weight/bias in the statistics dtype."""
+    shift = β − μ·scale; weight/bias in the statistics dtype. With ``running`` =
+    (running_mean, running_var, α), also the running-statistics update (new mean, new
+    var, ok) of :func:`bnorm._formulas.running_update`."""
     sd = weight.dtype
     count = x3.shape[0] * x3.shape[1] * x3.shape[3]
     xs = x3.to(sd)
@@ -351,7 +381,8 @@ def _forward_kernel(
     z = xs * _per_channel(scale) + _per_channel(shift)
     if r3 is not None:
         z = z + r3.to(sd)
-    return act.forward(z).to(x3.dtype), mean, invstd, scale, shift
+    update = () if running is None else running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
+    return (act.forward(z).to(x3.dtype), mean, invstd, scale, shift, *update)
 
 
 def _backward_kernel(
@@ -540,6 +571,8 @@ class _BatchNormAct(torch.autograd.Function):
         eps: float,
         act: Activation,
         memory_efficient: bool,
+        running: RunningState | None,
+        skip_nonfinite: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         sd = torch.float64 if x.dtype == torch.float64 else torch.float32
         channels = x.shape[1]
@@ -551,12 +584,22 @@ class _BatchNormAct(torch.autograd.Function):
         x3 = layout.to3d(x)
         r3 = None if residual is None else layout.to3d(residual)
         key = (act.name, act.param, r3 is not None, x3.dtype)
+        inner = None if running is None else running[:3]
         if torch.compiler.is_compiling() or compile_enabled():
             x4, r4 = _split(layout, x3, r3)
-            y4, mean, invstd = _run("fwd", _forward_kernel, key, x4, w, b, r4, eps, act)[:3]
+            fkey = (*key, inner is not None, skip_nonfinite)
+            out = _run("fwd", _forward_kernel, fkey, x4, w, b, r4, eps, act, inner, skip_nonfinite)
+            y4, mean, invstd = out[:3]
+            update = out[5:]
             y3 = y4.view(x3.shape)
         else:
             y3, mean, invstd = _forward_eager(x3, w, b, r3, eps, act)
+            if inner is not None:
+                count = x3.shape[0] * x3.shape[2]
+                var = invstd.pow(-2) - eps
+                update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
+        if running is not None:
+            store_running(running, *update)
         ctx.layout = layout
         ctx.act = act
         ctx.memory_efficient = memory_efficient
@@ -602,6 +645,8 @@ class _BatchNormAct(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
@@ -613,9 +658,15 @@ def batch_norm_act_train(
     eps: float,
     activation: Activation | None,
     memory_efficient: bool = False,
+    *,
+    running: RunningState | None = None,
+    skip_nonfinite: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode ``y = act(γ (x − μ_B)/√(σ²_B + ε) + β + residual)`` with the batch's
-    statistics over every dim but 1, fused forward and backward.
+    statistics over every dim but 1, fused forward and backward. ``running`` (see
+    :data:`RunningState`) is updated in place from the batch, inside the compiled forward
+    (:func:`bnorm.functional.update_running_stats` states the rule; ``skip_nonfinite``
+    likewise).
 
     Returns ``(y, μ_B, 1/√(σ²_B + ε))`` — the statistics in float32 (float64 for float64
     input), not differentiable — like ``aten::native_batch_norm``. ``memory_efficient``
@@ -636,5 +687,5 @@ def batch_norm_act_train(
         raise ValueError(
             f"expected a residual of the input's shape {tuple(x.shape)} (got {tuple(residual.shape)})"
         )
-    out = _BatchNormAct.apply(x, weight, bias, residual, eps, act, memory_efficient)
+    out = _BatchNormAct.apply(x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite)
     return out[0], out[1], out[2]

@@ -48,12 +48,19 @@ from torch import Tensor
 
 from ._formulas import pool, renorm_rd, running_update
 from .distributed import all_gather_tensor, all_reduce_sum
-from .kernels import Activation, _Layout, _run, compile_enabled
+from .kernels import (
+    Activation,
+    Running,
+    RunningState,
+    _Layout,
+    _run,
+    compile_enabled,
+    store_running,
+)
 
 __all__ = ["batch_norm_moments_train"]
 
-Running = tuple[Tensor, Tensor, "float | Tensor"]
-"""(running_mean, running_var, α) of a running-statistics update."""
+
 
 
 # --- the kernels as torch functions (eager, or compiled by kernels._run) ---------------
@@ -291,14 +298,7 @@ class _MomentsBatchNorm(torch.autograd.Function):
             y5 = run("mnorm", _normalize, key, x5, r5, scale, shift, o.act)
             update = () if running is None else _running(count, mean, m2, running, o.skip_nonfinite)
         if o.running is not None:
-            rm, rv, _, tracked, skipped = o.running
-            new_mean, new_var, ok = update
-            rm.copy_(new_mean)
-            rv.copy_(new_var)
-            if tracked is not None:
-                tracked.add_(ok.to(tracked.dtype))
-            if skipped is not None:
-                skipped.add_((~ok).to(skipped.dtype))
+            store_running(o.running, *update)
         ctx.layout = layout
         ctx.options = options
         ctx.key = key
@@ -354,7 +354,7 @@ class _Options:
     groups: int
     act: Activation
     renorm: tuple[Tensor, Tensor, Tensor, Tensor] | None
-    running: tuple[Tensor, Tensor, float | Tensor, Tensor | None, Tensor | None] | None
+    running: RunningState | None
     skip_nonfinite: bool
     distributed: bool
     process_group: Any
@@ -377,7 +377,7 @@ def batch_norm_moments_train(
     residual: Tensor | None = None,
     activation: Activation | None = None,
     renorm: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-    running: tuple[Tensor, Tensor, float | Tensor, Tensor | None, Tensor | None] | None = None,
+    running: RunningState | None = None,
     skip_nonfinite: bool = True,
     process_group: Any = None,
     distributed: bool = False,
