@@ -107,11 +107,24 @@ def _fwd(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Callable[[], N
 
 
 def copy_bandwidth(nbytes: int, repeats: int, warmup: int) -> float:
-    """Bytes per second of ``dst.copy_(src)`` (one read and one write of ``nbytes``)."""
+    """Bytes per second of ``dst.copy_(src)`` (one read and one write of ``nbytes``), the
+    copy repeated alone (so a small tensor stays in the cache: an upper bound)."""
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
     t = time_alternated({"copy": lambda: dst.copy_(src)}, repeats, warmup)["copy"]
     return 2 * nbytes / t
+
+
+def _copy_case(nbytes: int) -> Callable[[], None]:
+    """``dst.copy_(src)`` to time among the kernels: alternated with them it sees the same
+    cache state, so its bandwidth is the fair yardstick for theirs."""
+    src = torch.randn(nbytes // 4)
+    dst = torch.empty_like(src)
+
+    def run() -> None:
+        dst.copy_(src)
+
+    return run
 
 
 def _geomean(values: list[float]) -> float:
@@ -119,6 +132,17 @@ def _geomean(values: list[float]) -> float:
 
 
 def layer_part(args: argparse.Namespace) -> dict[str, Any]:
+    # Every case compiles its own torch baseline (12 cases share TorchTail.forward's code
+    # object): above Dynamo's default limit of 8 the later baselines would run eagerly.
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
+    try:
+        return _layer_part(args)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+
+
+def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for n, c, side in RESNET20_SHAPES:
         n = 16 if args.quick else n
@@ -141,6 +165,7 @@ def layer_part(args: argparse.Namespace) -> dict[str, Any]:
                         "compiled": _fwd_bwd(compiled, x, dy, res),
                         "bnorm": _fwd_bwd(ours, x, dy, res),
                         "bnorm_fwd": _fwd(ours, x, res),
+                        "copy": _copy_case(nbytes),
                     },
                     args.repeats,
                     args.warmup,
@@ -149,6 +174,7 @@ def layer_part(args: argparse.Namespace) -> dict[str, Any]:
                 fwd_bytes = (3 + extra) * nbytes
                 bwd_bytes = (5 + 2 * extra) * nbytes
                 t_bwd = max(t["bnorm"] - t["bnorm_fwd"], 1e-9)
+                copy_alt = 2 * nbytes / t["copy"]
                 rows.append(
                     {
                         "pattern": pattern,
@@ -164,11 +190,15 @@ def layer_part(args: argparse.Namespace) -> dict[str, Any]:
                         "copy_GB/s": copy_bps / 1e9,
                         "fwd/copy": fwd_bytes / t["bnorm_fwd"] / copy_bps,
                         "bwd/copy": bwd_bytes / t_bwd / copy_bps,
+                        "copy_alternated_GB/s": copy_alt / 1e9,
+                        "fwd/copy_alt": fwd_bytes / t["bnorm_fwd"] / copy_alt,
+                        "bwd/copy_alt": bwd_bytes / t_bwd / copy_alt,
                     }
                 )
     vs_eager = [r["bnorm/eager"] for r in rows]
     vs_compiled = [r["bnorm/compiled"] for r in rows]
     fractions = [r["fwd/copy"] for r in rows] + [r["bwd/copy"] for r in rows]
+    fair = [r["fwd/copy_alt"] for r in rows] + [r["bwd/copy_alt"] for r in rows]
     return {
         "rows": rows,
         "summary": [
@@ -177,7 +207,8 @@ def layer_part(args: argparse.Namespace) -> dict[str, Any]:
             f"layer fwd+bwd, bnorm/torch.compile: geomean {_geomean(vs_compiled):.2f}x, worst "
             f"{max(vs_compiled):.2f}x (target <= {LAYER_TARGET_COMPILED}x)",
             f"bandwidth: fused kernels reach {min(fractions):.0%}..{max(fractions):.0%} of the "
-            "copy bandwidth (target >= 50%)",
+            "copy bandwidth measured alone (target >= 50%), "
+            f"{min(fair):.0%}..{max(fair):.0%} of a copy timed among them (same cache state)",
         ],
     }
 

@@ -43,6 +43,7 @@ from .kernels import (
     activation_tail,
     batch_norm_act_train,
     compile_enabled,
+    store_running,
 )
 from .kernels_moments import batch_norm_moments_train
 
@@ -304,23 +305,9 @@ def update_running_stats(
     ``num_batches_skipped`` instead. The decision is a select on the tensors' device: no
     host synchronization.
     """
-    alpha: float | Tensor
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
-        alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)
-    else:
-        alpha = momentum
-    new_mean, new_var, ok = running_update(
-        running_mean, running_var, mean, var, count, alpha, skip_nonfinite
-    )
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
-    if num_batches_skipped is not None:
-        num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
+    state = _running_state(True, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+    if state is not None:  # (always: both buffers are given)
+        store_running(state, *running_update(running_mean, running_var, mean, var, count, state[2], skip_nonfinite))
 
 
 def _check_vector(name: str, v: Tensor | None, channels: int) -> None:
@@ -575,6 +562,7 @@ def _running_state(
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
         alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)
     else:
         alpha = momentum
