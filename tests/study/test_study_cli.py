@@ -378,3 +378,27 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
             if record.get("inference"):
                 record["inference"].pop("latency")
         assert got == straight, (r["norm"], r["seed"], {k for k in got if got[k] != straight.get(k)})
+
+
+def test_mlp_studies_run_bnorm_eagerly_and_leave_the_environment_as_found(tmp_path: Path, monkeypatch) -> None:
+    """Tiny MLPs: compiling the fused kernels would cost more than it saves, so the study
+    runs them eagerly (BNORM_NO_COMPILE) for its duration only; convnets keep compiling,
+    and a user's own BNORM_NO_COMPILE wins."""
+    assert resolve_config({})["runtime"]["compile_kernels"] is False
+    resnet = resolve_config({"preset": "resnet-paper", "dataset": "synthetic"})
+    assert resnet["runtime"]["compile_kernels"] is True
+    monkeypatch.delenv("BNORM_NO_COMPILE", raising=False)
+    seen: list[str | None] = []
+    import bnorm.study.run as run_module
+
+    real_load = run_module.load_dataset
+
+    def spy(*args: Any) -> Any:  # called once the runtime settings are applied
+        seen.append(os.environ.get("BNORM_NO_COMPILE"))
+        return real_load(*args)
+
+    monkeypatch.setattr(run_module, "load_dataset", spy)
+    config = write_json(tmp_path / "t.json", {**TINY, "seeds": [0], "experiments": ["curves"]})
+    assert bnorm_main(["study", "--config", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert seen == ["1"]  # set while the study ran
+    assert "BNORM_NO_COMPILE" not in os.environ  # and removed afterwards

@@ -452,9 +452,9 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
             "spec": asdict(spec) if spec is not None else {},
             "options": {k: v for k, v in options.items() if k != "norms"},
         }
+    small = all(e["spec"].get("model", "mlp") in ("mlp", "deep-mlp") for e in experiments.values())
     threads = top["threads"]
     if threads is None:
-        small = all(e["spec"].get("model", "mlp") in ("mlp", "deep-mlp") for e in experiments.values())
         threads = 1 if small else torch.get_num_threads()
     config = {
         "name": top["name"],
@@ -465,7 +465,9 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         "norm": top["norm"],
         "seeds": top["seeds"],
         "experiments": experiments,
-        RUNTIME_KEY: {"device": top["device"], "threads": threads},
+        # MLPs on small batches: compiling bnorm's fused kernels would cost more seconds
+        # than the whole study's BN layers take eagerly (README "Fused kernels").
+        RUNTIME_KEY: {"device": top["device"], "threads": threads, "compile_kernels": not small},
         "out": top["out"],
     }
     return config
@@ -607,11 +609,15 @@ def _experiment_objects(config: dict[str, Any]) -> list[tuple[Experiment, TrainS
     return out
 
 
+_NO_COMPILE = "BNORM_NO_COMPILE"
+
+
 def main(args: argparse.Namespace) -> int:
     """``bnorm study``: 0 when done, 2 for a bad option/configuration/data file (one line on
     stderr), 130 when interrupted (after writing the report for what finished)."""
     cli = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     threads_before = torch.get_num_threads()
+    no_compile_before = os.environ.get(_NO_COMPILE)
     try:
         return _run_study(cli)
     except KeyboardInterrupt:  # before training started, or while writing the report
@@ -619,6 +625,8 @@ def main(args: argparse.Namespace) -> int:
         return 130
     finally:
         torch.set_num_threads(threads_before)
+        if no_compile_before is None:
+            os.environ.pop(_NO_COMPILE, None)
 
 
 def _init_distributed(device: str) -> tuple[int, int]:
@@ -649,6 +657,8 @@ def _run_study(cli: dict[str, Any]) -> int:
         experiments = _experiment_objects(config)
         runtime = config[RUNTIME_KEY]
         torch.set_num_threads(int(runtime["threads"]))
+        if not runtime.get("compile_kernels", True):
+            os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
         data = load_dataset(config["dataset"], config["data_dir"])
         plans: list[tuple[Experiment, list[PlannedRun]]] = []
         for exp, spec, norms in experiments:
