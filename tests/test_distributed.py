@@ -77,6 +77,29 @@ def _run_layer(kind: str, rank: int | None) -> dict[str, torch.Tensor]:
     return out
 
 
+GRADGRAD_SIZES = [5, 3]
+
+
+def _run_gradgrad(rank: int | None) -> dict[str, torch.Tensor]:
+    """Double backward (float64) of act(BN(x) + r) with a mask: first-order gradients with
+    create_graph, then the gradient of Σ dx² + Σ dγ (summed over ranks: the global loss)."""
+    g = torch.Generator().manual_seed(7)
+    n = sum(GRADGRAD_SIZES)
+    x = torch.randn(n, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1
+    r = torch.randn(n, 3, 4, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, 3, 4, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, 4, 5, generator=g) > 0.3
+    if rank is not None:
+        start = sum(GRADGRAD_SIZES[:rank])
+        x, r, dy, mask = (t[start : start + GRADGRAD_SIZES[rank]] for t in (x, r, dy, mask))
+    layer = bnorm.BatchNormAct2d(3, activation="silu", sync=rank is not None).double()
+    x = x.clone().requires_grad_()
+    y = layer(x, r, mask=mask)
+    dx, dweight = torch.autograd.grad(y, (x, layer.weight), dy, create_graph=True)
+    (dx.square().sum() + dweight.sum()).backward()
+    return {"dx": dx.detach(), "ddx": x.grad.detach(), "ddweight": layer.weight.grad.detach()}
+
+
 def _ddp_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(
@@ -116,7 +139,9 @@ def _worker(rank: int, world: int, port: int, outdir: str, scenario: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         results: dict[str, object] = {}
-        if scenario == "timeout":
+        if scenario == "gradgrad":
+            results["gradgrad"] = _run_gradgrad(rank)
+        elif scenario == "timeout":
             if rank == 0:
                 layer = bnorm.SyncBatchNorm(3)
                 try:
@@ -187,6 +212,16 @@ def test_sync_inside_ddp_trains_like_single_process_on_global_batch(three_ranks)
         assert set(got) == set(ref)
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_double_backward_through_sync_keeps_the_cross_rank_terms(tmp_path):
+    world = len(GRADGRAD_SIZES)
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), "gradgrad"), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["gradgrad"] for r in range(world)]
+    ref = _run_gradgrad(None)
+    for key in ("dx", "ddx"):
+        torch.testing.assert_close(torch.cat([g[key] for g in got]), ref[key], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(sum(g["ddweight"] for g in got), ref["ddweight"], rtol=1e-9, atol=1e-10)
 
 
 def test_missing_peer_surfaces_as_clear_error_not_hang(tmp_path):

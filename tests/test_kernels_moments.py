@@ -216,3 +216,29 @@ def test_the_kernel_math_is_shared_with_the_eager_formulas():
     torch.testing.assert_close(layer.running_mean, rm)
     torch.testing.assert_close(layer.running_var, rv)
     assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.usefixtures("compiled")
+def test_renorm_layer_inside_torch_compile_fullgraph():
+    """Inside torch.compile the layer must not call into what Dynamo refuses to trace
+    (compile_enabled); it emits differentiable ops instead of the Function."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 5)
+    eager = bnorm.BatchNorm2d(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0))
+    traced = bnorm.BatchNorm2d(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0))
+    for layer in (eager, traced):
+        with torch.no_grad():
+            layer.get_buffer("running_mean").fill_(0.5)
+            layer.get_buffer("running_var").fill_(2.0)
+    compiled_layer = torch.compile(traced, fullgraph=True)
+    torch.testing.assert_close(compiled_layer(x), eager(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced.running_var, eager.running_var)
+
+
+def test_ghost_batches_of_a_tensor_whose_size_one_dim_has_the_largest_stride():
+    """(8, 3, 1, 5) with strides (15, 5, 120, 1): contiguous() would return it as is."""
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64).permute(1, 2, 0, 3)
+    assert x.stride()[2] == max(x.stride())
+    y = bnorm.functional.batch_norm(x, None, None, training=True, virtual_batch_size=4)
+    expected = torch.cat([TF.batch_norm(part, None, None, training=True) for part in x.contiguous().chunk(2)])
+    torch.testing.assert_close(y, expected)

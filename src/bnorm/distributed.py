@@ -62,6 +62,20 @@ def all_reduce_sum(t: Tensor, process_group: Any = None) -> Tensor:
     return total
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Σ over ranks, differentiable: every rank's output is the same sum, so a rank's
+    input gradient is the sum over ranks of the output gradients — an all_reduce again."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
+        ctx.group = group
+        return all_reduce_sum(t, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:
@@ -71,7 +85,8 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return all_reduce_sum(grad, ctx.group)[ctx.rank], None
+        # Differentiable (double backward through SyncBatchNorm keeps its cross-rank terms).
+        return _AllReduceSum.apply(grad, ctx.group)[ctx.rank], None
 
 
 def all_gather_differentiable(t: Tensor, process_group: Any = None) -> Tensor:

@@ -496,8 +496,8 @@ def batch_norm(
     renorm_fused = (
         limits is not None
         and not memory_efficient
+        and not torch.compiler.is_compiling()  # first: Dynamo must not trace compile_enabled
         and compile_enabled()
-        and not torch.compiler.is_compiling()
     )
     if mask is None and groups is None and not distributed and not renorm_fused:
         return _native_training(

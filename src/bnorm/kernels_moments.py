@@ -273,12 +273,16 @@ class _MomentsBatchNorm(torch.autograd.Function):
         xk = x
         layout = _Layout.of(xk)
         if o.groups > 1 and layout.perm[0] != 0:  # the samples must be outermost in memory
-            xk = xk.contiguous()
+            # (a clone: contiguous() keeps a tensor whose size-1 dim has the largest stride)
+            xk = xk.clone(memory_format=torch.contiguous_format)
             layout = _Layout.of(xk)
         x5 = _view5(layout, xk, o.groups)
         r5 = None if residual is None else _view5(layout, residual, o.groups)
         v5 = None if mask is None else _view5(layout, mask.unsqueeze(1).to(sd), o.groups, is_mask=True)
-        key = (o.act.name, o.act.param, r5 is not None, v5 is not None, o.renorm is not None, x.dtype)
+        # Which of G, I, B are 1 (NCHW vs channels_last vs 2D input, ghost or not) is part of
+        # the key: Dynamo specializes size 1, and each variant gets its own recompile budget.
+        shape_kind = tuple(x5.shape[d] > 1 for d in (0, 2, 4))
+        key = (o.act.name, o.act.param, r5 is not None, v5 is not None, o.renorm is not None, x.dtype, shape_kind)
         # Empty tensors (a rank without samples) run eagerly: nothing to gain, and Dynamo
         # would specialize a recompile on the zero size.
         run = _run if x.numel() else _eager
@@ -315,6 +319,11 @@ class _MomentsBatchNorm(torch.autograd.Function):
             # create_graph=True: differentiate the layer rebuilt from differentiable ops.
             originals = (x, weight, bias, residual)
             inputs = [t for t in originals if t is not None and t.requires_grad]
+            if not inputs and o.distributed:
+                # A rank that only joined (nothing of its own needs grad) must still run the
+                # rebuilt layer's collectives with its peers: differentiate a stand-in.
+                x = x.detach().requires_grad_()
+                inputs = [x]
             with torch.enable_grad():
                 y = o.recompute(x, weight, bias, residual, mask, r, d)
                 grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
