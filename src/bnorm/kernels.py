@@ -17,6 +17,10 @@ then those accumulated in float64 (no E[x²] − E[x]² cancellation at any real
 offset) — kept in float32 (float64 for float64 inputs); half-precision inputs are
 computed in float32 and rounded once at the end.
 
+In training the forward kernel also computes the running-statistics update
+(:func:`bnorm._formulas.running_update`), written into the buffers right after the call:
+no separate pass of small eager ops per step.
+
 Only x (and r) are saved for backward; y is not, so a conv → BN → act block saves the
 conv's input and the BN input — 2× the activation size, where torch's separate layers
 save 3× (conv input, BN input, activation output).
