@@ -54,7 +54,6 @@ from .kernels import (
     RunningState,
     _Layout,
     _run,
-    compile_enabled,
     store_running,
 )
 
@@ -416,8 +415,3 @@ def batch_norm_moments_train(
         join = torch.zeros((), device=x.device, requires_grad=True)
     options = _Options(eps, groups, act, renorm, running, skip_nonfinite, distributed, process_group, recompute)
     return _MomentsBatchNorm.apply(x, weight, bias, residual, mask, options, join)
-
-
-def compiled() -> bool:
-    """Whether these kernels run compiled (see :func:`bnorm.kernels.compile_enabled`)."""
-    return compile_enabled()
