@@ -242,3 +242,24 @@ def test_ghost_batches_of_a_tensor_whose_size_one_dim_has_the_largest_stride():
     y = bnorm.functional.batch_norm(x, None, None, training=True, virtual_batch_size=4)
     expected = torch.cat([TF.batch_norm(part, None, None, training=True) for part in x.contiguous().chunk(2)])
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["ghost-fullgraph", "ghost+mask"])
+def test_ghost_layer_inside_torch_compile_equals_eager(masked):
+    """Inside torch.compile the moments path emits differentiable ops (not the Function)
+    and updates the running statistics from the pooled groups, like the eager layer. (A
+    mask's too-few-valid-values check reads the host: one graph break, so no fullgraph.)"""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 5) * 2 + 1
+    mask = torch.rand(8, 4, 5) > 0.3 if masked else None
+    eager = bnorm.BatchNorm2d(3, virtual_batch_size=4, momentum=None)
+    traced = bnorm.BatchNorm2d(3, virtual_batch_size=4, momentum=None)
+    compiled_layer = torch.compile(traced, fullgraph=not masked)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe, mask=mask), compiled_layer(xc, mask=mask)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(traced.get_buffer(name), eager.get_buffer(name), rtol=1e-5, atol=1e-6)

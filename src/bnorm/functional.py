@@ -4,7 +4,7 @@ The pipeline (see DESIGN.md): per-channel moments (count, mean, M2) → normaliz
 affine, and the running-statistics update. The math is stated in :mod:`bnorm.reference`;
 this module computes the same thing with torch, differentiably.
 
-Two ways to the same numbers:
+Three ways to the same numbers:
 
 * the **native path** — PyTorch's ATen kernel (``aten::native_batch_norm``) computes the
   batch statistics, the normalization and the backward pass in one fused pass each. It
@@ -520,19 +520,11 @@ def batch_norm(
     if torch.compiler.is_compiling():
         # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
         out, batch = composite(x, weight, bias, res, mask, None, None, renorm_args=renorm_args)
-        if update:
+        if running is not None:
             total = pool_moments(batch) if groups is not None else batch
-            update_running_stats(
-                running_mean,  # type: ignore[arg-type]
-                running_var,  # type: ignore[arg-type]
-                total.mean,
-                total.m2 / total.count.clamp_min(1),
-                total.count,
-                momentum,
-                num_batches_tracked,
-                num_batches_skipped,
-                skip_nonfinite,
-            )
+            var = total.m2 / total.count.clamp_min(1)
+            new = running_update(running[0], running[1], total.mean, var, total.count, running[2], skip_nonfinite)
+            store_running(running, *new)
         return out.movedim(1, ax) if ax != 1 else out
 
     def recompute(*args: Any) -> Tensor:
