@@ -38,7 +38,8 @@ def test_convert_to_bnorm_keeps_state_and_outputs(target):
     x = torch.randn(6, 3, 4, 4)
     converted, report = bnorm.convert(model, target)
     assert len(report.converted) == 3 and report.skipped == []
-    assert all(not isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
+    layers = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(layers) == 3 and all(type(m).__module__ == "bnorm.modules" for m in layers)
     assert converted.state_dict().keys() == reference.state_dict().keys()
     for (k, a), b in zip(converted.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)

@@ -303,21 +303,37 @@ def _small_net(layer):
     return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), layer, nn.ReLU())
 
 
-def test_fx_symbolic_trace_records_one_call_and_runs_like_eager():
+def test_fx_symbolic_trace_records_the_layer_as_a_leaf_like_torchs():
     net = _small_net(bnorm.BatchNorm2d(4))
-    eager = copy.deepcopy(net)
+    reference = _small_net(nn.BatchNorm2d(4))
+    reference.load_state_dict(net.state_dict())
     traced = torch.fx.symbolic_trace(net)
-    calls = [n for n in traced.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "_batch_norm_layer"]
-    assert len(calls) == 1
-    for _ in range(2):
+    torch_traced = torch.fx.symbolic_trace(reference)
+    # Same graph as torch's layer gives: one call_module node for the batch norm.
+    ops = [(n.op, n.target) for n in traced.graph.nodes]
+    assert ops == [(n.op, n.target) for n in torch_traced.graph.nodes]
+    assert ("call_module", "1") in ops
+    for mode in ("train", "train", "eval", "train"):
+        traced.train(mode == "train")
+        reference.train(mode == "train")
         x = torch.randn(3, 2, 5, 5)
-        torch.testing.assert_close(traced(x), eager(x))
-    torch.testing.assert_close(traced.get_buffer("1.running_var"), eager[1].running_var)
-    assert int(traced.get_buffer("1.num_batches_tracked")) == 2
+        torch.testing.assert_close(traced(x), reference(x))
+    for key in ("1.running_mean", "1.running_var"):
+        torch.testing.assert_close(traced.get_buffer(key), reference.get_buffer(key))
+    assert int(traced.get_buffer("1.num_batches_tracked")) == 3
     # The input checks run when a traced graph runs.
-    traced_layer = torch.fx.symbolic_trace(bnorm.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"BatchNorm2d: expected 4 channels at axis 1"):
+        torch.fx.symbolic_trace(nn.Sequential(bnorm.BatchNorm2d(4)))(torch.randn(3, 5, 2, 2))
+
+
+def test_fx_symbolic_trace_of_a_layer_itself_fixes_the_mode_as_torchs_does():
+    traced_layer = torch.fx.symbolic_trace(bnorm.BatchNorm2d(4, renorm=True))
+    calls = [n.target.__name__ for n in traced_layer.graph.nodes if n.op == "call_function"]
+    assert calls == ["_checked_batch_norm"]
     with pytest.raises(ValueError, match=r"BatchNorm2d: expected 4D input \(got 3D input\)"):
         traced_layer(torch.randn(3, 4, 5))
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(traced_layer(x), nn.BatchNorm2d(4)(x))
 
 
 def test_torch_compile_fullgraph_matches_torch_in_training_and_eval():
@@ -440,8 +456,7 @@ def test_axis_out_of_range_for_the_input_raises():
         ({"num_features": 0}, ValueError, r"expected num_features >= 1 \(got 0\)"),
         ({"num_features": 3.0}, TypeError, r"expected num_features to be an int \(got float\)"),
         ({"num_features": True}, TypeError, r"expected num_features to be an int \(got bool\)"),
-        ({"eps": -1e-5}, ValueError, r"expected eps to be a finite number >= 0 \(got -1e-05\)"),
-        ({"eps": float("nan")}, ValueError, r"expected eps to be a finite number >= 0 \(got nan\)"),
+        ({"eps": "1e-5"}, TypeError, r"expected eps to be a number \(got str\)"),
         ({"momentum": 1.5}, ValueError, r"expected momentum in \[0, 1\] or None \(got 1.5\)"),
         ({"momentum": "0.1"}, ValueError, r"expected momentum in \[0, 1\] or None \(got '0.1'\)"),
         ({"axis": True}, TypeError, r"expected axis to be an int \(got bool\)"),
@@ -453,6 +468,42 @@ def test_bad_constructor_arguments_raise(kwargs, error, message):
     kwargs = {"num_features": 4} | kwargs
     with pytest.raises(error, match=message):
         bnorm.BatchNorm2d(**kwargs)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_eps_follows_torch_constructed_freely_refused_in_training(eps):
+    ours, theirs = bnorm.BatchNorm2d(4, eps=eps), nn.BatchNorm2d(4, eps=eps)
+    x = torch.randn(3, 4, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive during training") as torch_error:
+        theirs(x)
+    with pytest.raises(ValueError, match=r"BatchNorm2d: batch_norm eps must be positive during training"):
+        ours(x)
+    assert "eps must be positive" in str(torch_error.value)
+    assert int(ours.num_batches_tracked) == 0
+    torch.testing.assert_close(ours.running_mean, torch.zeros(4))
+
+
+def test_eps_zero_in_eval_matches_torch_and_negative_is_refused():
+    ours, theirs = bnorm.BatchNorm2d(4, eps=0.0).eval(), nn.BatchNorm2d(4, eps=0.0).eval()
+    ours.running_var.uniform_(0.5, 2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        bnorm.BatchNorm2d(4, eps=-1.0).eval()(x)
+
+
+def test_meta_device_layer_loaded_with_assign_has_every_buffer_on_the_loaded_device():
+    source = _trained(bnorm.BatchNorm2d(4))
+    with torch.device("meta"):
+        ours = bnorm.BatchNorm2d(4)
+    ours.load_state_dict(source.state_dict(), assign=True)
+    assert {b.device.type for b in ours.buffers()} == {"cpu"}
+    assert {p.device.type for p in ours.parameters()} == {"cpu"}
+    x = torch.randn(5, 4, 3, 3)
+    torch.testing.assert_close(ours(x), source(x))
+    torch.testing.assert_close(ours.running_mean, source.running_mean)
+    assert int(ours.num_batches_skipped) == 0
 
 
 # --- non-finite batches ---------------------------------------------------------------
@@ -552,10 +603,11 @@ def test_docstring_momentum_update_with_unbiased_running_variance():
 
 
 def test_docstring_output_uses_the_biased_batch_variance():
-    ours = bnorm.BatchNorm1d(2, eps=0.0, affine=False, dtype=torch.float64)
+    ours = bnorm.BatchNorm1d(2, eps=1e-3, affine=False, dtype=torch.float64)
     x = torch.randn(7, 2, dtype=torch.float64)
     out = ours(x)
-    np.testing.assert_allclose(out.numpy(), ((x - x.mean(0)) / x.std(0, unbiased=False)).numpy(), rtol=1e-12)
+    expected = (x - x.mean(0)) / (x.var(0, unbiased=False) + 1e-3).sqrt()
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-12)
 
 
 def test_docstring_momentum_none_weights_by_one_over_num_batches_tracked():

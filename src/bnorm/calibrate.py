@@ -62,9 +62,9 @@ def is_frozen_batch_norm(module: nn.Module) -> bool:
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """A trainable batch-norm layer: bnorm's (``_BatchNormBase`` subclasses) or torch's
-    (``nn.modules.batchnorm._BatchNorm`` subclasses: BatchNorm1d/2d/3d, SyncBatchNorm)."""
-    return isinstance(module, (_modules._BatchNormBase, _BatchNorm))
+    """A trainable batch-norm layer: a ``torch.nn.modules.batchnorm._BatchNorm`` — torch's
+    BatchNorm1d/2d/3d and SyncBatchNorm, and every bnorm layer but the frozen ones."""
+    return isinstance(module, _BatchNorm)
 
 
 def batch_norm_layers(module: nn.Module, *, frozen: bool = False) -> list[tuple[str, nn.Module]]:

@@ -67,11 +67,17 @@ class ConversionReport:
 
     converted: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    #: (qualified name, option that the new layer does not have) — ``for_inference=True``.
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} layer(s), skipped {len(self.skipped)}"]
         lines += [f"  {n or '<root>'}: {a} -> {b}" for n, a, b in self.converted]
         lines += [f"  {n or '<root>'}: {c} left unchanged: {why}" for n, c, why in self.skipped]
+        lines += [
+            f"  {n or '<root>'}: dropped {what} (training only: eval mode does not use it)"
+            for n, what in self.dropped
+        ]
         return "\n".join(lines)
 
 
@@ -126,8 +132,20 @@ def _state(m: nn.Module) -> dict[str, Any]:
     }
 
 
-def _lossless(m: nn.Module, family: str) -> str | None:
-    """Why converting ``m`` to ``family`` would lose something, or None."""
+# Options that only change training: in eval mode the running statistics normalize.
+_TRAINING_ONLY = ("renorm", "virtual_batch_size")
+
+
+def _training_only_options(m: nn.Module) -> list[str]:
+    """``name=value`` of each training-only option ``m`` sets."""
+    return [
+        f"{name}={getattr(m, name)}" for name in _TRAINING_ONLY if getattr(m, name, None) is not None
+    ]
+
+
+def _lossless(m: nn.Module, family: str, for_inference: bool = False) -> str | None:
+    """Why converting ``m`` to ``family`` would lose something, or None. With
+    ``for_inference``, options that only change training are not a loss."""
     st = _state(m)
     if isinstance(m, BatchNormAct) and family != "act":
         return (
@@ -137,10 +155,12 @@ def _lossless(m: nn.Module, family: str) -> str | None:
     if family.startswith("torch"):
         if st["axis"] != 1:
             return f"torch's layers have no channel axis option (axis={st['axis']})"
-        if getattr(m, "renorm", None) is not None:
+        if not for_inference and getattr(m, "renorm", None) is not None:
             return "torch's layers have no Batch Renormalization"
-        if getattr(m, "virtual_batch_size", None) is not None:
+        if not for_inference and getattr(m, "virtual_batch_size", None) is not None:
             return "torch's layers have no ghost batches (virtual_batch_size)"
+    if family == "sync" and getattr(m, "virtual_batch_size", None) is not None:
+        return "bnorm.SyncBatchNorm has no ghost batches (virtual_batch_size)"
     if family == "frozen" and not st["track_running_stats"]:
         return "no running statistics to freeze (track_running_stats=False)"
     return None
@@ -166,17 +186,13 @@ def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str,
         track_running_stats=st["track_running_stats"],
         **factory,
     )
-    if family in ("bnorm", "sync"):
-        kwargs.update(bias=st["bias"], axis=st["axis"])
-        for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
-            if hasattr(old, name) and not (family == "sync" and name == "virtual_batch_size"):
-                kwargs[name] = getattr(old, name)
-    elif family == "act":
+    if family in ("bnorm", "sync", "act"):
         kwargs.update(bias=st["bias"], axis=st["axis"])
         for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
             if hasattr(old, name):
                 kwargs[name] = getattr(old, name)
-        kwargs.update(_act_options(old))
+        if family == "act":
+            kwargs.update(_act_options(old))
     elif family == "torch":
         kwargs["bias"] = st["bias"]
     kwargs.update(options)
@@ -219,7 +235,9 @@ def _act_conflict(old: nn.Module, options: dict[str, Any]) -> str | None:
     return None
 
 
-def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, ConversionReport]:
+def convert(
+    module: nn.Module, target: Any, *, for_inference: bool = False, **options: Any
+) -> tuple[nn.Module, ConversionReport]:
     """Replace every batch-norm layer of ``module`` by a layer of ``target``'s family.
 
     Recognized layers: torch's ``BatchNorm1d/2d/3d`` (and subclasses that keep their
@@ -239,6 +257,15 @@ def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, 
     statistics, a BatchNormAct going to a family without activations — are left
     unchanged and listed in the report's ``skipped``.
 
+    ``for_inference=True`` (torch's family only) makes torch layers for inference — the
+    recipe before tools that match torch's exact classes (``torch.ao.quantization``'s
+    fusers, ``torch.fx.experimental.optimization.fuse``, FLOP counters such as thop and
+    ptflops): options that only change training (``renorm``, ``virtual_batch_size``) are
+    dropped and listed in the report's ``dropped``, since in eval mode the running
+    statistics normalize either way. Every such layer must be in eval mode, and every
+    batch-norm layer must have a torch equivalent (``axis=1``, a rank-specific class, no
+    activation), else a ``ValueError`` names them and nothing is converted.
+
     Children are replaced in place (like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``);
     returns ``(module, report)``, where ``module`` is a new object only when ``module``
     itself is a converted layer.
@@ -248,9 +275,41 @@ def convert(module: nn.Module, target: Any, **options: Any) -> tuple[nn.Module, 
         raise ValueError(
             f"expected no options for torch's layers (got {sorted(options)})"
         )
+    if for_inference:
+        if family != "torch":
+            raise ValueError(
+                "expected a torch batch-norm class such as torch.nn.BatchNorm2d as target "
+                f"with for_inference=True (got {target!r})"
+            )
+        _check_for_inference(module, classes)
     report = ConversionReport()
-    converted = _convert(module, "", family, classes, options, report)
+    converted = _convert(module, "", family, classes, options, report, for_inference)
     return converted, report
+
+
+def _check_for_inference(module: nn.Module, classes: dict[int | None, type[nn.Module]]) -> None:
+    """Raise, before anything changes, if a batch-norm layer of ``module`` cannot become
+    one of torch's for inference."""
+    problems = []
+    for name, m in module.named_modules():
+        if not _is_batch_norm(m):
+            continue
+        base = _known_base(m)
+        why = None if base is None else _lossless(m, "torch", for_inference=True)
+        if base is None:
+            why = "a subclass that overrides forward"
+        elif why is None and classes.get(_RANK_OF[base]) is None:
+            why = "it accepts inputs of any rank: use BatchNorm1d/2d/3d"
+        elif why is None and m.training and _training_only_options(m):
+            why = "it is in training mode and has " + ", ".join(_training_only_options(m))
+            why += " (call model.eval() first)"
+        if why is not None:
+            problems.append(f"{name or '<root>'} ({type(m).__name__}): {why}")
+    if problems:
+        raise ValueError(
+            "expected every batch-norm layer to have a torch equivalent for inference "
+            "(got " + "; ".join(problems) + ")"
+        )
 
 
 def _convert(
@@ -260,6 +319,7 @@ def _convert(
     classes: dict[int | None, type[nn.Module]],
     options: dict[str, Any],
     report: ConversionReport,
+    for_inference: bool = False,
 ) -> nn.Module:
     if _is_batch_norm(m):
         base = _known_base(m)
@@ -268,7 +328,7 @@ def _convert(
                 (name, type(m).__name__, "a subclass that overrides forward (behaviour would be lost)")
             )
             return m
-        why = _lossless(m, family)
+        why = _lossless(m, family, for_inference)
         if why is None and family == "act":
             why = _act_conflict(m, options)
         if why is not None:
@@ -283,10 +343,12 @@ def _convert(
             return m
         new = _build(m, cls, family, options)
         report.converted.append((name, type(m).__name__, type(new).__name__))
+        if for_inference:
+            report.dropped += [(name, what) for what in _training_only_options(m)]
         return new
     for child_name, child in list(m.named_children()):
         full = f"{name}.{child_name}" if name else child_name
-        new_child = _convert(child, full, family, classes, options, report)
+        new_child = _convert(child, full, family, classes, options, report, for_inference)
         if new_child is not child:
             setattr(m, child_name, new_child)
     return m

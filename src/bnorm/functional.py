@@ -1,6 +1,6 @@
 """Stateless batch-normalization ops on torch tensors.
 
-The pipeline (see DESIGN.md): per-channel moments (count, mean, M2) → normalize →
+The pipeline: per-channel moments (count, mean, M2) → normalize →
 affine, and the running-statistics update. The math is stated in :mod:`bnorm.reference`;
 this module computes the same thing with torch, differentiably.
 
@@ -445,6 +445,14 @@ def batch_norm(
         raise ValueError("expected running_mean and running_var both given or both None")
     act = _check_activation(input, residual, activation, memory_efficient)
     use_batch_stats = training or running_mean is None
+    # torch's rule (torch.nn.functional.batch_norm), with its words.
+    if use_batch_stats and eps <= 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {eps}: expected "
+            "eps > 0 when normalizing with batch statistics"
+        )
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     update = training and running_mean is not None and running_var is not None
     if momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
@@ -482,22 +490,24 @@ def batch_norm(
             out = out + bias.reshape(-1)[:1].sum()
         return activation_tail(out, residual, act)
     if not use_batch_stats:
+        # torch's own op (aten::batch_norm), so that export, ONNX, jit.freeze,
+        # quantization and FLOP counters see the standard batch norm.
         x = input.movedim(ax, 1) if ax != 1 else input
-        out = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, False, 0.0, eps
-        )[0]
+        out = torch.nn.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, False, 0.0, eps
+        )
         return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, act)
     limits = None
     if renorm is not None:
         step = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long)
         limits = renorm.limits(step.to(input.device))
     # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
-    # moments kernel, which computes the statistics, (r, d) and the output in one call.
+    # moments kernel, which computes the statistics, (r, d) and the output in one call;
+    # inside an enclosing torch.compile the moments path emits differentiable ops.
     renorm_fused = (
         limits is not None
         and not memory_efficient
-        and not torch.compiler.is_compiling()  # first: Dynamo must not trace compile_enabled
-        and compile_enabled()
+        and (torch.compiler.is_compiling() or compile_enabled())  # Dynamo: never traces the 2nd
     )
     if mask is None and groups is None and not distributed and not renorm_fused:
         return _native_training(
@@ -675,8 +685,11 @@ def _native_training(
         # Renorm: γ·x̂ + β with x̂ = x̂_B·r + d is BN with weight γ·r and bias β + γ·d
         # (r, d constants); the kernel recomputes μ_B, σ_B with their gradients.
         with torch.no_grad():
-            # ATen's statistics pass (biased variance); much faster than var_mean here.
-            mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
+            if torch.compiler.is_compiling():  # (ATen's statistics op has no fake kernel)
+                dims = [d for d in range(x.dim()) if d != 1]
+                var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+            else:  # ATen's statistics pass (biased variance); much faster than var_mean
+                mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
             mean_b = mean_b.to(_stats_dtype(x.dtype))
             var_b = var_b.to(_stats_dtype(x.dtype))
         r, d = renorm_correction(mean_b, var_b, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]

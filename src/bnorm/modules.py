@@ -1,5 +1,6 @@
-"""Batch-normalization layers: one base class, thin subclasses that only state which input
-ranks they accept. The work is done by :func:`bnorm.functional.batch_norm`."""
+"""Batch-normalization layers: subclasses of torch's batch-norm classes that hold state and
+options. One base class; the rank-specific classes only state which input ranks they
+accept. Every forward is one call of :func:`bnorm.functional.batch_norm`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from .kernels import Activation
@@ -32,88 +34,90 @@ __all__ = [
 
 
 def _batch_norm_layer(
+    layer: _BatchNormBase | FrozenBatchNorm,
+    input: Tensor,
+    mask: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """A layer's forward: check the input against the layer, then one call of
+    :func:`bnorm.functional.batch_norm` with the layer's state and options."""
+    if isinstance(input, torch.fx.Proxy):
+        return _record_in_fx_graph(layer, input, mask, residual)
+    return _checked_batch_norm(
+        input, mask, residual, type(layer).__name__, layer._ranks, layer.num_features,
+        layer._functional_args(),
+    )  # fmt: skip
+
+
+def _checked_batch_norm(
     input: Tensor,
     mask: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-    training: bool,
-    track_running_stats: bool,
-    momentum: float | None,
-    eps: float,
-    axis: int,
+    residual: Tensor | None,
+    name: str,
     ranks: tuple[int, ...] | None,
-    layer: str,
-    skip_nonfinite: bool,
-    virtual_batch_size: int | None = None,
-    renorm: tuple[float, float, int, int, int] | None = None,
-    sync: bool = False,
-    process_group: Any = None,
-    num_features: int | None = None,
-    residual: Tensor | None = None,
-    activation: tuple[str, float] | None = None,
-    memory_efficient: bool = False,
+    num_features: int,
+    options: dict[str, Any],
 ) -> Tensor:
-    """A layer's forward, as one function of tensors and constants.
-
-    It is registered with :func:`torch.fx.wrap`, so ``torch.fx.symbolic_trace`` records a
-    bnorm layer as a single call (its input checks need concrete shapes) while
-    ``torch.compile`` traces through it.
-    """
     if not isinstance(input, Tensor):
-        raise TypeError(f"{layer}: expected input to be a Tensor (got {type(input).__name__})")
+        raise TypeError(f"{name}: expected input to be a Tensor (got {type(input).__name__})")
     if ranks is not None and input.dim() not in ranks:
         want = " or ".join(f"{r}D" for r in ranks)
-        raise ValueError(f"{layer}: expected {want} input (got {input.dim()}D input)")
-    if num_features is not None and input.dim() >= 2 and -input.dim() <= axis < input.dim():
+        raise ValueError(f"{name}: expected {want} input (got {input.dim()}D input)")
+    axis = options["axis"]
+    if input.dim() >= 2 and -input.dim() <= axis < input.dim():
         # Checked here, not only against the parameters: a layer without any still knows C.
         if input.shape[axis] != num_features:
             raise ValueError(
-                f"{layer}: expected {num_features} channels at axis {axis} "
+                f"{name}: expected {num_features} channels at axis {axis} "
                 f"(got {input.shape[axis]} in an input of shape {tuple(input.shape)})"
             )
-    update = training and track_running_stats
-    if training and not track_running_stats:
-        running_mean = running_var = None
+    if isinstance(options.get("renorm"), tuple):  # from a graph traced at the root
+        options = {**options, "renorm": F.Renorm(*options["renorm"])}
     try:
-        return F.batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training=training or running_mean is None,
-            momentum=momentum,
-            eps=eps,
-            axis=axis,
-            mask=mask,
-            num_batches_tracked=num_batches_tracked if update else None,
-            num_batches_skipped=num_batches_skipped if update else None,
-            skip_nonfinite=skip_nonfinite,
-            virtual_batch_size=virtual_batch_size,
-            renorm=None if renorm is None else F.Renorm(*renorm),
-            sync=sync,
-            process_group=process_group,
-            residual=residual,
-            activation=None if activation is None else Activation(*activation),
-            memory_efficient=memory_efficient,
-        )
+        return F.batch_norm(input, mask=mask, residual=residual, **options)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"{layer}: {err}") from None
+        raise type(err)(f"{name}: {err}") from None
 
 
-torch.fx.wrap("_batch_norm_layer")
+def _record_in_fx_graph(
+    layer: _BatchNormBase | FrozenBatchNorm,
+    input: torch.fx.Proxy,
+    mask: Any,
+    residual: Any,
+) -> Any:
+    """Under ``torch.fx.symbolic_trace``: record the layer as one ``call_module`` node — a
+    leaf, as torch's batch norm is — so the traced graph runs the layer itself and
+    ``.train()``/``.eval()`` on the traced module switch it. The root of a trace has no
+    path to call (it is the traced module): its forward is recorded as one call of
+    ``_checked_batch_norm`` with the mode fixed at trace time, as tracing torch's layer on
+    its own fixes it."""
+    tracer = input.tracer
+    path = tracer.path_of_module(layer)  # type: ignore[attr-defined]
+    kwargs = {k: v for k, v in (("residual", residual), ("mask", mask)) if v is not None}
+    if path:
+        return tracer.create_proxy("call_module", path, (input,), kwargs)
+    options = layer._functional_args()
+    if options.get("renorm") is not None:
+        options["renorm"] = astuple(options["renorm"])
+    return _checked_batch_norm(
+        input,  # type: ignore[arg-type]  # a Proxy: fx records the call (torch.fx.wrap)
+        mask, residual, type(layer).__name__, layer._ranks, layer.num_features, options,
+    )  # fmt: skip
 
 
-class _BatchNormBase(nn.Module):
-    """Shared base of the bnorm batch-norm layers.
+torch.fx.wrap("_checked_batch_norm")
 
-    Owns the parameters γ (``weight``) and β (``bias``), the buffers ``running_mean``,
-    ``running_var``, ``num_batches_tracked`` (the same state_dict as torch's layers, so
-    checkpoints load both ways) and the non-persistent ``num_batches_skipped``.
+
+class _BatchNormBase(_BatchNorm):
+    """Shared base of the bnorm batch-norm layers: a subclass of torch's
+    ``torch.nn.modules.batchnorm._BatchNorm``, so every tool that looks for batch norm
+    with ``isinstance`` finds it (``BatchNorm1d/2d/3d`` and ``BatchNormAct1d/2d/3d``
+    subclass ``torch.nn.BatchNorm1d/2d/3d`` too).
+
+    torch's base owns the parameters γ (``weight``) and β (``bias``), the buffers
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` (torch's state_dict, so
+    checkpoints load both ways), ``reset_parameters`` and the state-dict versioning; this
+    class adds the non-persistent buffer ``num_batches_skipped`` and bnorm's options.
 
     In training, each channel is normalized with the batch's mean μ_B and biased variance
     σ²_B over every axis but ``axis``, ``y = γ (x − μ_B)/√(σ²_B + ε) + β``, and the running
@@ -123,8 +127,10 @@ class _BatchNormBase(nn.Module):
         running_var  ← (1 − momentum) · running_var  + momentum · m/(m − 1) · σ²_B
 
     (``momentum=None``: cumulative average, weight 1/num_batches_tracked.) In evaluation
-    the running statistics normalize. With ``track_running_stats=False`` batch statistics
-    are used in both modes.
+    the running statistics normalize, through torch's batch-norm op
+    (``torch.nn.functional.batch_norm``), so export, ONNX, ``jit.freeze``, quantization
+    and FLOP counters see the standard op. With ``track_running_stats=False`` batch
+    statistics are used in both modes.
 
     bnorm-only keyword options: ``axis`` (the channel axis, e.g. -1 for NHWC) and
     ``skip_nonfinite`` (default True): a training batch whose statistics contain NaN/inf
@@ -142,14 +148,8 @@ class _BatchNormBase(nn.Module):
     normalized with them.
     """
 
-    _version = 2
     _ranks: ClassVar[tuple[int, ...] | None] = None
 
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
     axis: int
     skip_nonfinite: bool
 
@@ -169,15 +169,16 @@ class _BatchNormBase(nn.Module):
         virtual_batch_size: int | None = None,
         renorm: F.Renorm | bool | None = None,
     ) -> None:
-        super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int):
             raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
         if num_features < 1:
             raise ValueError(f"expected num_features >= 1 (got {num_features})")
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"expected eps to be a finite number >= 0 (got {eps!r})")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"expected eps to be a number (got {type(eps).__name__})")
         if momentum is not None and (
-            not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 <= momentum <= 1.0
         ):
             raise ValueError(f"expected momentum in [0, 1] or None (got {momentum!r})")
         if isinstance(axis, bool) or not isinstance(axis, int):
@@ -205,72 +206,37 @@ class _BatchNormBase(nn.Module):
             )
         if renorm is not None and not track_running_stats:
             raise ValueError("renorm needs running statistics (got track_running_stats=False)")
-        factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        super().__init__(
+            num_features,
+            float(eps),
+            None if momentum is None else float(momentum),
+            bool(affine),
+            bool(track_running_stats),
+            device,
+            dtype,
+            bias=bias,
+        )
+        self.num_batches_skipped: Tensor | None
+        self.register_buffer(
+            "num_batches_skipped",
+            torch.tensor(0, dtype=torch.long, device=device) if self.track_running_stats else None,
+            persistent=False,
+        )
         self.axis = axis
         self.skip_nonfinite = bool(skip_nonfinite)
         self.virtual_batch_size = virtual_batch_size
         self.renorm: F.Renorm | None = renorm
-        self.weight: nn.Parameter | None
-        self.bias: nn.Parameter | None
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.running_mean: Tensor | None
-        self.running_var: Tensor | None
-        self.num_batches_tracked: Tensor | None
-        self.num_batches_skipped: Tensor | None
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-            self.register_buffer(
-                "num_batches_skipped",
-                torch.tensor(0, dtype=torch.long, device=device),
-                persistent=False,
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-            self.register_buffer("num_batches_skipped", None, persistent=False)
-        self.reset_parameters()
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
-        if self.running_mean is not None and self.running_var is not None:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-        for counter in (self.num_batches_tracked, self.num_batches_skipped):
-            if counter is not None:
-                counter.zero_()
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0, and :meth:`reset_running_stats`."""
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().reset_running_stats()
+        # (torch's __init__ calls this before num_batches_skipped exists.)
+        skipped = self._buffers.get("num_batches_skipped")
+        if skipped is not None:
+            skipped.zero_()
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
+        text = super().extra_repr()
         if self.axis != 1:
             text += f", axis={self.axis}"
         if not self.skip_nonfinite:
@@ -291,49 +257,49 @@ class _BatchNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # Checkpoints from before version 2 have no num_batches_tracked: keep the
-            # layer's own count (0 for a new layer), as torch does.
-            own = self.num_batches_tracked
-            keep = own is not None and own.device != torch.device("meta")
-            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # num_batches_skipped is not in the state_dict: a layer built on the meta device
+        # and loaded with assign=True gets it beside the loaded running statistics.
+        skipped = self._buffers.get("num_batches_skipped")
+        ref = self._buffers.get("num_batches_tracked")
+        if skipped is not None and ref is not None and skipped.device != ref.device:
+            self._buffers["num_batches_skipped"] = torch.zeros_like(ref)
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, input's shape without the channel axis,
         True = valid) restricts the batch statistics to valid positions (every position is
         normalized with them)."""
-        return self._normalize(input, mask)
+        return _batch_norm_layer(self, input, mask)
 
-    def _normalize(self, input: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
-        return _batch_norm_layer(
-            input,
-            mask,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.num_batches_skipped,
-            self.training,
-            self.track_running_stats,
-            self.momentum,
-            self.eps,
-            self.axis,
-            self._ranks,
-            type(self).__name__,
-            self.skip_nonfinite,
-            self.virtual_batch_size,
-            None if self.renorm is None else astuple(self.renorm),
-            *self._sync_args(),
-            num_features=self.num_features,
-            residual=residual,
+    def _functional_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bnorm.functional.batch_norm` for this layer's
+        state and mode (besides the input, mask and residual)."""
+        training = self.training
+        update = training and self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        sync, process_group = self._sync_args()
+        return {
+            "running_mean": running_mean,
+            "running_var": running_var,
+            "weight": self.weight,
+            "bias": self.bias,
+            "training": training or running_mean is None,
+            "momentum": self.momentum,
+            "eps": self.eps,
+            "axis": self.axis,
+            "num_batches_tracked": self.num_batches_tracked if update else None,
+            "num_batches_skipped": self.num_batches_skipped if update else None,
+            "skip_nonfinite": self.skip_nonfinite,
+            "virtual_batch_size": self.virtual_batch_size,
+            "renorm": self.renorm,
+            "sync": sync,
+            "process_group": process_group,
             **self._fused_args(),
-        )
+        }
 
     def _sync_args(self) -> tuple[bool, Any]:
         """(sync, process_group) for the functional call; local layers don't sync."""
@@ -352,8 +318,8 @@ class BatchNorm(_BatchNormBase):
     """
 
 
-class BatchNorm1d(_BatchNormBase):
-    """Drop-in for :class:`torch.nn.BatchNorm1d`.
+class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
+    """Drop-in for :class:`torch.nn.BatchNorm1d`, and a subclass of it.
 
     Shape:
         input: (N, C) or (N, C, L); output: same shape.
@@ -362,8 +328,8 @@ class BatchNorm1d(_BatchNormBase):
     _ranks = (2, 3)
 
 
-class BatchNorm2d(_BatchNormBase):
-    """Drop-in for :class:`torch.nn.BatchNorm2d`.
+class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
+    """Drop-in for :class:`torch.nn.BatchNorm2d`, and a subclass of it.
 
     Shape:
         input: (N, C, H, W) (any memory layout); output: same shape.
@@ -372,8 +338,8 @@ class BatchNorm2d(_BatchNormBase):
     _ranks = (4,)
 
 
-class BatchNorm3d(_BatchNormBase):
-    """Drop-in for :class:`torch.nn.BatchNorm3d`.
+class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
+    """Drop-in for :class:`torch.nn.BatchNorm3d`, and a subclass of it.
 
     Shape:
         input: (N, C, D, H, W); output: same shape.
@@ -451,8 +417,10 @@ class BatchNormAct(_BatchNormBase):
     * ``sync=True`` (with ``process_group``): statistics of the global batch, as
       :class:`SyncBatchNorm`.
 
-    With a mask, ghost batches or sync the statistics take bnorm's moments path and the add
-    and activation follow unfused; in evaluation the running statistics normalize.
+    With a mask, ghost batches or sync the statistics take bnorm's moments path, whose
+    kernel (:mod:`bnorm.kernels_moments`) fuses the add and the activation too; in
+    evaluation the running statistics normalize (torch's batch-norm op, then the add and
+    the activation).
 
     Shape:
         input: (*, C, *) with C at ``axis``; residual: like input; output: like input.
@@ -515,12 +483,12 @@ class BatchNormAct(_BatchNormBase):
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """``act(BN(input) + residual)``; ``mask`` as in :meth:`BatchNorm.forward`."""
-        return self._normalize(input, mask, residual)
+        return _batch_norm_layer(self, input, mask, residual)
 
     def _fused_args(self) -> dict[str, Any]:
         act = Activation.parse(self.activation, self.negative_slope, self.alpha)
         assert act is not None
-        return {"activation": (act.name, act.param), "memory_efficient": self.memory_efficient}
+        return {"activation": act, "memory_efficient": self.memory_efficient}
 
     def _sync_args(self) -> tuple[bool, Any]:
         return self.sync, self.process_group
@@ -538,19 +506,19 @@ class BatchNormAct(_BatchNormBase):
         return text
 
 
-class BatchNormAct1d(BatchNormAct):
+class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
     """:class:`BatchNormAct` for (N, C) or (N, C, L) input."""
 
     _ranks = (2, 3)
 
 
-class BatchNormAct2d(BatchNormAct):
+class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
     """:class:`BatchNormAct` for (N, C, H, W) input (any memory layout)."""
 
     _ranks = (4,)
 
 
-class BatchNormAct3d(BatchNormAct):
+class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
     """:class:`BatchNormAct` for (N, C, D, H, W) input."""
 
     _ranks = (5,)
@@ -621,24 +589,17 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Apply the fixed transform (``mask`` is accepted and has no effect: nothing is
         estimated)."""
-        return _batch_norm_layer(
-            input,
-            None,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            None,
-            None,
-            False,
-            True,
-            0.0,
-            self.eps,
-            self.axis,
-            self._ranks,
-            type(self).__name__,
-            True,
-        )
+        return _batch_norm_layer(self, input, mask)
+
+    def _functional_args(self) -> dict[str, Any]:
+        return {
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+            "weight": self.weight,
+            "bias": self.bias,
+            "eps": self.eps,
+            "axis": self.axis,
+        }
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):

@@ -105,7 +105,9 @@ def test_bn_arm_uses_bnorm_layers_and_bias_free_layers_before_them(name: str) ->
     with_bn = build_model(name, (3, 32, 32), 10, "bn")
     bns = [m for m in with_bn.modules() if isinstance(m, (bnorm.BatchNorm1d, bnorm.BatchNorm2d))]
     assert bns, "the BN arm must contain bnorm layers"
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in with_bn.modules())
+    # Only bnorm's layers: no torch batch norm that is not one of bnorm's.
+    torch_bns = [m for m in with_bn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(type(m).__module__ == "bnorm.modules" for m in torch_bns) and len(torch_bns) == len(bns)
     # Every weight layer but the classifier is followed by a normalization: no bias.
     *hidden, head = with_bn.weight_layers
     assert all(layer.bias is None for layer in hidden)

@@ -337,7 +337,7 @@ def inference_check(
     import bnorm
     from bnorm.bench import time_alternated
 
-    if not any(isinstance(m, (bnorm.modules._BatchNormBase, nn.modules.batchnorm._BatchNorm)) for m in model.modules()):
+    if not bnorm.calibrate.batch_norm_layers(model):
         return None
     test = lambda m: evaluate(m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device)  # noqa: E731
     ema = test(model)

@@ -1,0 +1,2 @@
+"""Adapters that plug bnorm into other training frameworks (each imports its framework
+only when imported itself)."""
