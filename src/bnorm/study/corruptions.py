@@ -11,7 +11,7 @@ W), with ``m`` the image's mean over (C, H, W):
   (stays in [0, 1] for 0 < c ≤ 1);
 * ``brightness`` b: ``clip(x + b, 0, 1)``;
 * ``blur`` s: Gaussian blur with standard deviation s pixels: the separable kernel
-  ``k_i ∝ exp(−i²/(2s²))``, i = −⌈2s⌉..⌈2s⌉, normalized to sum 1, borders replicated
+  ``k_i ∝ exp(−i²/(2s²))``, i = −r..r with r = ⌊2s + ½⌋, normalized to sum 1, borders replicated
   (scipy's ``gaussian_filter(mode="nearest", truncate=2)``);
 * ``invert``: ``1 − x`` — a shift of the input's sign, not of its statistics alone:
   the case where adapting normalization statistics is expected to fail.
@@ -22,7 +22,6 @@ Fashion-MNIST, and they apply to every dataset alike.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,16 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-__all__ = ["CORRUPTIONS", "Corruption", "blur", "brightness", "contrast", "corrupt", "gaussian_noise", "invert"]
+__all__ = [
+    "CORRUPTIONS",
+    "Corruption",
+    "blur",
+    "brightness",
+    "contrast",
+    "corrupt",
+    "gaussian_noise",
+    "invert",
+]
 
 
 def gaussian_noise(x: Tensor, sigma: float, gen: torch.Generator) -> Tensor:
@@ -48,7 +56,7 @@ def brightness(x: Tensor, shift: float, gen: torch.Generator | None = None) -> T
 
 
 def gaussian_kernel(sigma: float) -> Tensor:
-    radius = math.ceil(2 * sigma)
+    radius = int(2 * sigma + 0.5)  # scipy's gaussian_filter with truncate=2
     i = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-(i**2) / (2 * sigma**2))
     return k / k.sum()

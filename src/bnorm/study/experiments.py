@@ -393,7 +393,8 @@ def summarize_shift(
     corruptions: list[dict[str, Any]] = src[0]["shift"]["corruptions"] if src else []
     columns: list[tuple[str, str, str]] = []
     for norm in norms:
-        methods = {m for r in src if r["norm"] == norm for acc in r["shift"]["accuracy"].values() for m in acc}
+        mine = [r for r in src if r["norm"] == norm]
+        methods = {m for r in mine for acc in r["shift"]["accuracy"].values() for m in acc}
         columns += shift_columns(norm, sorted(methods))
     table = []
     for c in corruptions:
@@ -403,7 +404,9 @@ def summarize_shift(
                 [r["shift"]["accuracy"][c["name"]].get(method) for r in src if r["norm"] == norm]
             )
         table.append(row)
-    shifted = [c["name"] for c in corruptions if c["name"] != "clean" and c.get("adaptation_should_help", True)]
+    shifted = [
+        c["name"] for c in corruptions if c["name"] != "clean" and c.get("adaptation_should_help", True)
+    ]
     means: dict[str, Any] = {}
     for key, norm, method in columns:
         per_seed = []
@@ -420,7 +423,9 @@ def summarize_shift(
         note = f"needs finished runs of '{source_name}'"
     else:
         note = f"mean over the {len(shifted)} corrupted test sets, " + ", ".join(
-            f"{labels[key]} {100 * means[key]['mean']:.1f}%" for key in adapted if means[key]["mean"] is not None
+            f"{labels[key]} {100 * means[key]['mean']:.1f}%"
+            for key in adapted
+            if means[key]["mean"] is not None
         )
         failing = [c for c in corruptions if not c.get("adaptation_should_help", True)]
         for c in failing:
@@ -431,7 +436,8 @@ def summarize_shift(
                 if row["columns"][key]["mean"] is not None
             )
     headline = {
-        "measure": f"mean test accuracy over {len(shifted)} corrupted test sets ({', '.join(shifted)}), as trained",
+        "measure": f"mean test accuracy over {len(shifted)} corrupted test sets "
+        f"({', '.join(shifted)}), as trained",
         "short": f"mean acc, {len(shifted)} corruptions",
         "values": {norm: means[f"{norm}:source"] for norm in norms if f"{norm}:source" in means},
         "speedup": {},
@@ -443,7 +449,9 @@ def summarize_shift(
         "corruptions": corruptions,
         "table": table,
         "mean_over_corruptions": means,
-        "settings": {k: v for k, v in (src[0]["shift"].items() if src else []) if k not in ("accuracy", "corruptions")},
+        "settings": {
+            k: v for k, v in (src[0]["shift"].items() if src else []) if k not in ("accuracy", "corruptions")
+        },
         "headline": headline,
     }
 

@@ -321,7 +321,8 @@ def plot_shift(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Pat
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title("Corrupted test sets: as trained and after bnorm.adapt (mean ± std over seeds)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(columns), 6), fontsize=8)
+    ncol = min(len(columns), 6)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=ncol, fontsize=8)
     return _save(fig, path)
 
 
@@ -529,14 +530,17 @@ def _shift_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -
     tent = settings.get("tent", {})
     blocks: list[Block] = [
         Para(
-            f"Online methods run over test batches of {settings.get('adapt_batch')} in the test set's order; "
+            f"Online methods run over test batches of {settings.get('adapt_batch')} "
+            "in the test set's order; "
             f"prior strength N = {settings.get('prior_strength')} samples; Tent: "
-            f"{tent.get('optimizer', 'sgd').upper()} lr {tent.get('lr')}, momentum {tent.get('momentum')}, "
+            f"{tent.get('optimizer', 'sgd').upper()} lr {tent.get('lr')}, "
+            f"momentum {tent.get('momentum')}, "
             "one step per batch, each batch predicted before its step."
         )
     ]
     rows = [
-        [row["label"], *(format_accuracy(row["columns"][c["key"]]) for c in columns)] for row in summ["table"]
+        [row["label"], *(format_accuracy(row["columns"][c["key"]]) for c in columns)]
+        for row in summ["table"]
     ]
     rows.append(
         [
@@ -547,7 +551,8 @@ def _shift_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -
     blocks.append(Table(["test set", *(c["label"] for c in columns)], rows))
     fig = plot_shift(summ, norms, out / f"{name}.png")
     if fig is not None:
-        blocks.append(Figure(fig, "Test accuracy per corruption, as trained and after test-time adaptation."))
+        caption = "Test accuracy per corruption, as trained and after test-time adaptation."
+        blocks.append(Figure(fig, caption))
     return blocks
 
 

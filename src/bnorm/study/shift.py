@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from .corruptions import CORRUPTIONS, corrupt
 from .data import Dataset
 
-__all__ = ["ADAPT_BATCH", "METHODS", "PRIOR_STRENGTH", "TENT_LR", "TENT_MOMENTUM", "corrupted_inputs", "shift_check"]
+__all__ = [
+    "ADAPT_BATCH",
+    "METHODS",
+    "PRIOR_STRENGTH",
+    "TENT_LR",
+    "TENT_MOMENTUM",
+    "corrupted_inputs",
+    "shift_check",
+]
 
 ADAPT_BATCH = 32  # test batch of the online methods
 PRIOR_STRENGTH = 16.0  # N, in samples: the source statistics weigh as much as 16 test images
@@ -38,7 +46,9 @@ TENT_MOMENTUM = 0.9
 METHODS = ("source", "bn", "prior", "tent")
 
 
-def corrupted_inputs(data: Dataset, images: Tensor, name: str, seed: int, standardize: bool = False) -> Tensor:
+def corrupted_inputs(
+    data: Dataset, images: Tensor, name: str, seed: int, standardize: bool = False
+) -> Tensor:
     """uint8 ``images`` → floats in [0, 1], corrupted by ``name``, then standardized with
     the training set's statistics if ``standardize`` (as the network's inputs were)."""
     corruption = next(c for c in CORRUPTIONS if c.name == name)
@@ -58,7 +68,12 @@ def _predict(model: nn.Module, x: Tensor, batch: int = 1000) -> Tensor:
 
 
 def shift_check(
-    model: nn.Module, data: Dataset, *, seed: int, standardize: bool = False, device: torch.device | str = "cpu"
+    model: nn.Module,
+    data: Dataset,
+    *,
+    seed: int,
+    standardize: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Accuracy per corruption and method (see the module docstring); the model is left
     untouched (each method adapts a copy)."""
@@ -72,7 +87,9 @@ def shift_check(
     accuracy: dict[str, dict[str, float]] = {}
     try:
         for corruption in CORRUPTIONS:
-            x = corrupted_inputs(data, data.test_images, corruption.name, seed, standardize).to(device)
+            x = corrupted_inputs(data, data.test_images, corruption.name, seed, standardize).to(
+                device
+            )
             batches = list(x.split(ADAPT_BATCH))
             entry = {"source": _accuracy(_predict(model, x), labels)}
             if has_bn:
@@ -80,11 +97,21 @@ def shift_check(
                 bnorm.adapt(adapted, batches, "bn", progress=False)
                 entry["bn"] = _accuracy(_predict(adapted, x), labels)
                 report = bnorm.adapt(
-                    copy.deepcopy(model), batches, "prior", online=True, prior_strength=PRIOR_STRENGTH, progress=False
+                    copy.deepcopy(model),
+                    batches,
+                    "prior",
+                    online=True,
+                    prior_strength=PRIOR_STRENGTH,
+                    progress=False,
                 )
                 entry["prior"] = _accuracy(torch.cat(report.outputs or []), labels)
                 report = bnorm.adapt(
-                    copy.deepcopy(model), batches, "tent", lr=TENT_LR, momentum=TENT_MOMENTUM, progress=False
+                    copy.deepcopy(model),
+                    batches,
+                    "tent",
+                    lr=TENT_LR,
+                    momentum=TENT_MOMENTUM,
+                    progress=False,
                 )
                 entry["tent"] = _accuracy(torch.cat(report.outputs or []), labels)
             accuracy[corruption.name] = entry

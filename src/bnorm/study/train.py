@@ -88,7 +88,8 @@ class TrainSpec:
             raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"expected init in {', '.join(INIT_SCHEMES)} (got {self.init!r})")
-        for name in ("augment", "standardize", "probe", "grad_norms", "keep_predictions", "inference_check", "shift_check"):
+        flags = ("augment", "standardize", "probe", "grad_norms", "keep_predictions", "inference_check", "shift_check")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"expected {name} to be true or false (got {getattr(self, name)!r})")
         if not isinstance(self.lr_milestones, list) or any(
@@ -671,7 +672,9 @@ def train_run(
     if spec.shift_check and not diverged:
         from .shift import shift_check
 
-        record["shift"] = shift_check(model, data, seed=seed, standardize=spec.standardize, device=device)
+        record["shift"] = shift_check(
+            model, data, seed=seed, standardize=spec.standardize, device=device
+        )
     record["done"] = True
     save(epoch - 1, final=True)
     return record
