@@ -450,8 +450,11 @@ def summarize_shift(
         "table": table,
         "mean_over_corruptions": means,
         "settings": {
-            k: v for k, v in (src[0]["shift"].items() if src else []) if k not in ("accuracy", "corruptions")
+            k: v
+            for k, v in (src[0]["shift"].items() if src else [])
+            if k not in ("accuracy", "corruptions", "wall_s")
         },
+        "wall_s": sum(r["shift"].get("wall_s", 0.0) for r in src),
         "headline": headline,
     }
 

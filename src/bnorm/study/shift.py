@@ -21,6 +21,7 @@ set in its fixed order. Networks without batch norm get ``source`` only.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ def shift_check(
     import bnorm
     from bnorm.calibrate import batch_norm_layers
 
+    started = time.perf_counter()
     has_bn = bool(batch_norm_layers(model))
     was_training = model.training
     model.eval()
@@ -123,4 +125,5 @@ def shift_check(
         "prior_strength": PRIOR_STRENGTH,
         "tent": {"optimizer": "sgd", "lr": TENT_LR, "momentum": TENT_MOMENTUM, "steps": 1},
         "accuracy": accuracy,
+        "wall_s": time.perf_counter() - started,
     }
