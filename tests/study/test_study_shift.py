@@ -112,7 +112,9 @@ def test_shift_check_agrees_with_an_independent_recomputation(kind: str, digits:
         assert torch.equal(v, state[k]), k  # each method adapted a copy
     acc = result["accuracy"]
     assert set(acc) == {c.name for c in CORRUPTIONS}
-    assert all(set(entry) == {"source", "bn", "prior", "tent"} for entry in acc.values())
+    assert all(
+        set(entry) == {"source", "bn", "bn_online", "prior", "tent"} for entry in acc.values()
+    )
     # as trained, on the clean test set: the training code's own evaluation
     clean = evaluate(net, data.test_images, data.test_labels, data, standardize=standardize)
     assert acc["clean"]["source"] == pytest.approx(clean.accuracy)
@@ -123,6 +125,12 @@ def test_shift_check_agrees_with_an_independent_recomputation(kind: str, digits:
     with torch.no_grad():
         expected = float((ref(x).argmax(1) == data.test_labels).double().mean())
     assert acc["clean"]["bn"] == pytest.approx(expected)
+    # "bn_online": each batch of ADAPT_BATCH through the network in training mode
+    batch_mode = copy.deepcopy(net).train()
+    with torch.no_grad():
+        logits = torch.cat([batch_mode(b) for b in x.split(ADAPT_BATCH)])
+    expected = float((logits.argmax(1) == data.test_labels).double().mean())
+    assert acc["clean"]["bn_online"] == pytest.approx(expected)
     # ... which is close to recalibrating on the training set (same distribution)
     train_ref = copy.deepcopy(net)
     bnorm.recalibrate(train_ref, [data.inputs(data.train_images, standardize)], progress=False)
@@ -159,7 +167,7 @@ def test_shift_experiment_end_to_end(tmp_path: Path) -> None:
     runs = metrics["experiments"]["curves"]["runs"]
     summary = metrics["experiments"]["shift"]["summary"]
     keys = [c["key"] for c in summary["columns"]]
-    assert keys == ["none:source", "bn:source", "bn:bn", "bn:prior", "bn:tent"]
+    assert keys == ["none:source", "bn:source", "bn:bn", "bn:bn_online", "bn:prior", "bn:tent"]
     for row in summary["table"]:  # each cell: mean over the seeds' records
         for key in keys:
             norm, method = key.split(":")
@@ -183,10 +191,14 @@ def test_shift_experiment_end_to_end(tmp_path: Path) -> None:
     )
     assert "BN adapt bn" in row["note"] and "inverted" in row["note"]
     md = (out / "report.md").read_text()
-    assert (
-        "| test set | no BN as trained | BN as trained | BN adapt bn | BN adapt prior | BN Tent |"
-        in md
-    )
+    header = [
+        "test set",
+        "no BN as trained",
+        "BN as trained",
+        "BN adapt bn",
+        "BN adapt bn per batch",
+    ]
+    assert "| " + " | ".join([*header, "BN adapt prior", "BN Tent"]) + " |" in md
     assert "![Test accuracy per corruption" in md
     html = (out / "report.html").read_text()
     assert "BN adapt prior" in html and "data:image/png;base64," in html

@@ -373,7 +373,13 @@ def _disagreement(pred_base: Sequence[int], pred_other: Sequence[int], labels: S
     }
 
 
-SHIFT_METHODS = {"source": "as trained", "bn": "adapt bn", "prior": "adapt prior", "tent": "Tent"}
+SHIFT_METHODS = {
+    "source": "as trained",
+    "bn": "adapt bn",
+    "bn_online": "adapt bn per batch",
+    "prior": "adapt prior",
+    "tent": "Tent",
+}
 
 
 def shift_columns(norm: str, methods: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -449,6 +455,7 @@ def summarize_shift(
         "corruptions": corruptions,
         "table": table,
         "mean_over_corruptions": means,
+        "averaged_over": shifted,
         "settings": {
             k: v
             for k, v in (src[0]["shift"].items() if src else [])

@@ -303,8 +303,8 @@ def plot_shift(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Pat
     table = summary.get("table", [])
     if not columns or not table:
         return None
-    method_alpha = {"source": 1.0, "bn": 0.75, "prior": 0.55, "tent": 0.35}
-    method_hatch = {"source": "", "bn": "//", "prior": "..", "tent": "xx"}
+    method_alpha = {"source": 1.0, "bn": 0.8, "bn_online": 0.65, "prior": 0.5, "tent": 0.35}
+    method_hatch = {"source": "", "bn": "//", "bn_online": "\\\\", "prior": "..", "tent": "xx"}
     fig, (ax,) = _new_figure(max(7.0, 1.3 * len(table) + 2), 3.8)
     width = 0.84 / len(columns)
     for j, col in enumerate(columns):
@@ -544,7 +544,7 @@ def _shift_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -
     ]
     rows.append(
         [
-            "mean over the corrupted sets",
+            f"mean over {', '.join(summ.get('averaged_over', []))}",
             *(format_accuracy(summ["mean_over_corruptions"][c["key"]]) for c in columns),
         ]
     )

@@ -7,6 +7,8 @@ test set is corrupted (seeded by the run's seed) and the network's accuracy meas
 * ``source`` — as trained (eval mode: the running statistics of training);
 * ``bn`` — ``adapt(model, test batches, "bn")``: running statistics := the exact
   statistics of the corrupted test set, then eval mode;
+* ``bn_online`` — ``adapt(..., "bn", online=True)``: each test batch of ``ADAPT_BATCH``
+  samples normalized with its own statistics (what Tent starts from);
 * ``prior`` — ``adapt(..., "prior", online=True, prior_strength=PRIOR_STRENGTH)``: each
   test batch of ``ADAPT_BATCH`` samples normalized with the mix of the source statistics
   (worth N samples) and the batch's own (Schneider et al. 2020's setting);
@@ -44,7 +46,7 @@ ADAPT_BATCH = 32  # test batch of the online methods
 PRIOR_STRENGTH = 16.0  # N, in samples: the source statistics weigh as much as 16 test images
 TENT_LR = 0.01
 TENT_MOMENTUM = 0.9
-METHODS = ("source", "bn", "prior", "tent")
+METHODS = ("source", "bn", "bn_online", "prior", "tent")
 
 
 def corrupted_inputs(
@@ -98,6 +100,10 @@ def shift_check(
                 adapted = copy.deepcopy(model)
                 bnorm.adapt(adapted, batches, "bn", progress=False)
                 entry["bn"] = _accuracy(_predict(adapted, x), labels)
+                report = bnorm.adapt(
+                    copy.deepcopy(model), batches, "bn", online=True, progress=False
+                )
+                entry["bn_online"] = _accuracy(torch.cat(report.outputs or []), labels)
                 report = bnorm.adapt(
                     copy.deepcopy(model),
                     batches,
