@@ -263,8 +263,8 @@ def adapt(
         method: ``"bn"``, ``"prior"`` or ``"tent"``.
         online: per-batch statistics and outputs (default: False, True for ``"tent"``,
             which has no pooled mode).
-        prior_strength: N for ``"prior"`` (≥ 0; default 16, the paper's choice for
-            ResNet-50 at small batches).
+        prior_strength: N for ``"prior"`` (≥ 0; default 16: the source statistics
+            weigh as much as 16 test samples).
         lr, optimizer, momentum, steps, episodic: ``"tent"``'s optimization (above).
         num_batches, num_samples: stop after this many batches / samples.
         forward: ``forward(model, batch)`` calls ``model(...)`` on one batch and, for
