@@ -43,6 +43,7 @@ FIGURES = [
     "depth-gradnorms.png",
     "small_batch.png",
     "disagreement.png",
+    "shift.png",
 ]
 
 

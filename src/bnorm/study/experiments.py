@@ -1,7 +1,7 @@
 """Experiment kinds: how an experiment's runs are scheduled and how they are summarized.
 
 An *experiment* (a line in :data:`bnorm.study.run.EXPERIMENTS`) names a *kind* from
-:data:`KINDS` and gives it a training spec and options. Four kinds exist:
+:data:`KINDS` and gives it a training spec and options. Five kinds exist:
 
 * ``curves`` — one run per (seed, norm): test accuracy/loss against steps, the probe
   unit's percentiles, per-layer gradient norms if the spec asks for them, and the
@@ -10,6 +10,9 @@ An *experiment* (a line in :data:`bnorm.study.run.EXPERIMENTS`) names a *kind* f
   on the grid ``options["lrs"]`` / ``options["batch_sizes"]``: final accuracy per value.
 * ``disagreement`` — no training: compares the final test predictions of the baseline
   and each other norm in the experiment ``options["source"]``, seed by seed.
+* ``shift`` — no training: the final networks of ``options["source"]`` on corrupted test
+  sets (:mod:`bnorm.study.shift`, measured at the end of those runs, which the source
+  experiment does when ``shift`` is selected), as trained and after :func:`bnorm.adapt`.
 
 Every summary works on whatever runs have finished (an interrupted study reports what
 it has), and every experiment summary carries a ``headline`` — the row of the report's
@@ -370,6 +373,99 @@ def _disagreement(pred_base: Sequence[int], pred_other: Sequence[int], labels: S
     }
 
 
+SHIFT_METHODS = {
+    "source": "as trained",
+    "bn": "adapt bn",
+    "bn_online": "adapt bn per batch",
+    "prior": "adapt prior",
+    "tent": "Tent",
+}
+
+
+def shift_columns(norm: str, methods: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(key, norm, method) of the shift table's columns for ``norm``: as trained, then the
+    adaptation methods it was measured with."""
+    return [(f"{norm}:{m}", norm, m) for m in SHIFT_METHODS if m in methods]
+
+
+def summarize_shift(
+    exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
+) -> dict[str, Any]:
+    """Per corruption and (norm, method): accuracy mean ± std over seeds; per column, the
+    mean over the corrupted sets that adaptation should help (clean and inverted
+    excluded; those are reported apart) per seed, then over seeds."""
+    source_name = exp.options.get("source", "curves")
+    src = [r for r in given.runs.get(source_name, []) if r.get("shift") and r["norm"] in norms]
+    corruptions: list[dict[str, Any]] = src[0]["shift"]["corruptions"] if src else []
+    columns: list[tuple[str, str, str]] = []
+    for norm in norms:
+        mine = [r for r in src if r["norm"] == norm]
+        methods = {m for r in mine for acc in r["shift"]["accuracy"].values() for m in acc}
+        columns += shift_columns(norm, sorted(methods))
+    table = []
+    for c in corruptions:
+        row: dict[str, Any] = {"corruption": c["name"], "label": c["label"], "columns": {}}
+        for key, norm, method in columns:
+            row["columns"][key] = mean_std(
+                [r["shift"]["accuracy"][c["name"]].get(method) for r in src if r["norm"] == norm]
+            )
+        table.append(row)
+    shifted = [
+        c["name"] for c in corruptions if c["name"] != "clean" and c.get("adaptation_should_help", True)
+    ]
+    means: dict[str, Any] = {}
+    for key, norm, method in columns:
+        per_seed = []
+        for r in src:
+            if r["norm"] != norm:
+                continue
+            values = [r["shift"]["accuracy"][name].get(method) for name in shifted]
+            finite = [v for v in values if v is not None]
+            per_seed.append(sum(finite) / len(finite) if finite else None)
+        means[key] = mean_std(per_seed)
+    labels = {key: f"{_label(norm)} {SHIFT_METHODS[method]}" for key, norm, method in columns}
+    adapted = [key for key, _, method in columns if method != "source"]
+    if not src:
+        note = f"needs finished runs of '{source_name}'"
+    else:
+        note = f"mean over the {len(shifted)} corrupted test sets, " + ", ".join(
+            f"{labels[key]} {100 * means[key]['mean']:.1f}%"
+            for key in adapted
+            if means[key]["mean"] is not None
+        )
+        failing = [c for c in corruptions if not c.get("adaptation_should_help", True)]
+        for c in failing:
+            row = next(t for t in table if t["corruption"] == c["name"])
+            note += f"; {c['label']}: " + ", ".join(
+                f"{labels[key]} {100 * row['columns'][key]['mean']:.1f}%"
+                for key, _, _ in columns
+                if row["columns"][key]["mean"] is not None
+            )
+    headline = {
+        "measure": f"mean test accuracy over {len(shifted)} corrupted test sets "
+        f"({', '.join(shifted)}), as trained",
+        "short": f"mean acc, {len(shifted)} corruptions",
+        "values": {norm: means[f"{norm}:source"] for norm in norms if f"{norm}:source" in means},
+        "speedup": {},
+        "note": note,
+    }
+    return {
+        "source": source_name,
+        "columns": [{"key": k, "norm": n, "method": m, "label": labels[k]} for k, n, m in columns],
+        "corruptions": corruptions,
+        "table": table,
+        "mean_over_corruptions": means,
+        "averaged_over": shifted,
+        "settings": {
+            k: v
+            for k, v in (src[0]["shift"].items() if src else [])
+            if k not in ("accuracy", "corruptions", "wall_s")
+        },
+        "wall_s": sum(r["shift"].get("wall_s", 0.0) for r in src),
+        "headline": headline,
+    }
+
+
 @dataclass(frozen=True)
 class Kind:
     plan: Callable[[Experiment, TrainSpec, Sequence[str], Sequence[int]], list[PlannedRun]]
@@ -381,4 +477,5 @@ KINDS: dict[str, Kind] = {
     "curves": Kind(plan_curves, summarize_curves),
     **{name: Kind(plan_sweep, summarize_sweep) for name in SWEEPS},
     "disagreement": Kind(plan_nothing, summarize_disagreement, trains=False),
+    "shift": Kind(plan_nothing, summarize_shift, trains=False),
 }

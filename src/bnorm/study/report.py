@@ -297,6 +297,35 @@ def plot_disagreement(summary: dict[str, Any], norms: Sequence[str], path: Path)
     return _save(fig, path)
 
 
+def plot_shift(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Path | None:
+    """Grouped bars: per corruption, the accuracy of each (norm, method) column."""
+    columns = summary.get("columns", [])
+    table = summary.get("table", [])
+    if not columns or not table:
+        return None
+    method_alpha = {"source": 1.0, "bn": 0.8, "bn_online": 0.65, "prior": 0.5, "tent": 0.35}
+    method_hatch = {"source": "", "bn": "//", "bn_online": "\\\\", "prior": "..", "tent": "xx"}
+    fig, (ax,) = _new_figure(max(7.0, 1.3 * len(table) + 2), 3.8)
+    width = 0.84 / len(columns)
+    for j, col in enumerate(columns):
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(table))]
+        stats = [row["columns"][col["key"]] for row in table]
+        means = [100 * s["mean"] if s["mean"] is not None else math.nan for s in stats]
+        errs = [100 * (s["std"] or 0.0) if s["mean"] is not None else 0.0 for s in stats]
+        ax.bar(
+            xs, means, width * 0.92, yerr=errs, capsize=2, label=col["label"],
+            color=_colour(col["norm"], norms), alpha=method_alpha.get(col["method"], 1.0),
+            hatch=method_hatch.get(col["method"], ""), edgecolor="white", linewidth=0.4,
+        )  # fmt: skip
+    ax.set_xticks(range(len(table)), [row["label"] for row in table], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Corrupted test sets: as trained and after bnorm.adapt (mean ± std over seeds)")
+    ncol = min(len(columns), 6)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=ncol, fontsize=8)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------- the document
 
 
@@ -492,6 +521,41 @@ def _disagreement_blocks(name: str, exp: dict[str, Any], norms: list[str], out: 
     return blocks
 
 
+def _shift_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
+    summ = exp["summary"]
+    columns = summ.get("columns", [])
+    if not columns:
+        return [Para(summ["headline"]["note"])]
+    settings = summ.get("settings", {})
+    tent = settings.get("tent", {})
+    blocks: list[Block] = [
+        Para(
+            f"Online methods run over test batches of {settings.get('adapt_batch')} "
+            "in the test set's order; "
+            f"prior strength N = {settings.get('prior_strength')} samples; Tent: "
+            f"{tent.get('optimizer', 'sgd').upper()} lr {tent.get('lr')}, "
+            f"momentum {tent.get('momentum')}, "
+            "one step per batch, each batch predicted before its step."
+        )
+    ]
+    rows = [
+        [row["label"], *(format_accuracy(row["columns"][c["key"]]) for c in columns)]
+        for row in summ["table"]
+    ]
+    rows.append(
+        [
+            f"mean over {', '.join(summ.get('averaged_over', []))}",
+            *(format_accuracy(summ["mean_over_corruptions"][c["key"]]) for c in columns),
+        ]
+    )
+    blocks.append(Table(["test set", *(c["label"] for c in columns)], rows))
+    fig = plot_shift(summ, norms, out / f"{name}.png")
+    if fig is not None:
+        caption = "Test accuracy per corruption, as trained and after test-time adaptation."
+        blocks.append(Figure(fig, caption))
+    return blocks
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
@@ -501,7 +565,9 @@ _SECTION_BUILDERS = {
     "lr_sweep": _sweep_blocks,
     "batch_sweep": _sweep_blocks,
     "disagreement": _disagreement_blocks,
+    "shift": _shift_blocks,
 }
+_NO_TRAINING = ("disagreement", "shift")  # kinds that measure another experiment's networks
 
 
 def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -> list[Block]:
@@ -531,10 +597,10 @@ def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -
         blocks.append(Heading(exp["title"]))
         if exp.get("about"):
             blocks.append(Para(exp["about"]))
-        if exp["kind"] != "disagreement":
+        if exp["kind"] not in _NO_TRAINING:
             blocks.append(Para("Setup: " + _spec_text(exp["spec"], exp["options"])))
         builder = _SECTION_BUILDERS.get(exp["kind"])
-        if not exp["runs"] and exp["kind"] != "disagreement":
+        if not exp["runs"] and exp["kind"] not in _NO_TRAINING:
             blocks.append(Para("No run of this experiment finished."))
         elif builder is not None:
             blocks += builder(name, exp, list(exp.get("norms", norms)), out)

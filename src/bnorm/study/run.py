@@ -55,6 +55,7 @@ EXPERIMENTS: list[Experiment] = [
     Experiment("depth", "curves", "Depth: 10 hidden sigmoid layers", {"model": "deep-mlp", "hidden": [64] * 10, "activation": "sigmoid", "init": "xavier", "batch_size": 60, "steps": 600, "lr": 0.2, "eval_every": 20, "probe": False, "grad_norms": True}, about="Ten hidden layers of 64 sigmoid units with Glorot (Xavier) normal initialization: the depth at which vanishing gradients bite. The gradient norm of each layer's weights is measured at initialization and after training."),
     Experiment("small_batch", "batch_sweep", "Small batches: BN, Batch Renorm, ghost BN", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "steps": None, "epochs": 1, "lr": 0.05, "eval_every": 10**6, "probe": False}, {"batch_sizes": [2, 4, 8, 32], "norms": ["none", "bn", "renorm", "ghost"]}, about="The 3×100 ReLU network trained for the same number of epochs at each batch size: BN's statistics get noisy as the batch shrinks, and the running statistics used at test time drift from the batch statistics used in training. Batch Renorm corrects the training-time normalization towards the running statistics (the paper's schedule scaled to these short runs); ghost BN normalizes groups of 8 samples within larger batches."),
     Experiment("disagreement", "disagreement", "Prediction disagreement", {}, {"source": "curves"}, about="On the test set, how often the final networks of the first experiment with and without BN (same seed) predict different classes, and which of them is right when they do."),
+    Experiment("shift", "shift", "Distribution shift: corrupted test sets and test-time adaptation", {}, {"source": "curves"}, about="The final networks of the first experiment on corrupted copies of the test set (Gaussian noise σ=0.3, contrast ×0.3, brightness +0.4, blur σ=1 px, inverted; pixel values in [0, 1], seeded): accuracy as trained, and for BN networks after bnorm.adapt — 'bn' (running statistics := the exact statistics of the corrupted test set), 'prior' (Schneider et al. 2020: each test batch of 32 normalized with the source statistics weighted as 16 samples mixed with the batch's own) and 'tent' (Wang et al. 2021: one SGD step, lr 0.01, momentum 0.9, on the prediction entropy per test batch of 32, updating only BN's γ and β). Inverting the images flips the sign of the input, which no statistic can undo: adaptation is expected to fail there."),
 ]
 
 # Recipes selectable with --preset; they apply to the experiments that follow --model.
@@ -444,6 +445,9 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         for norm in norms:
             if norm not in NORM_LAYERS:
                 raise UsageError(f"experiment {exp.name!r} needs the norm {norm!r}, which is not available")
+        if exp.kind == "shift" and source is not None:
+            # The networks are measured at the end of the source experiment's runs.
+            experiments[source]["spec"]["shift_check"] = True
         experiments[exp.name] = {
             "kind": exp.kind,
             "title": exp.title,

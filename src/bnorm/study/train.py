@@ -74,6 +74,7 @@ class TrainSpec:
     grad_norms: bool = False  # per-layer gradient norms at initialization and at the end
     keep_predictions: bool = False  # store the final test predictions (for disagreement)
     inference_check: bool = False  # BN nets: accuracy after recalibrate(), folded latency
+    shift_check: bool = False  # accuracy on corrupted test sets, as trained and adapted
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -87,7 +88,8 @@ class TrainSpec:
             raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"expected init in {', '.join(INIT_SCHEMES)} (got {self.init!r})")
-        for name in ("augment", "standardize", "probe", "grad_norms", "keep_predictions"):
+        flags = ("augment", "standardize", "probe", "grad_norms", "keep_predictions", "inference_check", "shift_check")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"expected {name} to be true or false (got {getattr(self, name)!r})")
         if not isinstance(self.lr_milestones, list) or any(
@@ -667,6 +669,12 @@ def train_run(
         record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
     if spec.inference_check and not diverged:
         record["inference"] = inference_check(model, data, spec, device)
+    if spec.shift_check and not diverged:
+        from .shift import shift_check
+
+        record["shift"] = shift_check(
+            model, data, seed=seed, standardize=spec.standardize, device=device
+        )
     record["done"] = True
     save(epoch - 1, final=True)
     return record
