@@ -166,3 +166,11 @@ def test_convert_rejects_a_target_that_is_not_a_batch_norm_class():
 def test_convert_rejects_options_for_torch_targets():
     with pytest.raises(ValueError, match="expected no options for torch's layers"):
         bnorm.convert(nn.Sequential(bnorm.BatchNorm2d(3)), nn.BatchNorm2d, renorm=True)
+
+
+def test_convert_to_sync_refuses_ghost_batches_instead_of_dropping_them():
+    model = nn.Sequential(bnorm.BatchNorm2d(4, virtual_batch_size=8), bnorm.BatchNorm2d(4))
+    converted, report = bnorm.convert(model, bnorm.SyncBatchNorm)
+    assert type(converted[0]) is bnorm.BatchNorm2d and converted[0].virtual_batch_size == 8
+    assert type(converted[1]) is bnorm.SyncBatchNorm
+    assert report.skipped == [("0", "BatchNorm2d", "bnorm.SyncBatchNorm has no ghost batches (virtual_batch_size)")]
