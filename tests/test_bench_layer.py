@@ -23,6 +23,5 @@ def test_bench_layer_quick_run_writes_valid_json(tmp_path, capsys):
         assert row["torch_ms"] > 0 and row["bnorm_ms"] > 0
         assert abs(row["bnorm/torch"] - row["bnorm_ms"] / row["torch_ms"]) < 1e-9
     assert layer["worst_ratio"] == max(row["bnorm/torch"] for row in layer["rows"])
-    assert layer["target_ratio"] == 1.05
     assert "machine" in result and result["machine"]["torch"]
     assert "overall (geometric mean)" in capsys.readouterr().out

@@ -286,11 +286,6 @@ ZOO = {
 }
 
 
-def test_zoo_is_the_intended_list() -> None:
-    assert len(ZOO) == 20
-    assert {"shared_output", "shared_conv", "untraceable", "conv_transpose_grouped"} <= set(ZOO)
-
-
 @pytest.mark.parametrize("case", sorted(ZOO))
 def test_fold_keeps_outputs_and_reports_what_folded(case: str) -> None:
     factory, shape, expect_folded, expect_kept = ZOO[case]

@@ -177,12 +177,6 @@ FUSED_CASES = [
 ]
 
 
-def test_fused_case_list():
-    # 6 activations x 2 layouts x 2 residual in the normal mode + 3 invertible ones in the
-    # memory-efficient mode.
-    assert len(FUSED_CASES) == 6 * 2 * 2 + 3 * 2 * 2
-
-
 @pytest.mark.parametrize("name,layout,residual,memory_efficient", FUSED_CASES)
 def test_fused_matches_unfused_torch_and_reference(name, layout, residual, memory_efficient):
     x, r, dy, w, b = inputs((6, 5, 4, 3), layout, residual)

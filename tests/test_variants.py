@@ -140,10 +140,6 @@ def test_renorm_rejects_bad_schedule(kwargs):
 GHOST_CASES = list(itertools.product([(2, 4), (4, 2), (8, 1)], ["channels_first", "channels_last"]))
 
 
-def test_ghost_case_list():
-    assert len(GHOST_CASES) == 6
-
-
 @pytest.mark.parametrize(("split", "layout"), GHOST_CASES)
 def test_ghost_equals_explicit_per_group_batch_norm(split, layout):
     k, groups = split
