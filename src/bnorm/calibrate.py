@@ -290,7 +290,7 @@ class InputMoments:
                 mask = None
             batch = moments(x.detach(), axis, None if mask is None else mask.detach())
             batch = Moments(*(t.to(torch.float64) for t in batch))
-            # An all-masked batch has count 0 (mean NaN): merge_moments ignores it.
+            # An all-masked batch has count 0 (and mean 0): merge_moments ignores it.
             seen = self.moments[name]
             self.moments[name] = batch if seen is None else merge_moments(seen, batch)
 

@@ -39,8 +39,9 @@ float32) z is clamped there, which only matters where dz = dy·(y + α) is alrea
 In half precision x̂ is recovered from the half-precision output, so the gradients carry
 that precision (about 3 significant digits in bfloat16).
 
-**Compilation.** Each kernel is compiled once per (activation, residual or not, mode,
-dtype) with dynamic shapes; inputs are viewed as a contiguous (A_outer, A_inner, C, B)
+**Compilation.** Each kernel is compiled once per (activation and its parameter,
+residual or not, mode, dtype, running statistics updated or not, ``skip_nonfinite``)
+with dynamic shapes; inputs are viewed as a contiguous (A_outer, A_inner, C, B)
 tensor in memory order — NCHW is (N, 1, C, H·W), channels_last (N, H·W, C, 1) — so
 memory layouts differ only in which of A_inner and B is 1 (one more compile each). The
 first call of each compiles (seconds; see the README for measured latency), later calls
