@@ -420,7 +420,10 @@ def batch_norm(
 
     ``num_batches_tracked``/``num_batches_skipped`` (long scalars), if given, are
     incremented in place in training; see :func:`update_running_stats` for
-    ``skip_nonfinite``.
+    ``skip_nonfinite``. A mask with fewer than 2 valid values per channel raises
+    ``ValueError`` (a host read of the count); under ``torch.compile``, where the count
+    cannot be read, such a batch is not an error: it leaves the running statistics
+    unchanged and counts in ``num_batches_skipped`` (a select on the device).
 
     ``residual`` and ``activation`` (a name in :data:`bnorm.kernels.ACTIVATIONS` or a
     :class:`bnorm.kernels.Activation`) make it ``act(y + residual)``; in training with the
