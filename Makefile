@@ -1,4 +1,5 @@
 # `make test`  : create .venv if missing, install bnorm[dev] under constraints.txt, lint, run the tests.
+# `make test-gpu`: the same setup, then only the CUDA tests (pytest -m cuda; needs a CUDA build of torch).
 # `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ PIP     = $(BIN)/python -m pip
 STAMP_DEV   = $(VENV)/.installed-dev
 STAMP_STUDY = $(VENV)/.installed-study
 
-.PHONY: test study lint pytest bench clean
+.PHONY: test test-gpu study lint pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
 
 test: lint pytest
+
+test-gpu: $(STAMP_DEV)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 -m cuda
 
 study: $(STAMP_STUDY)
 	$(BIN)/bnorm study $(ARGS)

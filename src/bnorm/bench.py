@@ -97,11 +97,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="write the JSON result here (default: print only)"
     )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="'cuda' (or 'cuda:N'): run `bnorm bench kernels` on the GPU against cuDNN's "
+        "batch norm; default: the CPU benchmarks",
+    )
 
 
 def _load_suites() -> None:
     # Suites register themselves on import; keep the import here so `bnorm --help` stays fast.
     from . import bench_kernels, bench_suites, bench_variants  # noqa: F401
+
+
+def _check_device(args: argparse.Namespace) -> str | None:
+    """Why ``--device`` cannot be used as given, or None."""
+    device = getattr(args, "device", None)
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        return f"expected --device cpu or cuda[:N] (got {device!r})"
+    if dev.type == "cpu":
+        return None
+    if args.suite != "kernels":
+        return f"expected the suite 'kernels' with --device {device} (got {args.suite!r})"
+    if not torch.cuda.is_available():
+        return f"expected a CUDA device for --device {device} (got torch.cuda.is_available() False)"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"expected a CUDA device index < {torch.cuda.device_count()} (got {device!r})"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -114,6 +142,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.repeats < 1 or args.warmup < 0:
         print(f"bnorm bench: expected --repeats >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
+        return 2
+    error = _check_device(args)
+    if error:
+        print(f"bnorm bench: {error}")
         return 2
     names = sorted(SUITES) if args.suite == "all" else [args.suite]
     results: dict[str, Any] = {"machine": machine_info(), "suites": {}}

@@ -87,13 +87,18 @@ class TorchTail(nn.Module):
         return torch.relu(y)
 
 
-def _fwd_bwd(layer: nn.Module, x: Tensor, dy: Tensor, residual: Tensor | None) -> Callable[[], None]:
+def _fwd_bwd(
+    layer: nn.Module, x: Tensor, dy: Tensor, residual: Tensor | None, mask: Tensor | None = None
+) -> Callable[[], None]:
     def run() -> None:
         x.grad = None
         if residual is not None:
             residual.grad = None
         layer.zero_grad(set_to_none=True)
-        layer(x, residual).backward(dy)
+        if mask is None:
+            layer(x, residual).backward(dy)
+        else:
+            layer(x, residual, mask).backward(dy)
 
     return run
 
@@ -121,6 +126,13 @@ def _copy_case(nbytes: int) -> Callable[[], None]:
     src = torch.randn(nbytes // 4)
     dst = torch.empty_like(src)
 
+    def run() -> None:
+        dst.copy_(src)
+
+    return run
+
+
+def _copy_of(src: Tensor, dst: Tensor) -> Callable[[], None]:
     def run() -> None:
         dst.copy_(src)
 
@@ -404,9 +416,133 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- on a device: each kernel against torch's (cuDNN) batch norm ------------------------
+
+
+def time_device_alternated(
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    inner: int = 10,
+) -> dict[str, float]:
+    """Median seconds per call of each case, alternated as :func:`time_alternated`; on
+    CUDA each sample is ``inner`` calls between two CUDA events (the queue drained first
+    with ``torch.cuda.synchronize()``), elsewhere the host clock around them."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(inner):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3 / inner)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / inner)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
+# pattern: (bnorm layer options, torch activation, residual?, mask?)
+DEVICE_PATTERNS: dict[str, tuple[dict[str, Any], str, bool, bool]] = {
+    "BN+ReLU": ({"activation": "relu"}, "relu", False, False),
+    "BN+add+ReLU": ({"activation": "relu"}, "relu", True, False),
+    "BN+add+leaky_relu memory_efficient": (
+        {"activation": "leaky_relu", "memory_efficient": True}, "leaky_relu", True, False
+    ),
+    "ghost(32) BN+ReLU": ({"activation": "relu", "virtual_batch_size": 32}, "relu", False, False),
+    "masked(90%) BN+ReLU": ({"activation": "relu"}, "relu", False, True),
+}
+
+
+def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Forward+backward in training of each kernel (fused BN+act(+add), memory-efficient,
+    the moments kernel with ghost batches and with a mask) against torch's layers on the
+    same device (on CUDA, ``nn.BatchNorm2d`` is cuDNN's batch norm, then the add and the
+    activation), float32 at ResNet-20 shapes, NCHW and channels_last. Bandwidth: the
+    minimal traffic of the fused kernels (forward 3 tensor passes, backward 5; +1 and +2
+    with a residual; the mask's bytes not counted) over a ``dst.copy_(src)`` of one
+    activation timed among them (2 passes)."""
+    rows: list[dict[str, Any]] = []
+    for n, c, side in RESNET20_SHAPES:
+        n = 64 if args.quick else n
+        nbytes = n * c * side * side * 4
+        src = torch.randn(n, c, side, side, device=device)
+        dst = torch.empty_like(src)
+        for layout in ("NCHW", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            for pattern, (options, act, with_res, with_mask) in DEVICE_PATTERNS.items():
+                torch.manual_seed(0)
+                x = torch.randn(n, c, side, side).to(device, memory_format=fmt).requires_grad_()
+                dy = torch.randn(n, c, side, side).to(device, memory_format=fmt)
+                res = None
+                if with_res:
+                    res = torch.randn(n, c, side, side).to(device, memory_format=fmt)
+                    res.requires_grad_()
+                mask = (torch.rand(n, side, side) < 0.9).to(device) if with_mask else None
+                ours = BatchNormAct2d(c, **options).to(device)
+                theirs = TorchTail(c, act).to(device)
+                t = time_device_alternated(
+                    {
+                        "torch": _fwd_bwd(theirs, x, dy, res),
+                        "bnorm": _fwd_bwd(ours, x, dy, res, mask),
+                        "copy": _copy_of(src, dst),
+                    },
+                    args.repeats,
+                    args.warmup,
+                    device,
+                )
+                extra = 1 if with_res else 0
+                traffic = (3 + extra + 5 + 2 * extra) * nbytes
+                copy_bps = 2 * nbytes / t["copy"]
+                rows.append(
+                    {
+                        "pattern": pattern,
+                        "shape": f"{n}x{c}x{side}x{side}",
+                        "layout": layout,
+                        "torch_ms": 1e3 * t["torch"],
+                        "bnorm_ms": 1e3 * t["bnorm"],
+                        "bnorm/torch": t["bnorm"] / t["torch"],
+                        "bnorm_GB/s": traffic / t["bnorm"] / 1e9,
+                        "copy_GB/s": copy_bps / 1e9,
+                        "bnorm/copy": traffic / t["bnorm"] / copy_bps,
+                        "torch/copy": traffic / t["torch"] / copy_bps,
+                    }
+                )
+    ratios = [r["bnorm/torch"] for r in rows]
+    fractions = [r["bnorm/copy"] for r in rows]
+    return {
+        "rows": rows,
+        "summary": [
+            f"device {device}: layer fwd+bwd, bnorm/torch: geomean {_geomean(ratios):.2f}x, "
+            f"worst {max(ratios):.2f}x",
+            f"bandwidth: kernels reach {min(fractions):.0%}..{max(fractions):.0%} of a device "
+            "copy of the same size (minimal traffic, fwd+bwd)",
+        ],
+    }
+
+
 @register("kernels")
 def kernels_suite(args: argparse.Namespace) -> dict[str, Any]:
-    """Layer (with bandwidth), model and memory parts; the layer table is the main one."""
+    """Layer (with bandwidth), model and memory parts; the layer table is the main one.
+    With ``--device cuda``: the kernels against torch's cuDNN batch norm on the GPU
+    (:func:`device_layer_part`) only."""
+    device = getattr(args, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        result = device_layer_part(args, torch.device(device))
+        if torch.device(device).type == "cuda":
+            result["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        return result
     # One torch.compile'd TorchTail per case: all share TorchTail.forward's code object,
     # whose default recompile limit (8) would silently send later cases to eager.
     with torch._dynamo.config.patch(recompile_limit=64):

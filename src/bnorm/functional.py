@@ -365,7 +365,8 @@ def check_input(
 
 def _values_per_channel(input: Tensor, ax: int, mask: Tensor | None) -> int:
     if mask is not None:
-        # Needs the host: raising on too few valid values cannot be a device select.
+        # Needs the host: raising on too few valid values cannot be a device select. (Eager
+        # only: under torch.compile the check is a device select instead, see batch_norm.)
         return int(mask.sum())
     channels = input.shape[ax]
     return input.numel() // channels if channels else 0
@@ -420,7 +421,10 @@ def batch_norm(
 
     ``num_batches_tracked``/``num_batches_skipped`` (long scalars), if given, are
     incremented in place in training; see :func:`update_running_stats` for
-    ``skip_nonfinite``.
+    ``skip_nonfinite``. A mask with fewer than 2 valid values per channel raises
+    ``ValueError`` (a host read of the count); under ``torch.compile``, where the count
+    cannot be read, such a batch is not an error: it leaves the running statistics
+    unchanged and counts in ``num_batches_skipped`` (a select on the device).
 
     ``residual`` and ``activation`` (a name in :data:`bnorm.kernels.ACTIVATIONS` or a
     :class:`bnorm.kernels.Activation`) make it ``act(y + residual)``; in training with the
@@ -470,7 +474,12 @@ def batch_norm(
             "memory_efficient=True needs the statistics of the whole local input: it is not "
             "supported with a mask, virtual_batch_size or sync"
         )
-    if use_batch_stats and not distributed:
+    # Under torch.compile a mask's count of valid values is data: reading it would break
+    # the graph (and synchronize). There a batch with fewer than 2 valid values per
+    # channel is not an error; it leaves the running statistics unchanged and counts in
+    # num_batches_skipped (a device select, in the moments path below).
+    host_mask_check = mask is not None and not torch.compiler.is_compiling()
+    if use_batch_stats and not distributed and (mask is None or host_mask_check):
         count = _values_per_channel(input, ax, mask)
         per_group = count // groups if groups and mask is None else count
         if per_group == 1 or (mask is not None and count < 2 and input.numel() > 0):
@@ -500,8 +509,11 @@ def batch_norm(
         return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, act)
     limits = None
     if renorm is not None:
-        step = num_batches_tracked if num_batches_tracked is not None else torch.zeros((), dtype=torch.long)
-        limits = renorm.limits(step.to(input.device))
+        if num_batches_tracked is not None:
+            step = _snapshot(num_batches_tracked.to(input.device))
+        else:
+            step = torch.zeros((), dtype=torch.long, device=input.device)
+        limits = renorm.limits(step)
     # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
     # moments kernel, which computes the statistics, (r, d) and the output in one call;
     # inside an enclosing torch.compile the moments path emits differentiable ops.
@@ -523,7 +535,7 @@ def batch_norm(
     res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
     renorm_args = None
     if limits is not None and running_mean is not None and running_var is not None:
-        renorm_args = (running_mean, running_var, *limits)
+        renorm_args = (_snapshot(running_mean), _snapshot(running_var), *limits)
     running = _running_state(update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
     composite = functools.partial(
         _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed, process_group=process_group
@@ -535,6 +547,15 @@ def batch_norm(
             total = pool_moments(batch) if groups is not None else batch
             var = total.m2 / total.count.clamp_min(1)
             new = running_update(running[0], running[1], total.mean, var, total.count, running[2], skip_nonfinite)
+            if mask is not None:
+                # The eager host check (fewer than 2 valid values raises) as a select:
+                # such a batch leaves the running statistics unchanged and counts as skipped.
+                enough = (total.count > 1).all()
+                new = (
+                    torch.where(enough, new[0], running[0]),
+                    torch.where(enough, new[1], running[1]),
+                    new[2] & enough,
+                )
             store_running(running, *new)
         return out.movedim(1, ax) if ax != 1 else out
 
@@ -547,6 +568,18 @@ def batch_norm(
         process_group=process_group, distributed=distributed,
     )  # fmt: skip
     return out.movedim(1, ax) if ax != 1 else out
+
+
+def _snapshot(t: Tensor) -> Tensor:
+    """``t`` itself in eager mode; under torch.compile, a copy of its value now. Batch
+    Renorm reads the running statistics (and the step) that the same step then updates in
+    place, and its (r, d) enter the backward. AOTAutograd's partitioner may recompute
+    (r, d) in the backward from the buffer rather than save them — reading it after the
+    update: wrong gradients (the upstream fix is pytorch/pytorch PR 197039). It does not
+    recompute through ``copy_``, so this copy is saved instead."""
+    if not torch.compiler.is_compiling():
+        return t
+    return torch.empty_like(t).copy_(t)
 
 
 def _running_state(
@@ -693,7 +726,8 @@ def _native_training(
                 mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
             mean_b = mean_b.to(_stats_dtype(x.dtype))
             var_b = var_b.to(_stats_dtype(x.dtype))
-        r, d = renorm_correction(mean_b, var_b, running_mean, running_var, *limits, eps)  # type: ignore[arg-type]
+        rm, rv = _snapshot(running_mean), _snapshot(running_var)  # type: ignore[arg-type]
+        r, d = renorm_correction(mean_b, var_b, rm, rv, *limits, eps)
         pdtype = weight.dtype if weight is not None else r.dtype
         gamma = weight if weight is not None else torch.ones_like(r, dtype=pdtype)
         beta_d = gamma * d.to(pdtype)

@@ -130,7 +130,8 @@ class Activation:
     def __post_init__(self) -> None:
         if self.name not in ACTIVATIONS:
             raise ValueError(f"expected an activation in {ACTIVATIONS} (got {self.name!r})")
-        if not isinstance(self.param, (int, float)) or not math.isfinite(self.param):
+        # (A comparison, not math.isfinite: Dynamo traces it for a symbolic float too.)
+        if not isinstance(self.param, (int, float)) or not -math.inf < self.param < math.inf:
             raise ValueError(f"expected a finite activation parameter (got {self.param!r})")
         if self.name == "elu" and self.param <= 0:
             raise ValueError(f"expected elu alpha > 0 (got {self.param!r})")
@@ -294,7 +295,15 @@ class _Layout:
 
     @staticmethod
     def compute(x: Tensor) -> _Layout:
-        order = sorted(range(x.dim()), key=lambda d: (-x.stride()[d], d))
+        # Dims by decreasing stride, ties in dim order: an insertion sort of plain
+        # comparisons, which Dynamo traces for symbolic strides (sorted() with a key not).
+        stride = x.stride()
+        order = list(range(x.dim()))
+        for i in range(1, len(order)):
+            j = i
+            while j > 0 and stride[order[j - 1]] < stride[order[j]]:
+                order[j - 1], order[j] = order[j], order[j - 1]
+                j -= 1
         perm = tuple(order)
         if not x.permute(perm).is_contiguous():
             perm = tuple(range(x.dim()))
