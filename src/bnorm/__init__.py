@@ -1,6 +1,7 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, kernels, reference
+from .accumulate import Accumulation, accumulate
 from .calibrate import CalibrationReport, recalibrate
 from .convert import ConversionReport, convert
 from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
@@ -25,6 +26,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulation",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -45,6 +47,7 @@ __all__ = [
     "StatisticsRecorder",
     "SyncBatchNorm",
     "__version__",
+    "accumulate",
     "convert",
     "diagnose",
     "fold",
