@@ -348,6 +348,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (tmp_path / "out").exists(), "nothing is written for a rejected run"
 
 
+def test_missing_fashion_mnist_exits_2_saying_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bnorm.study import data as data_module
+
+    monkeypatch.chdir(tmp_path)  # no ./data, and no system-wide copy either
+    monkeypatch.setitem(data_module.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "nowhere")
+    args = ["study", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), "--quiet"]
+    assert bnorm_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnorm study: error: ")
+    assert str(tmp_path / "nowhere") in err and "apt-get install dataset-fashion-mnist" in err
+
+
 def test_unknown_option_exits_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     # Unknown options are rejected by the top-level `bnorm` parser (argparse's usage + error).
     with pytest.raises(SystemExit) as exit_:

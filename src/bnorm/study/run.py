@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = {
     "name": "study",
     "dataset": "digits",
-    "data_dir": "data",
+    "data_dir": None,  # None: data/ (and for fashion-mnist /usr/share/datasets/fashion-mnist)
     "model": None,
     "preset": None,
     "norm": ["none", "bn"],
@@ -132,7 +132,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{' | '.join(DATASETS)} (default: digits, bundled with scikit-learn)")
     parser.add_argument("--data-dir", default=S, metavar="DIR",
                         help="where the dataset files are: MNIST/Fashion-MNIST IDX files (.gz or not), "
-                        "CIFAR-10/100 binary files (default: data)")
+                        "CIFAR-10/100 binary files (default: data; for fashion-mnist then "
+                        "/usr/share/datasets/fashion-mnist, "
+                        "from `apt-get install dataset-fashion-mnist`)")
     parser.add_argument("--model", default=S, metavar="NAME",
                         help=f"{' | '.join(MODELS)}: the network of the experiments 'curves' and "
                         "'lr_tolerance' (default: each experiment's own MLP; see below)")
