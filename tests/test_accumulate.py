@@ -334,6 +334,30 @@ def test_layer_not_called_is_not_counted_and_empty_input_counts_like_torch() -> 
     torch.testing.assert_close(b.running_var, torch.ones(2, dtype=F64))
 
 
+def test_one_block_object_serves_every_step_and_follows_the_modes() -> None:
+    a, b = bnorm.BatchNorm1d(2, dtype=F64), nn.BatchNorm1d(2, dtype=F64)
+    model = nn.Sequential(a, b)
+    block = bnorm.accumulate(model)
+    g = torch.Generator().manual_seed(9)
+    ref = nn.BatchNorm1d(2, dtype=F64)
+    for step in range(3):
+        if step == 2:
+            b.eval()
+        xs = [torch.randn(n, 2, generator=g, dtype=F64) for n in (3, 4)]
+        with block:
+            for x in xs:
+                a(x)
+                b(x)
+        ref(torch.cat(xs))
+        assert block.layers == (["0"] if step == 2 else ["0", "1"])
+        torch.testing.assert_close(a.running_var, ref.running_var, rtol=1e-9, atol=1e-9)
+        if step == 1:
+            after_two = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert int(a.num_batches_tracked) == 3 and int(b.num_batches_tracked) == 2
+    for key, value in b.state_dict().items():  # in eval mode for step 3: untouched
+        torch.testing.assert_close(value, after_two[key], rtol=1e-9, atol=1e-9)
+
+
 def test_bad_arguments_raise_before_any_state_change() -> None:
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         bnorm.accumulate(torch.randn(3, 3))  # type: ignore[arg-type]

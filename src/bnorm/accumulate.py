@@ -99,7 +99,8 @@ class Accumulation:
 
     Attributes:
         layers: the qualified names of the layers it manages (training mode, running
-            statistics), in registration order.
+            statistics), in registration order; chosen again on each entry, so one
+            object may serve every step (``with block:`` once per step).
         counts: after a successful exit, the values per channel each managed layer's
             update merged (over every rank for sync layers); 0 for a layer that was
             called only on empty inputs; layers not called in the block are absent.
@@ -110,14 +111,22 @@ class Accumulation:
             raise TypeError(
                 f"expected module to be a torch.nn.Module (got {type(module).__name__})"
             )
-        found = batch_norm_layers(module)
-        if not found:
+        if not batch_norm_layers(module):
             raise ValueError(
                 "expected a module with at least one batch-norm layer "
                 f"(got none in {type(module).__name__})"
             )
+        self.module = module
+        self.layers = [name for name, _ in self._select()]
+        self.counts: dict[str, int] = {}
+        self._targets: list[_Target] = []
+        self._collector: _TrainingMoments | None = None
+
+    def _select(self) -> list[tuple[str, Any]]:
+        """The layers to manage now (training mode, running statistics); a ValueError
+        for a momentum that is neither None nor in [0, 1]."""
         chosen: list[tuple[str, Any]] = []  # Any: attributes of batch-norm layers
-        for name, layer in found:
+        for name, layer in batch_norm_layers(self.module):
             if not (
                 layer.training
                 and has_running_stats(layer)
@@ -135,22 +144,19 @@ class Accumulation:
                     f"(got {momentum!r})"
                 )
             chosen.append((name, layer))
-        self.module = module
-        self.layers = [name for name, _ in chosen]
-        self.counts: dict[str, int] = {}
-        self._chosen = chosen
-        self._targets: list[_Target] = []
-        self._collector: _TrainingMoments | None = None
+        return chosen
 
     def __enter__(self) -> Accumulation:
         if self._collector is not None:
             raise RuntimeError("bnorm.accumulate: this block is already active (nested use)")
-        for name, layer in self._chosen:
+        chosen = self._select()  # the modes of now: the block may be reused step after step
+        for name, layer in chosen:
             if layer in _ACTIVE:
                 raise RuntimeError(
                     f"bnorm.accumulate: layer {name or '(module)'} is already inside an "
                     "accumulate block; nested or overlapping blocks are not supported"
                 )
+        self.layers = [name for name, _ in chosen]
         self._targets = [
             _Target(
                 name,
@@ -158,7 +164,7 @@ class Accumulation:
                 layer.momentum,
                 {k: v.detach().clone() for k, v in layer._buffers.items() if v is not None},
             )
-            for name, layer in self._chosen
+            for name, layer in chosen
         ]
         self.counts = {}
         collector = _TrainingMoments(self._targets)
@@ -316,7 +322,8 @@ def accumulate(module: nn.Module) -> Accumulation:
         module: the model; its batch-norm layers may be anywhere inside.
 
     Returns:
-        An :class:`Accumulation` context manager (use it in one ``with`` at a time).
+        An :class:`Accumulation` context manager: one ``with`` at a time, as often as
+        needed (the layers are chosen by their mode on each entry).
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.

@@ -309,6 +309,30 @@ def test_resumed_run_ends_with_the_same_metrics(digits: Dataset, tmp_path: Path,
     ]
 
 
+def test_resumed_accumulation_run_ends_with_the_same_metrics(
+    digits: Dataset, tmp_path: Path
+) -> None:
+    # 1438 // (6·4) = 59 steps per epoch; 80 steps: interrupted after the first epoch.
+    spec = small_spec(batch_size=6, micro_batches=4, accumulate_stats=True, stats_check=True,
+                      steps=80, eval_every=20, keep_predictions=False)  # fmt: skip
+    straight = train_run(spec, digits, norm="bn", seed=2)
+
+    def interrupt_at_70(step: int, total: int, acc: float | None) -> None:
+        if step == 70:
+            raise Stop
+
+    ckpt = Checkpointer(tmp_path, "acc-run", {"study": "test"}, min_interval_s=0.0)
+    with pytest.raises(Stop):
+        train_run(spec, digits, norm="bn", seed=2, checkpointer=ckpt, on_progress=interrupt_at_70)
+    assert json.loads(ckpt.json_path.read_text())["step"] == 59
+    resumed = train_run(spec, digits, norm="bn", seed=2, checkpointer=ckpt)
+    for record in (straight, resumed):
+        record.pop("wall_s")
+    assert resumed == straight
+    assert straight["micro_batches"] == 4 and straight["accumulate_stats"] is True
+    assert straight["running_stats"]["layers"] == ["body.2", "body.5"]
+
+
 def test_finished_run_is_not_trained_again(digits: Dataset, tmp_path: Path) -> None:
     spec = small_spec(steps=30)
     ckpt = Checkpointer(tmp_path, "r", {"a": 1})
