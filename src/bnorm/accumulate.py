@@ -38,9 +38,16 @@ import torch
 from torch import Tensor, nn
 
 from . import modules as _modules
-from .calibrate import InputMoments, all_gather_moments, batch_norm_layers, has_running_stats
+from .calibrate import (
+    InputMoments,
+    _mask_position,
+    all_gather_moments,
+    batch_norm_layers,
+    channel_axis,
+    has_running_stats,
+)
 from .distributed import world_size
-from .functional import Moments, update_running_stats
+from .functional import Moments, moments, pool_moments, update_running_stats
 
 __all__ = ["Accumulation", "accumulate"]
 
@@ -68,30 +75,87 @@ class _Target:
 
 
 class _TrainingMoments(InputMoments):
-    """:class:`~bnorm.calibrate.InputMoments` that records only calls made in training
-    mode, counts them, and before each such call puts the layer's step counters back to
-    their step-start values (so Batch Renorm's schedule sees the step start)."""
+    """:class:`~bnorm.calibrate.InputMoments` for a block: records the moments of the
+    calls made in training mode only, counts them, and before each such call puts a Batch
+    Renorm layer's ``num_batches_tracked`` back to its step-start value (so its schedule
+    sees the step start). Each call's (count, mean, M2) is kept as computed and the calls are
+    merged once, at the end (:meth:`merged`): a block's calls cost one statistics pass
+    each, not a merge each."""
 
     def __init__(self, targets: list[_Target]) -> None:
         super().__init__([(t.name, t.layer) for t in targets])
         self.targets = {t.name: t for t in targets}
+        # Per layer and call: (count, mean, biased variance); count an int, or a (C,)
+        # tensor for masked inputs.
+        self.calls: dict[str, list[tuple[int | Tensor, Tensor, Tensor]]] = {
+            t.name: [] for t in targets
+        }
 
     def _hook(self, name: str, layer: nn.Module) -> Callable[..., None]:
-        record = super()._hook(name, layer)
+        axis = channel_axis(layer)
+        mask_index = _mask_position(layer)
         target = self.targets[name]
+        seen = self.calls[name]
+        # Only Batch Renorm reads a counter in its forward (the schedule's step); the
+        # others are put back once, on exit.
+        counters = [
+            (key, value)
+            for key, value in target.buffers.items()
+            if key == "num_batches_tracked" and getattr(layer, "renorm", None) is not None
+        ]
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not module.training:
                 return
             with torch.no_grad():
-                for key in ("num_batches_tracked", "num_batches_skipped"):
+                for key, value in counters:
                     buffer = module._buffers.get(key)
-                    if buffer is not None and key in target.buffers:
-                        buffer.copy_(target.buffers[key])
+                    if buffer is not None:
+                        buffer.copy_(value)
             target.calls += 1
-            record(module, args, kwargs)
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, Tensor) or x.numel() == 0:
+                return  # nothing to count (the layer itself complains about a bad input)
+            mask = kwargs.get("mask")
+            if mask is None and mask_index is not None and len(args) > mask_index:
+                mask = args[mask_index]
+            if isinstance(mask, Tensor) or not x.is_floating_point() or x.dim() < 2:
+                m = mask.detach() if isinstance(mask, Tensor) else None
+                mom = moments(x.detach(), axis, m)
+                seen.append((mom.count, mom.mean, mom.m2 / mom.count.clamp_min(1)))
+                return
+            # ATen's statistics pass (the one the layer's own kernel makes): cheaper than
+            # var_mean on small inputs; (mean, biased variance) in float32 or wider.
+            x1 = x.detach()
+            x1 = x1.movedim(axis, 1) if axis % x1.dim() != 1 else x1
+            mean, var = torch.batch_norm_update_stats(x1, None, None, 0.0)
+            seen.append((x1.numel() // x1.shape[1], mean, var))
 
         return hook
+
+    def merged(self) -> dict[str, Moments | None]:
+        """Per layer, the moments of all its recorded calls merged in float64 (law of
+        total variance, :func:`bnorm.functional.pool_moments`); None if none."""
+        out: dict[str, Moments | None] = {}
+        for name, seen in self.calls.items():
+            if not seen:
+                out[name] = None
+                continue
+            means = torch.stack([mean for _, mean, _ in seen]).to(torch.float64)
+            variances = torch.stack([var for _, _, var in seen]).to(torch.float64)
+            sizes = [count for count, _, _ in seen]
+            if all(isinstance(c, int) for c in sizes):
+                counts = torch.tensor(sizes, dtype=torch.float64, device=means.device)
+                counts = counts.unsqueeze(1).expand_as(means)
+            else:
+                counts = torch.stack(
+                    [
+                        c.to(means) if isinstance(c, Tensor) else torch.full_like(means[0], c)
+                        for c in sizes
+                    ]
+                )
+            out[name] = pool_moments(Moments(counts, means, variances * counts))
+        return out
 
 
 class Accumulation:
@@ -197,7 +261,7 @@ class Accumulation:
                     for target in self._targets:
                         self._restore(target)
                     return
-                merged = self._merged(collector.moments)
+                merged = self._merged(collector.merged())
                 for target in self._targets:
                     if target.calls:
                         self._update(target, merged[target.name])
