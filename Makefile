@@ -1,6 +1,8 @@
 # `make test`  : create .venv if missing, install bnorm[dev] under constraints.txt, lint, run the tests.
 # `make test-gpu`: the same setup, then only the CUDA tests (pytest -m cuda; needs a CUDA build of torch).
 # `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults.
+# `make study-fashion` : the same study on the real Fashion-MNIST, read from the files of
+#                Debian's package (sudo apt-get install dataset-fashion-mnist), no download.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -8,7 +10,9 @@ PIP     = $(BIN)/python -m pip
 STAMP_DEV   = $(VENV)/.installed-dev
 STAMP_STUDY = $(VENV)/.installed-study
 
-.PHONY: test test-gpu study lint pytest bench clean
+FASHION_DIR = /usr/share/datasets/fashion-mnist
+
+.PHONY: test test-gpu study study-fashion lint pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +41,12 @@ test-gpu: $(STAMP_DEV)
 
 study: $(STAMP_STUDY)
 	$(BIN)/bnorm study $(ARGS)
+
+study-fashion: $(STAMP_STUDY)
+	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || { \
+	  echo "Fashion-MNIST is not in $(FASHION_DIR): sudo apt-get install dataset-fashion-mnist" \
+	       "(or: make study ARGS='--dataset fashion-mnist --data-dir DIR')" >&2; exit 2; }
+	$(BIN)/bnorm study --dataset fashion-mnist $(ARGS)
 
 bench: $(STAMP_DEV)
 	$(BIN)/bnorm bench $(ARGS)

@@ -1,6 +1,7 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, kernels, reference
+from .accumulate import Accumulation, accumulate
 from .adapt import AdaptationReport, adapt
 from .calibrate import CalibrationReport, recalibrate
 from .convert import ConversionReport, convert
@@ -26,6 +27,7 @@ from .modules import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulation",
     "AdaptationReport",
     "BatchNorm",
     "BatchNorm1d",
@@ -47,6 +49,7 @@ __all__ = [
     "StatisticsRecorder",
     "SyncBatchNorm",
     "__version__",
+    "accumulate",
     "adapt",
     "convert",
     "diagnose",

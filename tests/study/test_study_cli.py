@@ -34,6 +34,7 @@ TINY = {
     "lr_tolerance": {"steps": 24, "eval_every": 24, "lrs": [0.1, 8.0]},
     "depth": {"steps": 30, "eval_every": 10, "hidden": [16, 16, 16, 16]},
     "small_batch": {"steps": 12, "eval_every": 12, "batch_sizes": [4, 16], "norms": ["bn", "renorm", "ghost"]},
+    "accumulation": {"steps": 6, "eval_every": 3, "micro_batches": 3},
 }
 FIGURES = [
     "curves-accuracy.png",
@@ -42,6 +43,7 @@ FIGURES = [
     "depth-accuracy.png",
     "depth-gradnorms.png",
     "small_batch.png",
+    "accumulation.png",
     "disagreement.png",
     "shift.png",
 ]
@@ -83,7 +85,7 @@ def test_config_json_is_fully_resolved_and_stored_in_every_checkpoint(tiny_run: 
     assert exps["lr_tolerance"]["options"]["lrs"] == [0.1, 8.0]
     checkpoints = sorted((tiny_run / "checkpoints").rglob("*.json"))
     assert exps["small_batch"]["options"]["batch_sizes"] == [4, 16]
-    assert len(checkpoints) == 4 + 8 + 4 + 12
+    assert len(checkpoints) == 4 + 8 + 4 + 12 + 4
     for path in checkpoints:
         saved = json.loads(path.read_text())
         assert saved["config"] == config
@@ -94,7 +96,7 @@ def test_config_json_is_fully_resolved_and_stored_in_every_checkpoint(tiny_run: 
 def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path) -> None:
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["schema_version"] == 1 and not metrics["interrupted"]
-    assert metrics["runs_planned"] == metrics["runs_finished"] == 28
+    assert metrics["runs_planned"] == metrics["runs_finished"] == 32
     exps = metrics["experiments"]
     runs = exps["curves"]["runs"]
     assert sorted((r["norm"], r["seed"]) for r in runs) == [("bn", 0), ("bn", 1), ("none", 0), ("none", 1)]
@@ -145,6 +147,33 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
         assert pick["ghost"]["curve"]["test_accuracy"] == pick["bn"]["curve"]["test_accuracy"]
     depth = exps["depth"]["runs"]
     assert all(len(r["grad_norms"]["init"]) == len(r["grad_norms"]["final"]) == 5 for r in depth)
+    acc = exps["accumulation"]
+    assert sorted((r["seed"], r["accumulate_stats"]) for r in acc["runs"]) == [
+        (s, m) for s in (0, 1) for m in (False, True)
+    ]
+    for r in acc["runs"]:
+        assert r["norm"] == "bn" and r["micro_batches"] == 3 and r["batch_size"] == 4
+        assert r["curve"]["step"] == [0, 3, 6]
+        check = r["running_stats"]
+        assert check["layers"] == ["body.2", "body.5", "body.8"] and len(check["drift"]) == 3
+        assert check["mean_drift"] == pytest.approx(sum(check["drift"]) / 3)
+    for seed in (0, 1):  # same gradients in both arms: only the running statistics differ
+        pick = {r["accumulate_stats"]: r for r in acc["runs"] if r["seed"] == seed}
+        assert pick[False]["curve"]["train_loss"] == pick[True]["curve"]["train_loss"]
+        per_micro, merged = pick[False]["running_stats"], pick[True]["running_stats"]
+        assert per_micro["recalibrated_accuracy"] == merged["recalibrated_accuracy"]
+        assert per_micro["drift"] != merged["drift"]
+    acc_summary = acc["summary"]["per_norm"]["bn"]
+    for merged, arm in ((False, "per_micro"), (True, "accumulate")):
+        mine = [r for r in acc["runs"] if r["accumulate_stats"] == merged]
+        finals = [r["curve"]["test_accuracy"][-1] for r in mine]
+        assert acc_summary[arm]["final_accuracy"] == pytest.approx(mean_std(finals))
+        drifts = [r["running_stats"]["mean_drift"] for r in mine]
+        assert acc_summary[arm]["mean_drift"] == pytest.approx(mean_std(drifts))
+    assert acc_summary["train_loss_max_abs_diff"] == 0
+    merged_final = acc_summary["accumulate"]["final_accuracy"]
+    assert summary["accumulation"]["values"]["bn+accumulate"] == merged_final
+    assert "bn+accumulate" in metrics["norms"]
 
 
 def test_report_html_is_self_contained_with_the_summary_first(tiny_run: Path) -> None:
@@ -318,6 +347,20 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert message in lines[0]
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists(), "nothing is written for a rejected run"
+
+
+def test_missing_fashion_mnist_exits_2_saying_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bnorm.study import data as data_module
+
+    monkeypatch.chdir(tmp_path)  # no ./data, and no system-wide copy either
+    monkeypatch.setitem(data_module.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "nowhere")
+    args = ["study", "--dataset", "fashion-mnist", "--out", str(tmp_path / "run"), "--quiet"]
+    assert bnorm_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bnorm study: error: ")
+    assert str(tmp_path / "nowhere") in err and "apt-get install dataset-fashion-mnist" in err
 
 
 def test_unknown_option_exits_2_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bnorm.study import data as data_module
 from bnorm.study.data import (
     DataError,
     load_cifar10,
@@ -23,6 +24,7 @@ from bnorm.study.data import (
     read_cifar_binary,
     read_idx,
 )
+from bnorm.study.train import TrainSpec, train_run
 
 # ------------------------------------------------------------------ fixture writers
 
@@ -82,6 +84,53 @@ def test_fashion_mnist_is_found_in_the_torchvision_layout(tmp_path: Path) -> Non
     ds = load_dataset("fashion-mnist", tmp_path)
     assert ds.name == "fashion-mnist"
     np.testing.assert_array_equal(ds.test_labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
+
+
+FASHION_SYSTEM_DIR = data_module.SYSTEM_DATA_DIRS["fashion-mnist"]
+FASHION_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
+needs_fashion_mnist = pytest.mark.skipif(
+    not all((FASHION_SYSTEM_DIR / f).is_file() for f in FASHION_FILES),
+    reason=f"the real Fashion-MNIST files are not in {FASHION_SYSTEM_DIR} "
+    "(apt-get install dataset-fashion-mnist)",
+)
+
+
+@needs_fashion_mnist
+def test_real_fashion_mnist_is_found_without_a_data_dir_and_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./data here: the system-wide copy must be found
+    ds = load_dataset("fashion-mnist")
+    assert ds.name == "fashion-mnist" and ds.num_classes == 10
+    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (10000, 1, 28, 28)
+    # The real set: balanced, 6,000 training and 1,000 test images per class.
+    assert torch.bincount(ds.train_labels).tolist() == [6000] * 10
+    assert torch.bincount(ds.test_labels).tolist() == [1000] * 10
+    spec = TrainSpec(model="mlp", hidden=[64, 64], activation="relu", init="kaiming",
+                     batch_size=60, steps=30, lr=0.1, eval_every=30, probe=False)  # fmt: skip
+    record = train_run(spec, ds, norm="bn", seed=0)
+    assert record["done"] and record["curve"]["step"] == [0, 30]
+    first, last = record["curve"]["test_accuracy"]
+    assert last > max(0.5, first + 0.2)  # 30 steps take it well above chance (10%)
+
+
+def test_missing_fashion_mnist_says_where_it_looked_and_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(data_module.SYSTEM_DATA_DIRS, "fashion-mnist", tmp_path / "nowhere")
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist")
+    message = str(info.value)
+    assert "\n" not in message
+    looked = f"data, data/fashion-mnist, data/FashionMNIST/raw, {tmp_path / 'nowhere'}"
+    assert f"train-images-idx3-ubyte or train-images-idx3-ubyte.gz in {looked}" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
 
 
 def test_idx_magic_numbers_are_those_of_the_format(tmp_path: Path) -> None:

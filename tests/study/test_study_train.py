@@ -175,6 +175,81 @@ def test_lr_schedule_divides_at_the_milestones() -> None:
 def test_total_steps_from_epochs_drops_the_partial_batch() -> None:
     spec = small_spec(steps=None, epochs=3, batch_size=100)
     assert spec.total_steps(1437) == 3 * 14
+    # With gradient accumulation a step takes micro_batches batches: 1437 // (4·8) = 44.
+    assert replace(spec, batch_size=4, micro_batches=8).total_steps(1437) == 3 * 44
+
+
+# ------------------------------------------------------------- gradient accumulation
+
+
+def test_accumulated_step_is_sgd_on_the_mean_loss_of_its_micro_batches(digits: Dataset) -> None:
+    spec = small_spec(batch_size=5)
+    model = build_model("mlp", digits.image_shape, 10, "none", hidden=[16, 16])
+    initialize(model, torch.Generator().manual_seed(0), "normal", 0.3)
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    batches = list(epoch_batches(digits, spec, seed=1, epoch=0))[:7]  # 2 steps of 3; 1 left
+    seen: list[tuple[int, float]] = []
+    result = train_one_epoch(
+        model, batches, optimizer, micro_batches=3, after_step=lambda s, v: seen.append((s, v))
+    )
+    assert result.step == 2 and not result.diverged
+    params = list(reference.parameters())
+    for step in range(2):  # by hand: one SGD step on the 15 samples' mean loss
+        x = torch.cat([b[0] for b in batches[3 * step : 3 * step + 3]])
+        y = torch.cat([b[1] for b in batches[3 * step : 3 * step + 3]])
+        loss = -torch.log_softmax(reference(x), dim=1)[torch.arange(len(y)), y].mean()
+        assert seen[step][0] == step + 1
+        assert seen[step][1] == pytest.approx(float(loss.detach()), rel=1e-5)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.3 * g
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_arms_train_identically_and_differ_in_running_stats(digits: Dataset) -> None:
+    spec = small_spec(batch_size=4)
+    per_micro = build_model("mlp", digits.image_shape, 10, "bn", hidden=[16, 16])
+    initialize(per_micro, torch.Generator().manual_seed(0), "normal", 0.3)
+    merged = copy.deepcopy(per_micro)
+    batches = list(epoch_batches(digits, spec, seed=1, epoch=0))[:12]
+    for model, flag in ((per_micro, False), (merged, True)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+        result = train_one_epoch(model, batches, optimizer, micro_batches=4, accumulate_stats=flag)
+        assert result.step == 3
+    for p, q in zip(per_micro.parameters(), merged.parameters()):
+        assert torch.equal(p, q)
+    from bnorm.calibrate import batch_norm_layers
+
+    bns = [m for _, m in batch_norm_layers(merged)]
+    torch_style = [m for _, m in batch_norm_layers(per_micro)]
+    assert len(bns) == len(torch_style) == 2
+    assert all(int(m.num_batches_tracked) == 3 for m in bns)  # once per step
+    assert all(int(m.num_batches_tracked) == 12 for m in torch_style)  # once per micro-batch
+    assert not torch.allclose(bns[0].running_var, torch_style[0].running_var)
+
+
+def test_stats_check_reports_no_drift_for_exact_statistics(digits: Dataset) -> None:
+    import bnorm
+    from bnorm.study.train import stats_check
+
+    spec = small_spec(batch_size=30)
+    model = build_model("mlp", digits.image_shape, 10, "bn", hidden=[16, 16])
+    initialize(model, torch.Generator().manual_seed(0), "normal", 0.3)
+    before = stats_check(model, digits, spec)  # fresh running statistics: mean 0, var 1
+    assert before is not None and before["layers"] == ["body.2", "body.5"]
+    assert before["mean_drift"] > 0.1
+    n = int(digits.train_labels.shape[0])
+    batches = [digits.inputs(digits.train_images[i : i + 30]) for i in range(0, n - 29, 30)]
+    bnorm.recalibrate(model, batches, progress=False)
+    after = stats_check(model, digits, spec)
+    assert after is not None and after["mean_drift"] < 1e-6
+    ev = evaluate(model, digits.test_images, digits.test_labels, digits)
+    assert after["recalibrated_accuracy"] == before["recalibrated_accuracy"] == ev.accuracy
+    no_bn = build_model("mlp", digits.image_shape, 10, "none", hidden=[16])
+    assert stats_check(no_bn, digits, spec) is None
 
 
 @pytest.mark.parametrize(
@@ -187,6 +262,9 @@ def test_total_steps_from_epochs_drops_the_partial_batch() -> None:
         ({"activation": "gelu"}, "expected activation in sigmoid, tanh, relu"),
         ({"augment": "yes"}, "expected augment to be true or false"),
         ({"hidden": [10, 0]}, "expected hidden to be a list of positive widths"),
+        ({"micro_batches": 0}, "expected micro_batches to be a positive integer"),
+        ({"accumulate_stats": 1}, "expected accumulate_stats to be true or false"),
+        ({"stats_check": "no"}, "expected stats_check to be true or false"),
     ],
 )
 def test_bad_train_spec_is_rejected(change: dict[str, Any], message: str) -> None:
@@ -229,6 +307,30 @@ def test_resumed_run_ends_with_the_same_metrics(digits: Dataset, tmp_path: Path,
     assert sorted(p.name for p in tmp_path.glob(f"{norm}-run-e*.safetensors")) == [
         json.loads(ckpt.json_path.read_text())["tensors"]
     ]
+
+
+def test_resumed_accumulation_run_ends_with_the_same_metrics(
+    digits: Dataset, tmp_path: Path
+) -> None:
+    # 1438 // (6·4) = 59 steps per epoch; 80 steps: interrupted after the first epoch.
+    spec = small_spec(batch_size=6, micro_batches=4, accumulate_stats=True, stats_check=True,
+                      steps=80, eval_every=20, keep_predictions=False)  # fmt: skip
+    straight = train_run(spec, digits, norm="bn", seed=2)
+
+    def interrupt_at_70(step: int, total: int, acc: float | None) -> None:
+        if step == 70:
+            raise Stop
+
+    ckpt = Checkpointer(tmp_path, "acc-run", {"study": "test"}, min_interval_s=0.0)
+    with pytest.raises(Stop):
+        train_run(spec, digits, norm="bn", seed=2, checkpointer=ckpt, on_progress=interrupt_at_70)
+    assert json.loads(ckpt.json_path.read_text())["step"] == 59
+    resumed = train_run(spec, digits, norm="bn", seed=2, checkpointer=ckpt)
+    for record in (straight, resumed):
+        record.pop("wall_s")
+    assert resumed == straight
+    assert straight["micro_batches"] == 4 and straight["accumulate_stats"] is True
+    assert straight["running_stats"]["layers"] == ["body.2", "body.5"]
 
 
 def test_finished_run_is_not_trained_again(digits: Dataset, tmp_path: Path) -> None:

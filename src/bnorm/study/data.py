@@ -2,7 +2,9 @@
 
 * ``digits`` — scikit-learn's bundled 8×8 digits (1,797 images, values 0–16), split
   into train/test with a fixed seed, stratified by class (20% test).
-* ``mnist`` / ``fashion-mnist`` — the four IDX files (gzipped or not).
+* ``mnist`` / ``fashion-mnist`` — the four IDX files (gzipped or not). Without a data
+  directory, Fashion-MNIST is also looked for where Debian's ``dataset-fashion-mnist``
+  package installs the real files (:data:`SYSTEM_DATA_DIRS`).
 * ``cifar10`` / ``cifar100`` — the official *binary* files. The "python version" of
   CIFAR is a pickle and is never read: unpickling runs arbitrary code.
 * ``synthetic`` — a small deterministic image set of CIFAR shape (3×32×32, 10 classes)
@@ -202,20 +204,46 @@ _MNIST_FILES = {
 }
 
 
-def _find(data_dir: Path, names: Sequence[str], subdirs: Sequence[str]) -> Path:
-    """The first existing ``dir/name`` over ``data_dir`` and its ``subdirs``."""
-    dirs = [data_dir, *(data_dir / s for s in subdirs)]
+# Where the data files are looked for when no data directory is given.
+DEFAULT_DATA_DIR = Path("data")
+# Further directories searched when no data directory is given: the system-wide copies
+# of OS packages (Debian/Ubuntu: ``apt-get install dataset-fashion-mnist``).
+SYSTEM_DATA_DIRS: dict[str, Path] = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+# How to get a dataset's files without a download by hand, for the "file not found" error.
+INSTALL_HINTS: dict[str, str] = {
+    "fashion-mnist": "install the real files with `apt-get install dataset-fashion-mnist` "
+    "(Debian/Ubuntu; they go to /usr/share/datasets/fashion-mnist), or pass --data-dir DIR",
+}
+
+
+def _find(
+    data_dir: Path,
+    names: Sequence[str],
+    subdirs: Sequence[str],
+    extra_dirs: Sequence[Path] = (),
+    hint: str | None = None,
+) -> Path:
+    """The first existing ``dir/name`` over ``data_dir``, its ``subdirs``, then
+    ``extra_dirs``; else a :class:`DataError` saying where it looked (and ``hint``)."""
+    dirs = [data_dir, *(data_dir / s for s in subdirs), *extra_dirs]
     for d in dirs:
         for name in names:
             if (d / name).is_file():
                 return d / name
     looked = ", ".join(str(d) for d in dirs)
-    raise DataError(f"{data_dir / names[0]}: file not found (looked for {' or '.join(names)} in {looked})")
+    message = f"{data_dir / names[0]}: file not found (looked for {' or '.join(names)} in {looked})"
+    raise DataError(message + (f"; {hint}" if hint else ""))
 
 
-def load_mnist(data_dir: str | Path, name: str = "mnist") -> Dataset:
+def load_mnist(data_dir: str | Path | None, name: str = "mnist") -> Dataset:
     """MNIST or Fashion-MNIST from the four IDX files (``.gz`` or not) in ``data_dir``
-    (or its ``mnist/``, ``MNIST/raw/``, ``fashion-mnist/``, ``FashionMNIST/raw/``)."""
+    (or its ``mnist/``, ``MNIST/raw/``, ``fashion-mnist/``, ``FashionMNIST/raw/``).
+    ``data_dir=None``: :data:`DEFAULT_DATA_DIR` (and its subdirectories), then the
+    dataset's :data:`SYSTEM_DATA_DIRS` entry."""
+    extra: tuple[Path, ...] = ()
+    if data_dir is None:
+        data_dir = DEFAULT_DATA_DIR
+        extra = (SYSTEM_DATA_DIRS[name],) if name in SYSTEM_DATA_DIRS else ()
     data_dir = Path(data_dir)
     subdirs = (
         ("mnist", "MNIST/raw") if name == "mnist" else ("fashion-mnist", "FashionMNIST/raw")
@@ -223,7 +251,7 @@ def load_mnist(data_dir: str | Path, name: str = "mnist") -> Dataset:
     arrays: dict[str, np.ndarray] = {}
     paths: dict[str, Path] = {}
     for key, base in _MNIST_FILES.items():
-        paths[key] = _find(data_dir, (base, base + ".gz"), subdirs)
+        paths[key] = _find(data_dir, (base, base + ".gz"), subdirs, extra, INSTALL_HINTS.get(name))
         arrays[key] = read_idx(paths[key], 3 if key.endswith("images") else 1)
     for split in ("train", "test"):
         n_img = arrays[f"{split}_images"].shape[0]
@@ -352,18 +380,21 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, seed: int = 0) ->
 
 # --------------------------------------------------------------------------- registry
 
-DATASETS: dict[str, Callable[[Path], Dataset]] = {
+# A loader gets the data directory, or None when none was given (its default search).
+DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
     "digits": lambda data_dir: load_digits(),
     "mnist": lambda data_dir: load_mnist(data_dir, "mnist"),
     "fashion-mnist": lambda data_dir: load_mnist(data_dir, "fashion-mnist"),
-    "cifar10": load_cifar10,
-    "cifar100": load_cifar100,
+    "cifar10": lambda data_dir: load_cifar10(data_dir or DEFAULT_DATA_DIR),
+    "cifar100": lambda data_dir: load_cifar100(data_dir or DEFAULT_DATA_DIR),
     "synthetic": lambda data_dir: make_synthetic(),
 }
 
 
-def load_dataset(name: str, data_dir: str | Path = "data") -> Dataset:
-    """Load a dataset by name (one of :data:`DATASETS`)."""
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load a dataset by name (one of :data:`DATASETS`). ``data_dir=None``: the default
+    search — :data:`DEFAULT_DATA_DIR`, and for Fashion-MNIST also the system-wide copy
+    of Debian's ``dataset-fashion-mnist`` package (:data:`SYSTEM_DATA_DIRS`)."""
     if name not in DATASETS:
         raise DataError(f"expected a dataset in {', '.join(DATASETS)} (got {name!r})")
-    return DATASETS[name](Path(data_dir))
+    return DATASETS[name](None if data_dir is None else Path(data_dir))

@@ -13,6 +13,11 @@ An *experiment* (a line in :data:`bnorm.study.run.EXPERIMENTS`) names a *kind* f
 * ``shift`` — no training: the final networks of ``options["source"]`` on corrupted test
   sets (:mod:`bnorm.study.shift`, measured at the end of those runs, which the source
   experiment does when ``shift`` is selected), as trained and after :func:`bnorm.adapt`.
+* ``accumulation`` — gradient accumulation (``micro_batches`` per step): two runs per
+  (seed, norm), identical but for the running statistics — updated by the layers per
+  micro-batch (torch's behaviour) or once per step by :func:`bnorm.accumulate` — with
+  their final test accuracy and the drift of their running statistics from the exact
+  training-set statistics (``stats_check``).
 
 Every summary works on whatever runs have finished (an interrupted study reports what
 it has), and every experiment summary carries a ``headline`` — the row of the report's
@@ -30,7 +35,19 @@ from typing import Any
 from .models import NORM_LABELS
 from .train import TrainSpec
 
-__all__ = ["KINDS", "SWEEPS", "Experiment", "Kind", "PlannedRun", "SummaryInputs", "Sweep", "mean_std", "speedup", "steps_to_reach"]
+__all__ = [
+    "ACCUMULATION_ARMS",
+    "KINDS",
+    "SWEEPS",
+    "Experiment",
+    "Kind",
+    "PlannedRun",
+    "SummaryInputs",
+    "Sweep",
+    "mean_std",
+    "speedup",
+    "steps_to_reach",
+]
 
 
 @dataclass(frozen=True)
@@ -464,6 +481,96 @@ def summarize_shift(
         "wall_s": sum(r["shift"].get("wall_s", 0.0) for r in src),
         "headline": headline,
     }
+# ------------------------------------------------------------------- accumulation
+
+# The two arms of an accumulation experiment: how the running statistics are updated.
+ACCUMULATION_ARMS: dict[str, bool] = {"per_micro": False, "accumulate": True}
+ACCUMULATION_LABELS = {
+    "per_micro": "per micro-batch (torch)",
+    "accumulate": "once per step (bnorm.accumulate)",
+}
+
+
+def plan_accumulation(
+    exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]
+) -> list[PlannedRun]:
+    """Two runs per (seed, norm), identical but for the running statistics: updated by
+    the layers per micro-batch (torch's behaviour), or once per step by bnorm.accumulate."""
+    return [
+        PlannedRun(
+            f"{norm}-{arm.replace('_', '-')}-seed{seed}",
+            norm,
+            seed,
+            replace(spec, accumulate_stats=merged),
+        )
+        for seed in seeds
+        for norm in norms
+        for arm, merged in ACCUMULATION_ARMS.items()
+    ]
+
+
+def _arm_runs(runs: list[dict[str, Any]], norm: str, merged: bool) -> list[dict[str, Any]]:
+    return [r for r in runs if r["norm"] == norm and bool(r.get("accumulate_stats")) == merged]
+
+
+def _train_loss_gap(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """Largest difference between two runs' recorded training losses (None if none)."""
+    pairs = zip(a["curve"]["train_loss"], b["curve"]["train_loss"])
+    gaps = [abs(x - y) for x, y in pairs if x is not None and y is not None]
+    return max(gaps, default=None)
+
+
+def summarize_accumulation(
+    exp: Experiment, runs: list[dict[str, Any]], norms: Sequence[str], given: SummaryInputs
+) -> dict[str, Any]:
+    per_norm: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    notes = []
+    spec = exp.spec
+    for norm in norms:
+        entry: dict[str, Any] = {}
+        for arm, merged in ACCUMULATION_ARMS.items():
+            mine = _arm_runs(runs, norm, merged)
+            checks = [r["running_stats"] for r in mine if r.get("running_stats")]
+            layers = checks[0]["layers"] if checks else []
+            entry[arm] = {
+                "final_accuracy": mean_std([_final_accuracy(r) for r in mine]),
+                "mean_drift": mean_std([c["mean_drift"] for c in checks]),
+                "layer_drift": [
+                    mean_std([c["drift"][i] for c in checks]) for i, _ in enumerate(layers)
+                ],
+                "recalibrated_accuracy": mean_std([c["recalibrated_accuracy"] for c in checks]),
+                "layers": layers,
+                "runs": len(mine),
+            }
+        gaps = []
+        for r in _arm_runs(runs, norm, False):
+            partner = next((b for b in _arm_runs(runs, norm, True) if b["seed"] == r["seed"]), None)
+            if partner is not None:
+                gaps.append(_train_loss_gap(r, partner))
+        entry["train_loss_max_abs_diff"] = max((g for g in gaps if g is not None), default=None)
+        per_norm[norm] = entry
+        values[norm] = entry["per_micro"]["final_accuracy"]
+        values[f"{norm}+accumulate"] = entry["accumulate"]["final_accuracy"]
+        drift = [entry[a]["mean_drift"]["mean"] for a in ACCUMULATION_ARMS]
+        if all(d is not None for d in drift):
+            notes.append(
+                f"{_label(norm)}: drift of the running statistics from the training set's (KL, "
+                f"mean over layers) {drift[0]:.3g} updated per micro-batch vs {drift[1]:.3g} "
+                "once per step"
+            )
+        recal = entry["accumulate"]["recalibrated_accuracy"]["mean"]
+        if recal is not None:
+            notes.append(f"recalibrated statistics give {100 * recal:.1f}%")
+    micro = f"{spec.get('micro_batches', 1)}×{spec.get('batch_size')}"
+    headline = {
+        "measure": f"final test accuracy (running statistics), {micro} micro-batches per step",
+        "short": f"final acc, {micro} micro-batches",
+        "values": values,
+        "speedup": {},
+        "note": "; ".join(notes),
+    }
+    return {"arms": dict(ACCUMULATION_LABELS), "per_norm": per_norm, "headline": headline}
 
 
 @dataclass(frozen=True)
@@ -478,4 +585,5 @@ KINDS: dict[str, Kind] = {
     **{name: Kind(plan_sweep, summarize_sweep) for name in SWEEPS},
     "disagreement": Kind(plan_nothing, summarize_disagreement, trains=False),
     "shift": Kind(plan_nothing, summarize_shift, trains=False),
+    "accumulation": Kind(plan_accumulation, summarize_accumulation),
 }

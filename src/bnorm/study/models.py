@@ -92,6 +92,7 @@ NORM_LABELS: dict[str, str] = {
     "renorm": "Batch Renorm",
     "ghost": f"ghost BN ({STUDY_VIRTUAL_BATCH})",
     "syncbn": "SyncBN",
+    "bn+accumulate": "BN + accumulate",  # the accumulation experiment's merged arm
 }
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

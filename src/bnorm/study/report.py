@@ -343,7 +343,7 @@ def _spec_text(spec: dict[str, Any], options: dict[str, Any] | None = None) -> s
     parts = [
         f"model {model}",
         f"init {init}",
-        "each batch size of the grid" if options.get("batch_sizes") else f"batch {spec.get('batch_size')}",
+        _batch_text(spec, options),
         length,
         ("SGD at each learning rate of the grid" if options.get("lrs") else f"SGD lr {spec.get('lr'):g}")
         + (f", momentum {spec['momentum']:g}" if spec.get("momentum") else ""),
@@ -355,6 +355,17 @@ def _spec_text(spec: dict[str, Any], options: dict[str, Any] | None = None) -> s
     if spec.get("augment"):
         parts.append("crop + flip augmentation")
     return "; ".join(parts) + "."
+
+
+def _batch_text(spec: dict[str, Any], options: dict[str, Any]) -> str:
+    if options.get("batch_sizes"):
+        return "each batch size of the grid"
+    if spec.get("micro_batches", 1) > 1:
+        return (
+            f"{spec['micro_batches']} micro-batches of {spec.get('batch_size')} per SGD step "
+            "(gradient accumulation)"
+        )
+    return f"batch {spec.get('batch_size')}"
 
 
 def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
@@ -560,12 +571,105 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
+_ARM_COLOURS = {"per_micro": "#1f6fb2", "accumulate": "#c0392b"}
+
+
+def plot_accumulation(exp: dict[str, Any], norms: Sequence[str], path: Path) -> Path | None:
+    """Left: test accuracy (running statistics) against the SGD step, per arm, mean over
+    seeds. Right: each layer's drift from the training-set statistics, per arm."""
+    from .experiments import ACCUMULATION_ARMS, ACCUMULATION_LABELS
+
+    runs, summ = exp["runs"], exp["summary"]
+    if not runs:
+        return None
+    fig, (acc_ax, drift_ax) = _new_figure(10, 3.6, 2)
+    width = 0.8 / max(len(norms) * len(ACCUMULATION_ARMS), 1)
+    bar = 0
+    for norm in norms:
+        for arm, merged in ACCUMULATION_ARMS.items():
+            mine = [
+                r for r in runs if r["norm"] == norm and bool(r.get("accumulate_stats")) == merged
+            ]
+            label = f"{_label(norm)}, {ACCUMULATION_LABELS[arm]}"
+            colour = _ARM_COLOURS[arm]
+            steps, acc = _mean_curve(mine, "test_accuracy")
+            acc_ax.plot(steps, [100 * a for a in acc], color=colour, lw=2, label=label)
+            entry = summ["per_norm"].get(norm, {}).get(arm, {})
+            layers = entry.get("layers", [])
+            means = [d["mean"] for d in entry.get("layer_drift", [])]
+            if layers and all(m is not None for m in means):
+                offset = (bar - (len(norms) * len(ACCUMULATION_ARMS) - 1) / 2) * width
+                xs = [i + offset for i, _ in enumerate(layers)]
+                stds = [d["std"] or 0.0 for d in entry["layer_drift"]]
+                drift_ax.bar(xs, means, width, yerr=stds, color=colour, label=label, capsize=3)
+                drift_ax.set_xticks(range(len(layers)), layers)
+            bar += 1
+    acc_ax.set_xlabel("SGD step")
+    acc_ax.set_ylabel("test accuracy (%), eval mode")
+    acc_ax.set_title("Test accuracy with the running statistics")
+    acc_ax.legend(loc="lower right")
+    drift_ax.set_xlabel("batch-norm layer")
+    drift_ax.set_ylabel("drift KL (worst channel)")
+    drift_ax.set_yscale("log")
+    low, high = drift_ax.get_ylim()
+    drift_ax.set_ylim(low, high * 6)  # room for the legend above the bars
+    drift_ax.set_title("Running vs exact training-set statistics")
+    drift_ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def _accumulation_blocks(
+    name: str, exp: dict[str, Any], norms: list[str], out: Path
+) -> list[Block]:
+    from .experiments import ACCUMULATION_LABELS
+
+    summ = exp["summary"]
+    headers = ["network", "running statistics updated", "final test acc (running stats)",
+               "drift KL, mean over layers", "drift KL per layer", "test acc, recalibrated"]
+    rows = []
+    for norm in norms:
+        entry = summ["per_norm"].get(norm)
+        if entry is None:
+            continue
+        for arm, text in ACCUMULATION_LABELS.items():
+            e = entry[arm]
+            drift = e["mean_drift"]
+            rows.append([
+                _label(norm),
+                text,
+                format_accuracy(e["final_accuracy"]),
+                "—" if drift["mean"] is None else f"{drift['mean']:.3g} ± {drift['std']:.2g}",
+                ", ".join(
+                    f"{layer} {_num(d['mean'])}" for layer, d in zip(e["layers"], e["layer_drift"])
+                ),
+                format_accuracy(e["recalibrated_accuracy"]),
+            ])
+    blocks: list[Block] = [Table(headers, rows)]
+    for norm in norms:
+        gap = summ["per_norm"].get(norm, {}).get("train_loss_max_abs_diff")
+        if gap is not None:
+            same = "are identical" if gap == 0 else f"differ by at most {gap:.2g}"
+            blocks.append(Para(
+                f"{_label(norm)}: the two arms' recorded training losses {same} (the same "
+                "gradients: normalization is per micro-batch in both)."
+            ))
+    fig = plot_accumulation(exp, norms, out / f"{name}.png")
+    if fig is not None:
+        caption = (
+            "Gradient accumulation: running statistics updated per micro-batch vs once per "
+            "step (mean ± std over seeds)."
+        )
+        blocks.append(Figure(fig, caption))
+    return blocks
+
+
 _SECTION_BUILDERS = {
     "curves": _curves_blocks,
     "lr_sweep": _sweep_blocks,
     "batch_sweep": _sweep_blocks,
     "disagreement": _disagreement_blocks,
     "shift": _shift_blocks,
+    "accumulation": _accumulation_blocks,
 }
 _NO_TRAINING = ("disagreement", "shift")  # kinds that measure another experiment's networks
 

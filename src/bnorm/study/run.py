@@ -54,6 +54,25 @@ EXPERIMENTS: list[Experiment] = [
     Experiment("lr_tolerance", "lr_sweep", "Learning-rate tolerance", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "steps": 300, "eval_every": 300, "probe": False}, {"lrs": [0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 4.0]}, follows_model=True, about="The same 3×100 network with ReLU units and He initialization, trained for a fixed number of steps at each learning rate of a grid: the paper's claim that BN allows higher learning rates."),
     Experiment("depth", "curves", "Depth: 10 hidden sigmoid layers", {"model": "deep-mlp", "hidden": [64] * 10, "activation": "sigmoid", "init": "xavier", "batch_size": 60, "steps": 600, "lr": 0.2, "eval_every": 20, "probe": False, "grad_norms": True}, about="Ten hidden layers of 64 sigmoid units with Glorot (Xavier) normal initialization: the depth at which vanishing gradients bite. The gradient norm of each layer's weights is measured at initialization and after training."),
     Experiment("small_batch", "batch_sweep", "Small batches: BN, Batch Renorm, ghost BN", {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "steps": None, "epochs": 1, "lr": 0.05, "eval_every": 10**6, "probe": False}, {"batch_sizes": [2, 4, 8, 32], "norms": ["none", "bn", "renorm", "ghost"]}, about="The 3×100 ReLU network trained for the same number of epochs at each batch size: BN's statistics get noisy as the batch shrinks, and the running statistics used at test time drift from the batch statistics used in training. Batch Renorm corrects the training-time normalization towards the running statistics (the paper's schedule scaled to these short runs); ghost BN normalizes groups of 8 samples within larger batches."),
+    Experiment(
+        "accumulation", "accumulation",
+        "Gradient accumulation: running statistics per micro-batch or per step",
+        {**_PAPER_MLP, "activation": "relu", "init": "kaiming", "batch_size": 4,
+         "micro_batches": 8, "steps": None, "epochs": 3, "lr": 0.1, "eval_every": 22,
+         "probe": False, "stats_check": True},
+        {"norms": ["bn"]},
+        about="The 3×100 ReLU network trained with gradient accumulation: each SGD step "
+        "sums the gradients of 8 micro-batches of 4 samples, each normalized with its own "
+        "statistics. Left alone, every BN layer updates its running statistics after each "
+        "micro-batch (8 updates per step, each from 4 samples: the momentum then means "
+        "1 − 0.9⁸ ≈ 0.57 per step); inside bnorm.accumulate it updates them once per step, "
+        "from the exact merged moments of the step's 32 samples. Both arms start from the "
+        "same weights and see the same micro-batches, and their gradients are identical "
+        "(normalization is per micro-batch either way): only the running statistics "
+        "differ. Measured: test accuracy in eval mode (running statistics), and how far "
+        "the running statistics are from the exact statistics of each layer's inputs over "
+        "the training set (bnorm.diagnose's drift, the KL divergence of the two Gaussians, "
+        "worst channel, in mode='train')."),
     Experiment("disagreement", "disagreement", "Prediction disagreement", {}, {"source": "curves"}, about="On the test set, how often the final networks of the first experiment with and without BN (same seed) predict different classes, and which of them is right when they do."),
     Experiment("shift", "shift", "Distribution shift: corrupted test sets and test-time adaptation", {}, {"source": "curves"}, about="The final networks of the first experiment on corrupted copies of the test set (Gaussian noise σ=0.3, contrast ×0.3, brightness +0.4, blur σ=1 px, inverted; pixel values in [0, 1], seeded): accuracy as trained, and for BN networks after bnorm.adapt — 'bn' (running statistics := the exact statistics of the corrupted test set), 'prior' (Schneider et al. 2020: each test batch of 32 normalized with the source statistics weighted as 16 samples mixed with the batch's own) and 'tent' (Wang et al. 2021: one SGD step, lr 0.01, momentum 0.9, on the prediction entropy per test batch of 32, updating only BN's γ and β). Inverting the images flips the sign of the input, which no statistic can undo: adaptation is expected to fail there."),
 ]
@@ -73,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = {
     "name": "study",
     "dataset": "digits",
-    "data_dir": "data",
+    "data_dir": None,  # None: data/ (and for fashion-mnist /usr/share/datasets/fashion-mnist)
     "model": None,
     "preset": None,
     "norm": ["none", "bn"],
@@ -114,7 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{' | '.join(DATASETS)} (default: digits, bundled with scikit-learn)")
     parser.add_argument("--data-dir", default=S, metavar="DIR",
                         help="where the dataset files are: MNIST/Fashion-MNIST IDX files (.gz or not), "
-                        "CIFAR-10/100 binary files (default: data)")
+                        "CIFAR-10/100 binary files (default: data; for fashion-mnist then "
+                        "/usr/share/datasets/fashion-mnist, "
+                        "from `apt-get install dataset-fashion-mnist`)")
     parser.add_argument("--model", default=S, metavar="NAME",
                         help=f"{' | '.join(MODELS)}: the network of the experiments 'curves' and "
                         "'lr_tolerance' (default: each experiment's own MLP; see below)")
@@ -693,7 +714,8 @@ def _run_study(cli: dict[str, Any]) -> int:
                     total = run.spec.total_steps(n_train)
                     progress.start_run(f"{exp.name} · {run.norm} · seed {run.seed}" + (
                         f" · {SWEEPS[exp.kind].field} {getattr(run.spec, SWEEPS[exp.kind].field):g}"
-                        if exp.kind in SWEEPS else ""), total)
+                        if exp.kind in SWEEPS else "")
+                        + (" · once per step" if run.spec.accumulate_stats else ""), total)
                     # Every rank resumes from the same files; rank 0 alone writes them.
                     checkpointer = (
                         Checkpointer(out / "checkpoints" / exp.name, run.tag, config)
@@ -758,6 +780,9 @@ def build_metrics(
     all_norms: list[str] = []
     for _, _, norms in experiments:
         all_norms += [n for n in norms if n not in all_norms]
+    # Columns some experiment reports beside its norms (accumulation's "bn+accumulate").
+    for row in summary_rows:
+        all_norms += [n for n in row.get("values", {}) if n not in all_norms]
     finished = sum(len(r) for r in state.runs.values())
     return {
         "schema_version": 1,

@@ -19,7 +19,9 @@ resumed run recomputes the same batches from the epoch after it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -75,6 +77,9 @@ class TrainSpec:
     keep_predictions: bool = False  # store the final test predictions (for disagreement)
     inference_check: bool = False  # BN nets: accuracy after recalibrate(), folded latency
     shift_check: bool = False  # accuracy on corrupted test sets, as trained and adapted
+    micro_batches: int = 1  # gradient accumulation: micro-batches of batch_size per SGD step
+    accumulate_stats: bool = False  # with micro_batches > 1: bnorm.accumulate around each step
+    stats_check: bool = False  # BN nets: drift of the running statistics (bnorm.diagnose)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -88,8 +93,8 @@ class TrainSpec:
             raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"expected init in {', '.join(INIT_SCHEMES)} (got {self.init!r})")
-        flags = ("augment", "standardize", "probe", "grad_norms", "keep_predictions", "inference_check", "shift_check")
-        for name in flags:
+        for name in ("augment", "standardize", "probe", "grad_norms", "keep_predictions",
+                     "inference_check", "shift_check", "accumulate_stats", "stats_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"expected {name} to be true or false (got {getattr(self, name)!r})")
         if not isinstance(self.lr_milestones, list) or any(
@@ -98,7 +103,7 @@ class TrainSpec:
             raise ValueError(f"expected lr_milestones to be a list of fractions (got {self.lr_milestones!r})")
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"expected exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs})")
-        for name in ("batch_size", "eval_every"):
+        for name in ("batch_size", "eval_every", "micro_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"expected {name} to be a positive integer (got {value!r})")
@@ -123,7 +128,8 @@ class TrainSpec:
             raise ValueError(f"expected hidden to be a list of positive widths (got {self.hidden!r})")
 
     def steps_per_epoch(self, num_train: int) -> int:
-        return num_train // self.batch_size
+        """Optimizer steps per epoch: each takes ``micro_batches`` batches of ``batch_size``."""
+        return num_train // (self.batch_size * self.micro_batches)
 
     def total_steps(self, num_train: int) -> int:
         if self.steps is not None:
@@ -224,6 +230,8 @@ def train_one_epoch(
     lr_at: Callable[[int], float] | None = None,
     after_step: Callable[[int, float], None] | None = None,
     distributed: bool = False,
+    micro_batches: int = 1,
+    accumulate_stats: bool = False,
 ) -> EpochResult:
     """One pass of SGD over ``batches`` with the cross-entropy loss.
 
@@ -233,10 +241,23 @@ def train_one_epoch(
     ``distributed`` (``model`` wrapped in DistributedDataParallel, ``batches`` this
     rank's shards), the loss reported and checked is the global batch's mean.
 
+    With ``micro_batches=k`` > 1 (gradient accumulation) a step takes k consecutive
+    batches, each forward and backward on its own (so each batch-norm layer normalizes
+    each micro-batch with its own statistics), with the loss ``(1/k) Σ_j L_j`` — the mean
+    over the k·B samples; an incomplete last group is dropped. ``accumulate_stats`` wraps
+    the k micro-batches of each step in :func:`bnorm.accumulate` (one running-statistics
+    update per step from their merged moments, instead of one per micro-batch).
+
     Shape:
         batches: (B, *) inputs with (B,) int64 labels.
     """
     model.train()
+    if micro_batches > 1:
+        return _train_accumulating(
+            model, batches, optimizer, step=step, max_steps=max_steps, lr_at=lr_at,
+            after_step=after_step, distributed=distributed, micro_batches=micro_batches,
+            accumulate_stats=accumulate_stats,
+        )  # fmt: skip
     total = 0.0
     count = 0
     for x, y in batches:
@@ -259,6 +280,58 @@ def train_one_epoch(
         if after_step is not None:
             after_step(step, value)
             model.train()  # after_step may have evaluated (eval mode), also inside a DDP wrapper
+    return EpochResult(step, total / count if count else math.nan, False)
+
+
+def _train_accumulating(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    max_steps: int | None,
+    lr_at: Callable[[int], float] | None,
+    after_step: Callable[[int, float], None] | None,
+    distributed: bool,
+    micro_batches: int,
+    accumulate_stats: bool,
+) -> EpochResult:
+    """:func:`train_one_epoch` with ``micro_batches`` > 1 (see there)."""
+    import bnorm
+    from bnorm.calibrate import batch_norm_layers
+
+    use_block = accumulate_stats and bool(batch_norm_layers(model))
+    total = 0.0
+    count = 0
+    iterator = iter(batches)
+    while max_steps is None or step < max_steps:
+        group = list(itertools.islice(iterator, micro_batches))
+        if len(group) < micro_batches:
+            break
+        if lr_at is not None:
+            lr = lr_at(step)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        values = []
+        with bnorm.accumulate(model) if use_block else contextlib.nullcontext():
+            for x, y in group:
+                loss = nn.functional.cross_entropy(model(x), y)
+                value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
+                if not math.isfinite(value):
+                    break
+                (loss / micro_batches).backward()
+                values.append(value)
+        if len(values) < micro_batches:
+            return EpochResult(step, total / count if count else math.nan, True)
+        optimizer.step()
+        step += 1
+        value = sum(values) / micro_batches
+        total += value
+        count += 1
+        if after_step is not None:
+            after_step(step, value)
+            model.train()
     return EpochResult(step, total / count if count else math.nan, False)
 
 
@@ -371,6 +444,51 @@ def inference_check(
         "not_folded_layers": len(report.not_folded),
         "fold_max_abs_logit_diff": diff,
         "latency": latency,
+    }
+
+
+def stats_check(
+    model: nn.Module, data: Dataset, spec: TrainSpec, device: torch.device | str = "cpu"
+) -> dict[str, Any] | None:
+    """How far a trained network's running statistics are from the exact statistics of
+    its batch-norm layers' inputs over the training set (None without batch norms).
+
+    Per layer, :func:`bnorm.diagnose` in ``mode="train"`` (each layer normalizing with
+    the statistics of batches of ``batch_size``, as in training, so every layer is judged
+    on its own): ``drift`` = max over channels of KL = ½ (z² + r − 1 − ln r), with
+    z = (μ_data − μ_run)/√(σ²_run + ε) and r = (σ²_data + ε)/(σ²_run + ε). Also the test
+    accuracy after :func:`bnorm.recalibrate` over the same batches (the exact statistics
+    in place of the running ones)."""
+    import bnorm
+    from bnorm.calibrate import batch_norm_layers
+
+    if not batch_norm_layers(model):
+        return None
+    n = int(data.train_labels.shape[0])
+
+    def batches() -> Iterator[Tensor]:
+        for i in range(0, n - spec.batch_size + 1, spec.batch_size):
+            images = data.train_images[i : i + spec.batch_size]
+            yield data.inputs(images, spec.standardize).to(device)
+
+    report = bnorm.diagnose(model, batches(), mode="train", progress=False)
+    layers = [entry for entry in report.layers if entry.count > 0]
+    calibrated = copy.deepcopy(model)
+    bnorm.recalibrate(calibrated, batches(), progress=False)
+    recal = evaluate(
+        calibrated, data.test_images, data.test_labels, data,
+        standardize=spec.standardize, device=device,
+    )  # fmt: skip
+    drift = [_finite_or_none(entry.drift) for entry in layers]
+    finite = [d for d in drift if d is not None]
+    return {
+        "layers": [entry.name for entry in layers],
+        "drift": drift,
+        "mean_shift": [_finite_or_none(entry.mean_shift) for entry in layers],
+        "var_ratio_min": [_finite_or_none(entry.var_ratio_min) for entry in layers],
+        "var_ratio_max": [_finite_or_none(entry.var_ratio_max) for entry in layers],
+        "mean_drift": sum(finite) / len(finite) if finite else None,
+        "recalibrated_accuracy": recal.accuracy,
     }
 
 
@@ -579,6 +697,9 @@ def train_run(
         "wall_s": 0.0,
         "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
     }
+    if spec.micro_batches > 1:
+        record["micro_batches"] = spec.micro_batches
+        record["accumulate_stats"] = spec.accumulate_stats
     if spec.probe:
         record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
     if spec.grad_norms:
@@ -655,6 +776,8 @@ def train_run(
             lr_at=lambda s: spec.lr_at(s, total),
             after_step=after_step,
             distributed=world > 1,
+            micro_batches=spec.micro_batches,
+            accumulate_stats=spec.accumulate_stats,
         )
         step, diverged = result.step, result.diverged
         if diverged:
@@ -675,6 +798,8 @@ def train_run(
         record["shift"] = shift_check(
             model, data, seed=seed, standardize=spec.standardize, device=device
         )
+    if spec.stats_check and not diverged:
+        record["running_stats"] = stats_check(model, data, spec, device)
     record["done"] = True
     save(epoch - 1, final=True)
     return record
