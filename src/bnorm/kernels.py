@@ -25,6 +25,12 @@ Only x (and r) are saved for backward; y is not, so a conv → BN → act block 
 conv's input and the BN input — 2× the activation size, where torch's separate layers
 save 3× (conv input, BN input, activation output).
 
+Inside a :func:`bnorm.memory_saving` scope the output is not saved by the layers that
+consume it either: the forward computes the statistics (one call) and then y (another),
+and the scope's hooks store a handle for y that recomputes it in backward with that same
+second call from the saved x (and r) and the forward's scale and shift — bit for bit the
+forward's y. A conv → BN → act block then keeps 1× the activation (see :mod:`bnorm.memory`).
+
 **Memory-efficient mode** (In-Place Activated BatchNorm, Rota Bulò et al. 2018): for an
 invertible activation — identity, leaky_relu with slope > 0, elu with α > 0 — only the
 output y is saved (plus r with a residual); backward recovers z = act⁻¹(y) and

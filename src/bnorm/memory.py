@@ -28,13 +28,18 @@ released.
 
 What it saves: a conv → BN → act block keeps x only (1× the activation) where the
 layer alone keeps x and the next conv's saved input y (2×); the register of outputs
-holds no tensor of its own (x and r are tensors the layer saves anyway). Measured
-numbers are in the README's kernels section and ``bnorm bench kernels``.
+holds no tensor of its own (x and r are tensors the layer saves anyway) besides the
+per-channel scale and shift. Measured (README, kernels section; ``bnorm bench
+kernels``): a ReLU ResNet-20 at batch 128 saves 99.5 MB instead of 185.5 MB (torch's
+layers) and its hooks hold at most 104.5 MB during backward, recomputed outputs
+included. The cost is one more kernel call per layer in the forward (the statistics and
+the output are two calls) and one output pass per recomputed output in backward.
 
 Rules:
 
-* Only fused layers register outputs: ``BatchNormAct*`` in training, not memory-efficient
-  (it saves y itself), without a mask, ghost batches or sync. Inside an enclosing
+* Only fused layers register outputs: ``BatchNormAct*`` in training with an activation
+  other than identity or a residual, not memory-efficient (it saves y itself), without a
+  mask, ghost batches or sync, while gradients are recorded. Other layers run as usual. Inside an enclosing
   ``torch.compile`` nothing registers (the compiled graph's partitioner decides what is
   saved) and the scope changes nothing.
 * Autograd's check for in-place modification of a saved tensor is kept: a tensor modified
