@@ -744,7 +744,7 @@ def _forward_recomputable(
         update = tuple(out[4:])
     else:
         aten_bn = torch.ops.aten.native_batch_norm
-        _, mean, invstd = aten_bn(x3, None, None, None, None, True, 0.0, eps)
+        _, mean, invstd = aten_bn(x3, w, b, None, None, True, 0.0, eps)  # (w: stats dtype)
         scale = w * invstd
         shift = b - mean * scale
         if inner is not None:

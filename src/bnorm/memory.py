@@ -39,13 +39,14 @@ Rules:
 
 * Only fused layers register outputs: ``BatchNormAct*`` in training with an activation
   other than identity or a residual, not memory-efficient (it saves y itself), without a
-  mask, ghost batches or sync, while gradients are recorded. Other layers run as usual. Inside an enclosing
-  ``torch.compile`` nothing registers (the compiled graph's partitioner decides what is
-  saved) and the scope changes nothing.
+  mask, ghost batches or sync, while gradients are recorded. Other layers run as usual.
+  Inside an enclosing ``torch.compile`` nothing registers (the compiled graph's
+  partitioner decides what is saved) and the scope changes nothing.
 * Autograd's check for in-place modification of a saved tensor is kept: a tensor modified
   in place after it was saved raises ``RuntimeError`` in backward as without the scope
-  (for a handle: while the tensor object given to the hook is alive). A registered output
-  modified in place before it is saved is stored as is.
+  (for a handle: while the tensor object given to the hook is alive). Autograd forbids
+  modifying a ``BatchNormAct`` output in place; a tensor sharing its storage at another
+  version than the registered output's is stored as is.
 * Scopes do not nest (``ValueError``), and saved-tensor hooks entered inside the scope
   take precedence over it for their duration (autograd uses the innermost hooks). Leaving
   the scope, by an exception too, removes its hooks and its register; handles already
@@ -267,7 +268,8 @@ class memory_saving:
         skip = set()
         if exclude is not None:
             skip = {_storage_key(t) for t in (*exclude.parameters(), *exclude.buffers())}
-        alive = (n for key, (ref, n) in self._stored.items() if not ref.expired() and key not in skip)
+        items = self._stored.items()
+        alive = (n for key, (ref, n) in items if not ref.expired() and key not in skip)
         return sum(alive)
 
 
