@@ -8,6 +8,7 @@ from .convert import ConversionReport, convert
 from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
 from .fold import FoldReport, fold
 from .functional import Renorm
+from .memory import memory_saving
 from .modules import (
     BatchNorm,
     BatchNorm1d,
@@ -56,6 +57,7 @@ __all__ = [
     "fold",
     "functional",
     "kernels",
+    "memory_saving",
     "recalibrate",
     "reference",
 ]

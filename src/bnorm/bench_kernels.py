@@ -14,7 +14,10 @@ Four parts, every timing a median of alternated runs in one process (see
   layers (target ≤ 0.75×), and the BN step over the same network without BN (target
   ≤ 1.10×), in eager mode and under ``torch.compile(model)``;
 * memory — bytes saved for backward (:func:`saved_tensor_bytes`) per conv→BN→act block
-  and per ResNet-20, relative to one activation / to torch.
+  and per ResNet-20, relative to one activation / to torch; ResNet-20 (ReLU) in a
+  :func:`bnorm.memory_saving` scope (target ≤ 0.6× torch), with the most its hooks hold
+  during backward, and :func:`torch.compile` of the torch model (what its partitioner
+  saves); the training-step time of the scope against plain bnorm (batch 32, alternated).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .bench import format_table, register, time_alternated
+from .memory import memory_saving
 from .modules import BatchNormAct2d
 
 RESNET20_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]  # N, C, side
@@ -38,6 +42,7 @@ LAYER_TARGET_COMPILED = 1.0
 MODEL_TARGET_TORCH = 0.75
 MODEL_TARGET_NO_BN = 1.10
 MEMORY_TARGET_BLOCK = 2.0
+MEMORY_SAVING_TARGET = 0.6
 
 
 # --- saved-for-backward bytes ------------------------------------------------------
@@ -403,6 +408,29 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
                 "saved/activation": nbytes / activation_bytes,
             }
         )
+    model = ResNet20("bnorm", "relu")
+    scope = memory_saving()
+    scope._track_peak = True
+    with scope:
+        out = model(x)
+    nbytes = scope.stored_bytes(exclude=model)
+    out.sum().backward()
+    rows.append(
+        {
+            "what": f"ResNet-20, batch {n}",
+            "layers": "bnorm memory_saving (relu)",
+            "saved_MB": nbytes / 2**20,
+            "saved/activation": nbytes / activation_bytes,
+            "peak_in_backward_MB": scope.peak_bytes / 2**20,
+        }
+    )
+    torch_relu = next(
+        r for r in rows if r["what"].startswith("ResNet-20") and r["layers"] == "torch (relu)"
+    )["saved_MB"]
+    for r in rows:
+        resnet = r["what"].startswith("ResNet-20")
+        r["saved/torch_relu"] = r["saved_MB"] / torch_relu if resnet else None
+        r.setdefault("peak_in_backward_MB", None)
     me_block = next(
         r for r in rows if r["what"] == "conv-BN-act block" and "efficient" in r["layers"]
     )
@@ -411,7 +439,67 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
         "summary": [
             f"memory-efficient conv->BN->act block saves {me_block['saved/activation']:.3f}x "
             f"the activation (target <= {MEMORY_TARGET_BLOCK}x); activation = "
-            f"{activation_bytes / 2**20:.1f} MB ({n}x{c}x{side}x{side} float32)"
+            f"{activation_bytes / 2**20:.1f} MB ({n}x{c}x{side}x{side} float32)",
+            f"ResNet-20 (ReLU) in bnorm.memory_saving() saves {rows[-1]['saved/torch_relu']:.2f}x "
+            f"torch's bytes (target <= {MEMORY_SAVING_TARGET}x); its hooks hold at most "
+            f"{scope.peak_bytes / 2**20:.1f} MB during backward",
+        ],
+    }
+
+
+def memory_cost_part(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``torch.compile(model)`` saves for the torch ResNet-20 (ReLU) — its
+    partitioner's choice, recorded with the same hooks (the compiled graph saves through
+    them) — and the time of a training step (forward + backward, no optimizer) in a
+    :func:`bnorm.memory_saving` scope against plain bnorm layers (alternated medians)."""
+    n = 16 if args.quick else 128
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, 32, 32)
+    model = ResNet20("torch", "relu")
+    compiled = cast(nn.Module, torch.compile(model))
+    compiled(x).sum().backward()  # compile outside the measurement
+    compiled_bytes, _ = saved_tensor_bytes(lambda: compiled(x), exclude=model)
+    torch_bytes, _ = saved_tensor_bytes(lambda: model(x), exclude=model)
+    rows: list[dict[str, Any]] = [
+        {
+            "what": f"ResNet-20, batch {n}",
+            "layers": "torch.compile(torch model) (relu)",
+            "saved_MB": compiled_bytes / 2**20,
+            "saved/activation": None,
+            "saved/torch_relu": compiled_bytes / torch_bytes,
+            "peak_in_backward_MB": None,
+        }
+    ]
+    nt = 16 if args.quick else 32
+    xt = torch.randn(nt, 3, 32, 32)
+    net = ResNet20("bnorm", "relu")
+
+    def plain() -> None:
+        net.zero_grad(set_to_none=True)
+        net(xt).sum().backward()
+
+    def saving() -> None:
+        net.zero_grad(set_to_none=True)
+        with memory_saving():
+            out = net(xt)
+        out.sum().backward()
+
+    t = time_alternated({"plain": plain, "saving": saving}, args.repeats, max(1, args.warmup))
+    step = {
+        "batch": nt,
+        "bnorm_ms": 1e3 * t["plain"],
+        "memory_saving_ms": 1e3 * t["saving"],
+        "memory_saving/bnorm": t["saving"] / t["plain"],
+    }
+    return {
+        "rows": rows,
+        "step": step,
+        "summary": [
+            f"torch.compile(torch ResNet-20) saves {compiled_bytes / 2**20:.1f} MB "
+            f"({compiled_bytes / torch_bytes:.2f}x eager torch)",
+            f"ResNet-20 step (fwd+bwd, batch {nt}): memory_saving/plain bnorm "
+            f"{step['memory_saving/bnorm']:.2f}x ({step['memory_saving_ms']:.1f} vs "
+            f"{step['bnorm_ms']:.1f} ms)",
         ],
     }
 
@@ -548,14 +636,17 @@ def kernels_suite(args: argparse.Namespace) -> dict[str, Any]:
     with torch._dynamo.config.patch(recompile_limit=64):
         layer = layer_part(args)
         model = model_part(args)
+        cost = memory_cost_part(args)
     memory = memory_part(args)
     summary = list(layer["summary"])
     summary += ["", "ResNet-20 training step:", format_table(model["rows"]), *model["summary"]]
-    summary += ["", "saved for backward:", format_table(memory["rows"]), *memory["summary"]]
+    summary += ["", "saved for backward:", format_table(memory["rows"] + cost["rows"])]
+    summary += [*memory["summary"], *cost["summary"]]
     return {
         "rows": layer["rows"],
         "model_rows": model["rows"],
-        "memory_rows": memory["rows"],
+        "memory_rows": memory["rows"] + cost["rows"],
+        "memory_saving_step": cost["step"],
         "summary": summary,
         "torch_threads": torch.get_num_threads(),
     }

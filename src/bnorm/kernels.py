@@ -25,6 +25,12 @@ Only x (and r) are saved for backward; y is not, so a conv → BN → act block 
 conv's input and the BN input — 2× the activation size, where torch's separate layers
 save 3× (conv input, BN input, activation output).
 
+Inside a :func:`bnorm.memory_saving` scope the output is not saved by the layers that
+consume it either: the forward computes the statistics (one call) and then y (another),
+and the scope's hooks store a handle for y that recomputes it in backward with that same
+second call from the saved x (and r) and the forward's scale and shift — bit for bit the
+forward's y. A conv → BN → act block then keeps 1× the activation (see :mod:`bnorm.memory`).
+
 **Memory-efficient mode** (In-Place Activated BatchNorm, Rota Bulò et al. 2018): for an
 invertible activation — identity, leaky_relu with slope > 0, elu with α > 0 — only the
 output y is saved (plus r with a residual); backward recovers z = act⁻¹(y) and
@@ -72,6 +78,7 @@ import torch
 from torch import Tensor
 
 from ._formulas import running_update
+from .memory import current_scope, memory_saving
 
 __all__ = [
     "ACTIVATIONS",
@@ -399,6 +406,32 @@ def _forward_kernel(
     return (act.forward(z).to(x3.dtype), mean, invstd, scale, shift, *update)
 
 
+def _statistics_kernel(
+    x3: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    running: Running | None = None,
+    skip_nonfinite: bool = True,
+) -> tuple[Tensor, ...]:
+    """(μ, 1/√(σ² + ε), scale, shift[, running update]) of :func:`_forward_kernel`, without
+    y (the statistics pass only): the forward of a :func:`bnorm.memory_saving` scope, whose
+    y comes from :func:`_apply_kernel` as its recomputation does."""
+    identity = Activation("identity")
+    return _forward_kernel(x3, weight, bias, None, eps, identity, running, skip_nonfinite)[1:]
+
+
+def _apply_kernel(
+    x4: Tensor, scale: Tensor, shift: Tensor, r4: Tensor | None, act: Activation
+) -> Tensor:
+    """y = act(x·scale + shift + r) in x's dtype, from given per-channel coefficients."""
+    sd = scale.dtype
+    z = x4.to(sd) * _per_channel(scale) + _per_channel(shift)
+    if r4 is not None:
+        z = z + r4.to(sd)
+    return act.forward(z).to(x4.dtype)
+
+
 def _backward_kernel(
     dy3: Tensor,
     x3: Tensor,
@@ -526,12 +559,21 @@ def _specialized(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
 
 
-def _run(kind: str, fn: Callable[..., Any], key: tuple[Any, ...], *args: Any) -> Any:
-    """``fn(*args)``: compiled (cached per ``key``) when enabled, else eager. If compiling or
+def _run(
+    kind: str,
+    fn: Callable[..., Any],
+    key: tuple[Any, ...],
+    *args: Any,
+    use_compiled: bool | None = None,
+) -> Any:
+    """``fn(*args)``: compiled (cached per ``key``) when enabled (or when ``use_compiled`` is
+    True: a recomputation in the mode of its forward), else eager. If compiling or
     running the compiled kernel fails (no C++ compiler, an unsupported platform, Dynamo's
     recompile limit...), compilation is switched off with a warning and ``fn`` runs eagerly:
     the kernels are pure functions, so the result is the same."""
-    if torch.compiler.is_compiling() or not compile_enabled():
+    if use_compiled is None:
+        use_compiled = compile_enabled()
+    if torch.compiler.is_compiling() or not use_compiled:
         return fn(*args)
     # Plain tensors in: Dynamo keeps a Parameter's shape static (which would make the
     # channel count static too) and guards on requires_grad (one more compile each).
@@ -587,6 +629,7 @@ class _BatchNormAct(torch.autograd.Function):
         memory_efficient: bool,
         running: RunningState | None,
         skip_nonfinite: bool,
+        scope: memory_saving | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         sd = torch.float64 if x.dtype == torch.float64 else torch.float32
         channels = x.shape[1]
@@ -599,7 +642,12 @@ class _BatchNormAct(torch.autograd.Function):
         r3 = None if residual is None else layout.to3d(residual)
         key = (act.name, act.param, r3 is not None, x3.dtype)
         inner = None if running is None else running[:3]
-        if torch.compiler.is_compiling() or compile_enabled():
+        if scope is not None:
+            y, mean, invstd, update = _forward_recomputable(
+                scope, layout, x3, w, b, r3, eps, act, key, inner, skip_nonfinite
+            )
+            y3 = layout.to3d(y)
+        elif torch.compiler.is_compiling() or compile_enabled():
             x4, r4 = _split(layout, x3, r3)
             fkey = (*key, inner is not None, skip_nonfinite)
             out = _run("fwd", _forward_kernel, fkey, x4, w, b, r4, eps, act, inner, skip_nonfinite)
@@ -628,7 +676,8 @@ class _BatchNormAct(torch.autograd.Function):
         else:
             ctx.save_for_backward(x3, r3, w, b, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
-        return layout.from3d(y3), mean, invstd
+        # In a memory_saving scope the registered output object itself is returned.
+        return (y if scope is not None else layout.from3d(y3)), mean, invstd
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
@@ -661,7 +710,68 @@ class _BatchNormAct(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _forward_recomputable(
+    scope: memory_saving,
+    layout: _Layout,
+    x3: Tensor,
+    w: Tensor,
+    b: Tensor,
+    r3: Tensor | None,
+    eps: float,
+    act: Activation,
+    key: tuple[Any, ...],
+    inner: Running | None,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """The forward inside a :func:`bnorm.memory_saving` scope: the statistics (compiled
+    kernel, or ATen's), then y from :func:`_apply_kernel` — the function that recomputes
+    it in backward, in the same mode, on the same x, r, scale and shift. Returns (y3, μ,
+    1/√(σ² + ε), running update) with y in x's shape and layout, registered with the
+    scope (the layer must return this very tensor object)."""
+    compiled = compile_enabled()
+    update: tuple[Tensor, ...] = ()
+    if compiled:
+        x4 = layout.split(x3)
+        skey = (x3.dtype, inner is not None, skip_nonfinite)
+        out = _run(
+            "stats", _statistics_kernel, skey, x4, w, b, eps, inner, skip_nonfinite, use_compiled=True
+        )
+        mean, invstd, scale, shift = out[:4]
+        update = tuple(out[4:])
+    else:
+        aten_bn = torch.ops.aten.native_batch_norm
+        _, mean, invstd = aten_bn(x3, w, b, None, None, True, 0.0, eps)  # (w: stats dtype)
+        scale = w * invstd
+        shift = b - mean * scale
+        if inner is not None:
+            count = x3.shape[0] * x3.shape[2]
+            var = invstd.pow(-2) - eps
+            update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
+    recompute = functools.partial(_recompute_output, layout, scale, shift, act, key, compiled)
+    y = recompute(x3, r3)
+    scope.register(y, (x3, r3), recompute, captured=(scale, shift))
+    return y, mean, invstd, update
+
+
+def _recompute_output(
+    layout: _Layout,
+    scale: Tensor,
+    shift: Tensor,
+    act: Activation,
+    key: tuple[Any, ...],
+    compiled: bool,
+    x3: Tensor,
+    r3: Tensor | None,
+) -> Tensor:
+    """y = act(x·scale + shift + r) in x's logical shape and memory layout (the forward's
+    output and, in backward, its bit-identical recomputation)."""
+    x4, r4 = _split(layout, x3, r3)
+    y4 = _run("apply", _apply_kernel, key, x4, scale, shift, r4, act, use_compiled=compiled)
+    return layout.from3d(y4.view(x3.shape))
 
 
 def batch_norm_act_train(
@@ -701,5 +811,10 @@ def batch_norm_act_train(
         raise ValueError(
             f"expected a residual of the input's shape {tuple(x.shape)} (got {tuple(residual.shape)})"
         )
-    out = _BatchNormAct.apply(x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite)
+    scope = None
+    if not memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        scope = current_scope()
+    out = _BatchNormAct.apply(
+        x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite, scope
+    )
     return out[0], out[1], out[2]
