@@ -815,7 +815,7 @@ def print_summary(metrics: dict[str, Any], out: Path, paths: list[Path]) -> None
 
     console = Console()
     if not console.is_terminal:  # piped or logged (e.g. `make study | tee`): room for the table
-        console = Console(width=120)
+        console = Console(width=160)
     headers, rows = summary_rows(metrics, compact=True)
     table = Table(title="bnorm study: accuracy is mean ± std over seeds; speed-up as in the BN paper")
     for h in headers:
