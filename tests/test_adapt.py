@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnorm
-from bnorm.adapt import entropy
-from bnorm.calibrate import batch_norm_layers
+from bnorm.tools import batch_norm_layers
+from bnorm.tools.adapt import entropy
 
 MEAN_ATOL = 1e-6
 VAR_RTOL = 1e-5

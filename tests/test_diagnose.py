@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 import bnorm
-from bnorm.diagnose import percentiles
+from bnorm.tools.diagnose import percentiles
 
 
 def data(seed: int = 0, sizes: tuple[int, ...] = (8, 5, 11)) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 
 import bnorm
 from bnorm.bench_suites import cifar_resnet20
-from bnorm.fold import Folded, fold_bn_conv_weights, fold_conv_bn, fold_conv_bn_weights
+from bnorm.tools.fold import Folded, fold_bn_conv_weights, fold_conv_bn, fold_conv_bn_weights
 
 
 def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -313,7 +313,7 @@ def test_fold_resnet20_folds_every_batch_norm(norm: str) -> None:
     model = randomize_statistics(cifar_resnet20(norm))
     folded, report = bnorm.fold(model, return_report=True)
     assert len(report.folded) == 19 and not report.not_folded
-    assert not bnorm.calibrate.batch_norm_layers(folded)
+    assert not bnorm.tools.batch_norm_layers(folded)
     assert_same_outputs(model, folded, torch.randn(3, 3, 32, 32))
 
 

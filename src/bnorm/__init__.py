@@ -1,12 +1,6 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, kernels, reference
-from .accumulate import Accumulation, accumulate
-from .adapt import AdaptationReport, adapt
-from .calibrate import CalibrationReport, recalibrate
-from .convert import ConversionReport, convert
-from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
-from .fold import FoldReport, fold
 from .functional import Renorm
 from .memory import memory_saving
 from .modules import (
@@ -23,6 +17,21 @@ from .modules import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     SyncBatchNorm,
+)
+from .tools import (
+    Accumulation,
+    AdaptationReport,
+    CalibrationReport,
+    ConversionReport,
+    DiagnosisReport,
+    FoldReport,
+    StatisticsRecorder,
+    accumulate,
+    adapt,
+    convert,
+    diagnose,
+    fold,
+    recalibrate,
 )
 
 __version__ = "0.1.0"

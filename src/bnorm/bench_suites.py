@@ -177,7 +177,7 @@ def fold_suite(args) -> dict[str, object]:  # args: argparse.Namespace of bnorm.
     from torch.fx.experimental.optimization import fuse
 
     from .bench import format_table, time_alternated
-    from .fold import fold
+    from .tools.fold import fold
 
     try:
         import resource

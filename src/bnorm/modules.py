@@ -391,7 +391,7 @@ class SyncBatchNorm(_BatchNormBase):
         """Replace every batch-norm layer of ``module`` (torch's or bnorm's) by a
         :class:`SyncBatchNorm` holding the same parameters and buffers; returns the
         module (converted in place, or a new layer if ``module`` itself is one)."""
-        from .convert import convert
+        from .tools.convert import convert
 
         converted, _ = convert(module, cls, process_group=process_group)
         return converted

@@ -221,7 +221,7 @@ def test_accumulation_arms_train_identically_and_differ_in_running_stats(digits:
         assert result.step == 3
     for p, q in zip(per_micro.parameters(), merged.parameters()):
         assert torch.equal(p, q)
-    from bnorm.calibrate import batch_norm_layers
+    from bnorm.tools import batch_norm_layers
 
     bns = [m for _, m in batch_norm_layers(merged)]
     torch_style = [m for _, m in batch_norm_layers(per_micro)]

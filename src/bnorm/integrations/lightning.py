@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from ..convert import convert
 from ..modules import SyncBatchNorm
+from ..tools.convert import convert
 
 try:
     from lightning.pytorch.plugins import LayerSync

@@ -81,7 +81,7 @@ def shift_check(
     """Accuracy per corruption and method (see the module docstring); the model is left
     untouched (each method adapts a copy)."""
     import bnorm
-    from bnorm.calibrate import batch_norm_layers
+    from bnorm.tools import batch_norm_layers
 
     started = time.perf_counter()
     has_bn = bool(batch_norm_layers(model))

@@ -298,7 +298,7 @@ def _train_accumulating(
 ) -> EpochResult:
     """:func:`train_one_epoch` with ``micro_batches`` > 1 (see there)."""
     import bnorm
-    from bnorm.calibrate import batch_norm_layers
+    from bnorm.tools import batch_norm_layers
 
     use_block = accumulate_stats and bool(batch_norm_layers(model))
     total = 0.0
@@ -412,7 +412,7 @@ def inference_check(
     import bnorm
     from bnorm.bench import time_alternated
 
-    if not bnorm.calibrate.batch_norm_layers(model):
+    if not bnorm.tools.batch_norm_layers(model):
         return None
     test = lambda m: evaluate(m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device)  # noqa: E731
     ema = test(model)
@@ -460,7 +460,7 @@ def stats_check(
     accuracy after :func:`bnorm.recalibrate` over the same batches (the exact statistics
     in place of the running ones)."""
     import bnorm
-    from bnorm.calibrate import batch_norm_layers
+    from bnorm.tools import batch_norm_layers
 
     if not batch_norm_layers(model):
         return None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import (
+from ..modules import (
     BatchNorm,
     BatchNorm1d,
     BatchNorm2d,
@@ -23,8 +23,8 @@ from .modules import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     SyncBatchNorm,
-    _BatchNormBase,
 )
+from .layers import batch_norm_layers, is_batch_norm, is_frozen_batch_norm
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -81,16 +81,25 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _is_batch_norm(m: nn.Module) -> bool:
-    return isinstance(m, (_BatchNorm, _BatchNormBase, FrozenBatchNorm))
-
-
 def _known_base(m: nn.Module) -> type[nn.Module] | None:
     """The known layer class whose forward ``m`` runs, or None if a subclass changes it."""
     for cls in type(m).__mro__:
         if cls in _RANK_OF:
             return cls if type(m).forward is cls.forward else None
     return None
+
+
+def _foreign(m: nn.Module) -> bool:
+    """A frozen batch norm of another library (e.g. torchvision's): bnorm cannot rebuild it,
+    and it is left as it is."""
+    return is_frozen_batch_norm(m) and not isinstance(m, FrozenBatchNorm)
+
+
+def _unknown(m: nn.Module) -> str:
+    """Why a batch-norm layer whose forward is not a known class's cannot be converted."""
+    if _foreign(m):
+        return "a frozen batch norm of another library (bnorm cannot rebuild it)"
+    return "a subclass that overrides forward (behaviour would be lost)"
 
 
 def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
@@ -101,7 +110,7 @@ def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
             return "frozen", dict(_FROZEN)
         if issubclass(target, BatchNormAct):
             return "act", dict(_ACT)
-        if issubclass(target, _BatchNormBase):
+        if issubclass(target, (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)):
             return "bnorm", dict(_BNORM)
         if issubclass(target, nn.SyncBatchNorm):
             return "torch-sync", {None: nn.SyncBatchNorm}
@@ -291,9 +300,9 @@ def _check_for_inference(module: nn.Module, classes: dict[int | None, type[nn.Mo
     """Raise, before anything changes, if a batch-norm layer of ``module`` cannot become
     one of torch's for inference."""
     problems = []
-    for name, m in module.named_modules():
-        if not _is_batch_norm(m):
-            continue
+    for name, m in batch_norm_layers(module, frozen=True):
+        if _foreign(m):
+            continue  # left as it is: torch's exact-class tools do not look for it either
         base = _known_base(m)
         why = None if base is None else _lossless(m, "torch", for_inference=True)
         if base is None:
@@ -321,12 +330,10 @@ def _convert(
     report: ConversionReport,
     for_inference: bool = False,
 ) -> nn.Module:
-    if _is_batch_norm(m):
+    if is_batch_norm(m) or is_frozen_batch_norm(m):
         base = _known_base(m)
         if base is None:
-            report.skipped.append(
-                (name, type(m).__name__, "a subclass that overrides forward (behaviour would be lost)")
-            )
+            report.skipped.append((name, type(m).__name__, _unknown(m)))
             return m
         why = _lossless(m, family, for_inference)
         if why is None and family == "act":

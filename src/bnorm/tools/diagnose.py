@@ -36,19 +36,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibrate import (
+from ._inputs import (
     Forward,
     InputMoments,
     Progress,
+    check_run_arguments,
+    format_table,
+    resolve_progress,
+    run_batches,
+)
+from ._state import SavedState
+from .layers import (
     batch_norm_layers,
     channel_axis,
-    check_count,
-    check_data,
+    check_module,
     has_running_stats,
     is_batch_norm,
     is_frozen_batch_norm,
-    resolve_progress,
-    run_batches,
 )
 
 __all__ = ["DiagnosisReport", "LayerDiagnosis", "StatisticsRecorder", "diagnose", "percentiles"]
@@ -184,10 +188,7 @@ class DiagnosisReport:
                     layer.status,
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join([*lines, self.verdict])
+        return "\n".join([*format_table(rows, rule=True), self.verdict])
 
 
 def diagnose(
@@ -230,13 +231,8 @@ def diagnose(
         A :class:`DiagnosisReport`: ``print(report)`` shows the table and the one-line
         ``report.verdict`` naming the worst layers; ``report.to_dict()``/``to_json()``.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"expected module to be a torch.nn.Module (got {type(module).__name__})")
-    check_data(data)
-    num_batches = check_count("num_batches", num_batches)
-    num_samples = check_count("num_samples", num_samples)
-    if forward is not None and not callable(forward):
-        raise TypeError(f"expected forward to be callable or None (got {type(forward).__name__})")
+    check_module(module)
+    num_batches, num_samples = check_run_arguments(data, num_batches, num_samples, forward)
     if mode not in ("eval", "train"):
         raise ValueError(f"expected mode 'eval' or 'train' (got {mode!r})")
     for name, value in (("drift_threshold", drift_threshold), ("dead_threshold", dead_threshold)):
@@ -251,14 +247,8 @@ def diagnose(
             "expected a module with at least one batch-norm layer with running statistics "
             f"(got none in {type(module).__name__})"
         )
-    training_flags = [(m, m.training) for m in module.modules()]
     trainable = [layer for _, layer in layers if not is_frozen_batch_norm(layer)]
-    momenta = [(layer, getattr(layer, "momentum", None)) for layer in trainable]
-    saved_buffers = [
-        (layer, {k: v.detach().clone() for k, v in layer._buffers.items() if v is not None})
-        for layer in trainable
-    ]
-    try:
+    with SavedState(module, trainable):
         for layer in trainable:
             layer.training = mode == "train"
             layer.momentum = 0.0
@@ -271,14 +261,6 @@ def diagnose(
                 forward=forward,
                 progress=Progress("diagnose", show, num_batches),
             )
-    finally:
-        for m, flag in training_flags:
-            m.training = flag
-        for layer, momentum in momenta:
-            layer.momentum = momentum
-        for layer, buffers in saved_buffers:
-            for key, value in buffers.items():
-                layer._buffers[key].copy_(value)  # type: ignore[union-attr]
     report = DiagnosisReport(
         num_batches=batches, num_samples=samples, mode=mode, drift_threshold=drift_threshold
     )
@@ -399,10 +381,7 @@ class StatisticsRecorder:
         target: str = "input",
         axis: int = 1,
     ) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"expected module to be a torch.nn.Module (got {type(module).__name__})"
-            )
+        check_module(module)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"expected every to be an int >= 1 (got {every!r})")
         if target not in ("input", "output"):

@@ -37,17 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import modules as _modules
-from .calibrate import (
-    InputMoments,
-    _mask_position,
-    all_gather_moments,
-    batch_norm_layers,
-    channel_axis,
-    has_running_stats,
-)
-from .distributed import world_size
-from .functional import Moments, moments, pool_moments, update_running_stats
+from ..distributed import world_size
+from ..functional import Moments, moments, pool_moments, update_running_stats
+from ..modules import SyncBatchNorm
+from ._inputs import InputMoments, all_gather_moments, call_input, mask_position
+from ._state import COUNTERS, SavedState
+from .layers import batch_norm_layers, channel_axis, check_module, has_running_stats
 
 __all__ = ["Accumulation", "accumulate"]
 
@@ -58,14 +53,15 @@ _ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 def _is_sync(layer: nn.Module) -> bool:
     """Does the layer merge its batch statistics across ranks in training?"""
     return (
-        isinstance(layer, (_modules.SyncBatchNorm, nn.SyncBatchNorm))
+        isinstance(layer, (SyncBatchNorm, nn.SyncBatchNorm))
         or getattr(layer, "sync", False) is True
     )
 
 
 @dataclass
 class _Target:
-    """One managed layer and its step-start state."""
+    """One managed layer, its step-start momentum and buffers (saved by the block's
+    :class:`~bnorm.tools._state.SavedState`), and how often it ran in training mode."""
 
     name: str
     layer: Any  # a batch-norm layer (bnorm's or torch's)
@@ -75,7 +71,7 @@ class _Target:
 
 
 class _TrainingMoments(InputMoments):
-    """:class:`~bnorm.calibrate.InputMoments` for a block: records the moments of the
+    """:class:`~bnorm.tools._inputs.InputMoments` for a block: records the moments of the
     calls made in training mode only, counts them, and before each such call puts a Batch
     Renorm layer's ``num_batches_tracked`` back to its step-start value (so its schedule
     sees the step start). Each call's (count, mean, M2) is kept as computed and the calls are
@@ -93,7 +89,7 @@ class _TrainingMoments(InputMoments):
 
     def _hook(self, name: str, layer: nn.Module) -> Callable[..., None]:
         axis = channel_axis(layer)
-        mask_index = _mask_position(layer)
+        mask_index = mask_position(layer)
         target = self.targets[name]
         seen = self.calls[name]
         # Only Batch Renorm reads a counter in its forward (the schedule's step); the
@@ -113,21 +109,17 @@ class _TrainingMoments(InputMoments):
                     if buffer is not None:
                         buffer.copy_(value)
             target.calls += 1
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, Tensor) or x.numel() == 0:
-                return  # nothing to count (the layer itself complains about a bad input)
-            mask = kwargs.get("mask")
-            if mask is None and mask_index is not None and len(args) > mask_index:
-                mask = args[mask_index]
-            if isinstance(mask, Tensor) or not x.is_floating_point() or x.dim() < 2:
-                m = mask.detach() if isinstance(mask, Tensor) else None
-                mom = moments(x.detach(), axis, m)
+            call = call_input(args, kwargs, mask_index)
+            if call is None:
+                return  # nothing to count
+            x, mask = call
+            if mask is not None or not x.is_floating_point() or x.dim() < 2:
+                mom = moments(x, axis, mask)
                 seen.append((mom.count, mom.mean, mom.m2 / mom.count.clamp_min(1)))
                 return
             # ATen's statistics pass (the one the layer's own kernel makes): cheaper than
             # var_mean on small inputs; (mean, biased variance) in float32 or wider.
-            x1 = x.detach()
-            x1 = x1.movedim(axis, 1) if axis % x1.dim() != 1 else x1
+            x1 = x.movedim(axis, 1) if axis % x.dim() != 1 else x
             mean, var = torch.batch_norm_update_stats(x1, None, None, 0.0)
             seen.append((x1.numel() // x1.shape[1], mean, var))
 
@@ -171,10 +163,7 @@ class Accumulation:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"expected module to be a torch.nn.Module (got {type(module).__name__})"
-            )
+        check_module(module)
         if not batch_norm_layers(module):
             raise ValueError(
                 "expected a module with at least one batch-norm layer "
@@ -184,6 +173,7 @@ class Accumulation:
         self.layers = [name for name, _ in self._select()]
         self.counts: dict[str, int] = {}
         self._targets: list[_Target] = []
+        self._state: SavedState | None = None
         self._collector: _TrainingMoments | None = None
 
     def _select(self) -> list[tuple[str, Any]]:
@@ -221,14 +211,10 @@ class Accumulation:
                     "accumulate block; nested or overlapping blocks are not supported"
                 )
         self.layers = [name for name, _ in chosen]
+        state = SavedState(layers=[layer for _, layer in chosen])
+        self._state = state
         self._targets = [
-            _Target(
-                name,
-                layer,
-                layer.momentum,
-                {k: v.detach().clone() for k, v in layer._buffers.items() if v is not None},
-            )
-            for name, layer in chosen
+            _Target(name, layer, layer.momentum, state.buffers(layer)) for name, layer in chosen
         ]
         self.counts = {}
         collector = _TrainingMoments(self._targets)
@@ -246,48 +232,30 @@ class Accumulation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        collector = self._collector
-        assert collector is not None  # (set by __enter__)
+        collector, state = self._collector, self._state
+        assert collector is not None and state is not None  # (set by __enter__)
         collector.__exit__(exc_type, exc, tb)
-        self._collector = None
+        self._collector = self._state = None
         try:
+            state.restore_momenta()
             for target in self._targets:
-                target.layer.momentum = target.momentum
                 _ACTIVE.discard(target.layer)
+            state.restore_buffers(COUNTERS)
+            if exc_type is not None:
+                state.restore_buffers()
+                return
             with torch.no_grad():
-                for target in self._targets:
-                    self._restore_counters(target)
-                if exc_type is not None:
-                    for target in self._targets:
-                        self._restore(target)
-                    return
                 merged = self._merged(collector.merged())
                 for target in self._targets:
                     if target.calls:
                         self._update(target, merged[target.name])
         except BaseException:
-            with torch.no_grad():
-                for target in self._targets:
-                    self._restore(target)
+            state.restore_buffers()
             raise
         finally:
             self._targets = []
 
     # ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _restore_counters(target: _Target) -> None:
-        for key in ("num_batches_tracked", "num_batches_skipped"):
-            buffer = target.layer._buffers.get(key)
-            if buffer is not None and key in target.buffers:
-                buffer.copy_(target.buffers[key])
-
-    @staticmethod
-    def _restore(target: _Target) -> None:
-        for key, value in target.buffers.items():
-            buffer = target.layer._buffers.get(key)
-            if buffer is not None:
-                buffer.copy_(value)
 
     def _merged(self, local: dict[str, Moments | None]) -> dict[str, Moments | None]:
         """Each layer's moments of the step: sync layers' merged over their group's

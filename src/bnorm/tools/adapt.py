@@ -46,22 +46,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .calibrate import (
+from ..functional import moments
+from ._inputs import (
     Forward,
     InputMoments,
     Progress,
-    _mask_position,
-    batch_norm_layers,
-    channel_axis,
-    check_count,
-    check_data,
-    has_running_stats,
-    is_frozen_batch_norm,
-    recalibrate,
+    call_input,
+    check_run_arguments,
+    format_table,
+    mask_position,
     resolve_progress,
     run_batches,
 )
-from .functional import moments
+from ._state import SavedState
+from .calibrate import recalibrate
+from .layers import (
+    batch_norm_layers,
+    channel_axis,
+    check_module,
+    has_running_stats,
+    is_frozen_batch_norm,
+)
 
 __all__ = ["METHODS", "AdaptationReport", "LayerAdaptation", "adapt", "entropy"]
 
@@ -166,9 +171,7 @@ class AdaptationReport:
             if tent:
                 cells += [_num(layer.weight_change), _num(layer.bias_change)]
             rows.append((*cells, layer.status))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return "\n".join(lines)
+        return "\n".join([head, *format_table(rows)])
 
 
 def _num(value: float) -> str:
@@ -282,8 +285,7 @@ def adapt(
         empty ``data`` (for an iterator, found out after the pass: the model is then
         left as found). An exception while adapting leaves the model as found.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected model to be a torch.nn.Module (got {type(model).__name__})")
+    check_module(model, "model")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(
             f"expected method to be one of {', '.join(map(repr, METHODS))} (got {method!r})"
@@ -307,13 +309,9 @@ def adapt(
     if steps < 1:
         raise ValueError(f"expected steps >= 1 (got {steps})")
     _check_flag("episodic", episodic)
-    check_data(data)
-    if hasattr(data, "__len__") and len(data) == 0:  # type: ignore[arg-type]
-        raise ValueError("expected data with at least one batch (got an empty one)")
-    num_batches = check_count("num_batches", num_batches)
-    num_samples = check_count("num_samples", num_samples)
-    if forward is not None and not callable(forward):
-        raise TypeError(f"expected forward to be callable or None (got {type(forward).__name__})")
+    num_batches, num_samples = check_run_arguments(
+        data, num_batches, num_samples, forward, nonempty=True
+    )
     show = resolve_progress(progress)
 
     all_layers = batch_norm_layers(model, frozen=True)
@@ -506,17 +504,15 @@ def _prior_hook(layer: Any, strength: float, source: tuple[Tensor, Tensor]) -> C
     """A forward pre-hook that sets the (eval-mode) layer's running statistics to the
     prior mix of the source statistics and the current batch's (mean, biased variance)."""
     axis = channel_axis(layer)
-    mask_index = _mask_position(layer)
+    mask_index = mask_position(layer)
     src_mean, src_var = source
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, Tensor) or x.numel() == 0:
+        call = call_input(args, kwargs, mask_index)
+        if call is None:
             return
-        mask = kwargs.get("mask")
-        if mask is None and mask_index is not None and len(args) > mask_index:
-            mask = args[mask_index]
-        batch = moments(x.detach(), axis, mask.detach() if isinstance(mask, Tensor) else None)
+        x, mask = call
+        batch = moments(x, axis, mask)
         count = batch.count.double()
         mean = batch.mean.double()
         var = batch.m2.double() / count.clamp_min(1)  # biased, as training mode normalizes
@@ -542,15 +538,8 @@ def _adapt_online(
     forward: Forward | None,
     show: bool,
 ) -> None:
-    # Everything that may change, saved first.
-    training_flags = [(m, m.training) for m in model.modules()]
     bn_layers: list[tuple[str, Any]] = [
         (n, m) for n, m in batch_norm_layers(model) if not is_frozen_batch_norm(m)
-    ]
-    momenta = [(layer, layer.momentum) for _, layer in bn_layers]
-    saved_buffers = [
-        (layer, {k: v.detach().clone() for k, v in layer._buffers.items() if v is not None})
-        for _, layer in bn_layers
     ]
     source = {
         name: (
@@ -561,18 +550,22 @@ def _adapt_online(
         if has_running_stats(layer)
     }
     params = list(model.parameters())
-    requires_grad = [(p, p.requires_grad) for p in params]
-    grads = [(p, p.grad) for p in params]
     affine = [(layer.weight, layer.bias) for _, layer in layers] if tent is not None else []
+    # Everything that may change, saved first; γ, β are put back if an exception leaves
+    # the block, or after every batch when episodic.
+    state = SavedState(
+        model,
+        [layer for _, layer in bn_layers],
+        parameters=params,
+        values=[p for pair in affine for p in pair],
+    )
     start = [(w.detach().clone(), b.detach().clone()) for w, b in affine]
-    hooks: list[Any] = []
-    ok = False
     step: Callable[[Any], None] | None = None
-    try:
+    with state:
         if report.method == "prior":
             for name, layer in layers:
                 layer.training = False
-                hooks.append(
+                state.add_hook(
                     layer.register_forward_pre_hook(
                         _prior_hook(layer, strength, source[name]), with_kwargs=True
                     )
@@ -596,26 +589,8 @@ def _adapt_online(
         report.num_batches, report.num_samples = batches, samples
         _no_batches(report)
         report.outputs = runner.outputs
-        ok = True
-    finally:
-        for handle in hooks:
-            handle.remove()
-        for m, flag in training_flags:
-            m.training = flag
-        for layer, value in momenta:
-            layer.momentum = value
-        for layer, buffers in saved_buffers:
-            for key, value in buffers.items():
-                layer._buffers[key].copy_(value)  # type: ignore[union-attr]
-        with torch.no_grad():
-            if not ok or (tent is not None and tent.episodic):
-                for (w, b), (w0, b0) in zip(affine, start):
-                    w.copy_(w0)
-                    b.copy_(b0)
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        for p, grad in grads:
-            p.grad = grad
+        if tent is not None and tent.episodic:
+            state.restore_values()
 
     for (name, layer), index in zip(layers, range(len(layers))):
         mom = collector.moments[name]

@@ -36,8 +36,26 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import modules as _modules
-from .calibrate import batch_norm_layers, is_batch_norm, is_frozen_batch_norm
+from ..modules import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    SyncBatchNorm,
+)
+from .layers import (
+    batch_norm_layers,
+    channel_axis,
+    check_module,
+    has_running_stats,
+    is_batch_norm,
+    is_frozen_batch_norm,
+)
 
 __all__ = [
     "FoldReport",
@@ -191,22 +209,33 @@ def _is_consumer(module: nn.Module) -> bool:
     return _stock_forward(module, *_CONV, nn.Linear)
 
 
+# The forwards of plain batch norm (torch's and bnorm's classes): a trainable batch-norm
+# layer that runs one of them is a fixed per-channel affine map in eval mode.
+_PLAIN_FORWARDS = {
+    cls.forward
+    for cls in (
+        _BatchNorm,
+        nn.SyncBatchNorm,
+        BatchNorm,
+        BatchNorm1d,
+        BatchNorm2d,
+        BatchNorm3d,
+        SyncBatchNorm,
+    )
+}
+
+
 def _bn_problem(bn: Any) -> str | None:
     """Why ``bn`` cannot fold anywhere, or None."""
     if is_frozen_batch_norm(bn):
-        frozen_cls = getattr(_modules, "FrozenBatchNorm", None)
-        if (
-            frozen_cls is not None
-            and isinstance(bn, frozen_cls)
-            and not _stock_forward(bn, frozen_cls)
-        ):
+        if isinstance(bn, FrozenBatchNorm) and not _stock_forward(bn, FrozenBatchNorm):
             return f"{type(bn).__name__} overrides forward (not a plain batch norm)"
         return None  # a fixed affine map
-    if not _stock_forward(bn, _modules._BatchNormBase, _BatchNorm, nn.SyncBatchNorm):
+    if isinstance(bn, BatchNormAct):
+        return f"{type(bn).__name__} applies an activation (not a plain batch norm)"
+    if not is_batch_norm(bn) or type(bn).forward not in _PLAIN_FORWARDS:
         return f"{type(bn).__name__} overrides forward (not a plain batch norm)"
-    if not isinstance(getattr(bn, "running_mean", None), Tensor) or not getattr(
-        bn, "track_running_stats", True
-    ):
+    if not has_running_stats(bn) or not getattr(bn, "track_running_stats", True):
         return "it normalizes with batch statistics in eval mode (track_running_stats=False)"
     if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
         return "it is a lazy layer that has not been initialized yet"
@@ -225,15 +254,20 @@ def _hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
 
 
+# The input ranks a batch-norm class accepts (classes not listed: any rank).
+_INPUT_RANKS: dict[type[nn.Module], tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+    FrozenBatchNorm1d: (2, 3),
+    FrozenBatchNorm2d: (4,),
+    FrozenBatchNorm3d: (5,),
+}
+
+
 def _bn_axis_and_ranks(bn: Any) -> tuple[int, tuple[int, ...] | None]:
-    axis = int(getattr(bn, "axis", 1))
-    ranks = getattr(bn, "_ranks", None)
-    if isinstance(bn, _BatchNorm):
-        ranks = {"BatchNorm1d": (2, 3), "BatchNorm2d": (4,), "BatchNorm3d": (5,)}.get(
-            next((c.__name__ for c in type(bn).__mro__ if c.__name__.startswith("BatchNorm")), ""),
-            None,
-        )
-    return axis, ranks
+    ranks = next((_INPUT_RANKS[c] for c in type(bn).__mro__ if c in _INPUT_RANKS), None)
+    return channel_axis(bn), ranks
 
 
 def _normalizes_channel_axis(bn: Any, layer: Any) -> bool:
@@ -853,8 +887,7 @@ def fold(
     Returns:
         The folded module, or ``(module, report)`` with ``return_report=True``.
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"expected module to be a torch.nn.Module (got {type(module).__name__})")
+    check_module(module)
     training = _training_layers(module)
     if training:
         shown = ", ".join(n or type(module).__name__ for n in training[:5])
