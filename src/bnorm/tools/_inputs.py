@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import Moments, merge_moments, moments
+from ._state import SavedState
 from .layers import channel_axis
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "check_count",
     "check_data",
     "check_run_arguments",
+    "collect_input_moments",
     "first_tensor",
     "format_table",
     "mask_position",
@@ -279,6 +281,40 @@ class InputMoments:
             self.moments[name] = batch if seen is None else merge_moments(seen, batch)
 
         return hook
+
+
+def collect_input_moments(
+    module: nn.Module,
+    watched: list[tuple[str, nn.Module]],
+    changed: list[Any],  # Any: batch-norm layers, whose momentum is set
+    data: Iterable[Any],
+    *,
+    training: bool,
+    num_batches: int | None,
+    num_samples: int | None,
+    forward: Forward | None,
+    progress: Progress,
+) -> tuple[dict[str, Moments | None], int, int]:
+    """Run ``module`` on ``data`` (:func:`run_batches`) with the batch-norm layers
+    ``changed`` in training mode (``training``) or eval mode, their momentum 0, and
+    collect the moments of the inputs of the ``watched`` layers (:class:`InputMoments`).
+    Training flags, momenta and buffers are put back afterwards, also when an exception
+    interrupts the pass: the running statistics are untouched. Returns (moments by
+    layer name, batches, samples)."""
+    with SavedState(module, changed):
+        for layer in changed:
+            layer.training = training
+            layer.momentum = 0.0  # a training-mode update then leaves the statistics put
+        with InputMoments(watched) as collector:
+            batches, samples = run_batches(
+                module,
+                data,
+                num_batches=num_batches,
+                num_samples=num_samples,
+                forward=forward,
+                progress=progress,
+            )
+    return collector.moments, batches, samples
 
 
 def all_gather_moments(

@@ -36,15 +36,13 @@ from torch import Tensor, nn
 from ..functional import Moments
 from ._inputs import (
     Forward,
-    InputMoments,
     Progress,
     all_gather_moments,
     check_run_arguments,
+    collect_input_moments,
     format_table,
     resolve_progress,
-    run_batches,
 )
-from ._state import SavedState
 from .layers import batch_norm_layers, check_module, has_running_stats, is_frozen_batch_norm
 
 __all__ = ["CalibrationReport", "LayerCalibration", "recalibrate"]
@@ -204,25 +202,22 @@ def recalibrate(
             total = len(data)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    # Restored on exit, running statistics included: they are written below, from the
-    # merged moments, only once the pass has succeeded.
-    with SavedState(module, [layer for _, layer in targets]):
-        for _, layer in targets:
-            layer.training = True
-            layer.momentum = 0.0  # batch statistics normalize; running ones stay put
-        with InputMoments(targets) as collector:
-            batches, samples = run_batches(
-                module,
-                data,
-                num_batches=num_batches,
-                num_samples=num_samples,
-                forward=forward,
-                progress=Progress("recalibrate", show, total),
-            )
-        gathered = collector.moments
-        if distributed:
-            sizes = {name: int(layer.running_mean.numel()) for name, layer in targets}
-            gathered = all_gather_moments(gathered, sizes, process_group)
+    # Batch statistics normalize; the running ones are written below, from the merged
+    # moments, only once the pass has succeeded.
+    gathered, batches, samples = collect_input_moments(
+        module,
+        targets,
+        [layer for _, layer in targets],
+        data,
+        training=True,
+        num_batches=num_batches,
+        num_samples=num_samples,
+        forward=forward,
+        progress=Progress("recalibrate", show, total),
+    )
+    if distributed:
+        sizes = {name: int(layer.running_mean.numel()) for name, layer in targets}
+        gathered = all_gather_moments(gathered, sizes, process_group)
 
     report.num_batches, report.num_samples = batches, samples
     with torch.no_grad():

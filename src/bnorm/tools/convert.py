@@ -263,8 +263,9 @@ def convert(
     buffers, and keep device, dtype and train/eval mode. Layers that cannot be converted
     losslessly — a subclass that overrides ``forward`` (e.g. a fused activation), a
     bnorm-only option going to torch's classes, freezing a layer without running
-    statistics, a BatchNormAct going to a family without activations — are left
-    unchanged and listed in the report's ``skipped``.
+    statistics, a BatchNormAct going to a family without activations, a frozen batch norm
+    of another library (e.g. torchvision's ``FrozenBatchNorm2d``) — are left unchanged and
+    listed in the report's ``skipped``.
 
     ``for_inference=True`` (torch's family only) makes torch layers for inference — the
     recipe before tools that match torch's exact classes (``torch.ao.quantization``'s

@@ -38,14 +38,12 @@ from torch import Tensor, nn
 
 from ._inputs import (
     Forward,
-    InputMoments,
     Progress,
     check_run_arguments,
+    collect_input_moments,
     format_table,
     resolve_progress,
-    run_batches,
 )
-from ._state import SavedState
 from .layers import (
     batch_norm_layers,
     channel_axis,
@@ -247,26 +245,23 @@ def diagnose(
             "expected a module with at least one batch-norm layer with running statistics "
             f"(got none in {type(module).__name__})"
         )
-    trainable = [layer for _, layer in layers if not is_frozen_batch_norm(layer)]
-    with SavedState(module, trainable):
-        for layer in trainable:
-            layer.training = mode == "train"
-            layer.momentum = 0.0
-        with InputMoments(layers) as collector:
-            batches, samples = run_batches(
-                module,
-                data,
-                num_batches=num_batches,
-                num_samples=num_samples,
-                forward=forward,
-                progress=Progress("diagnose", show, num_batches),
-            )
+    gathered, batches, samples = collect_input_moments(
+        module,
+        layers,
+        [layer for _, layer in layers if not is_frozen_batch_norm(layer)],
+        data,
+        training=mode == "train",
+        num_batches=num_batches,
+        num_samples=num_samples,
+        forward=forward,
+        progress=Progress("diagnose", show, num_batches),
+    )
     report = DiagnosisReport(
         num_batches=batches, num_samples=samples, mode=mode, drift_threshold=drift_threshold
     )
     for name, layer in layers:
         report.layers.append(
-            _diagnose_layer(name, layer, collector.moments[name], drift_threshold, dead_threshold)
+            _diagnose_layer(name, layer, gathered[name], drift_threshold, dead_threshold)
         )
     return report
 

@@ -303,32 +303,23 @@ def _zero_padding_free(conv: Any) -> bool:
     return all(p == 0 for p in padding)
 
 
-def _after_problem(layer: Any, bn: Any) -> str | None:
-    """Why ``bn(layer(x))`` cannot fold into ``layer``, or None."""
+def _pair_problem(bn: Any, layer: Any, side: Literal["in", "out"]) -> str | None:
+    """Why ``bn`` cannot fold into ``layer`` on its input side (``layer(bn(x))``, "in")
+    or its output side (``bn(layer(x))``, "out"), or None."""
     problem = _layer_problem(layer)
     if problem:
         return problem
+    kind = type(layer).__name__
     if not _normalizes_channel_axis(bn, layer):
-        return f"its channel axis is not the output-channel axis of {type(layer).__name__}"
-    if bn.running_mean.numel() != _channels(layer, "out"):
-        return f"it has {bn.running_mean.numel()} channels, {type(layer).__name__} outputs {_channels(layer, 'out')}"
-    if bn.running_mean.device != layer.weight.device:
-        return "it is on another device than its neighbour"
-    return None
-
-
-def _before_problem(bn: Any, layer: Any) -> str | None:
-    """Why ``layer(bn(x))`` cannot fold into ``layer``, or None."""
-    problem = _layer_problem(layer)
-    if problem:
-        return problem
-    if not _normalizes_channel_axis(bn, layer):
-        return f"its channel axis is not the input-channel axis of {type(layer).__name__}"
-    if bn.running_mean.numel() != _channels(layer, "in"):
-        return f"it has {bn.running_mean.numel()} channels, {type(layer).__name__} takes {_channels(layer, 'in')}"
-    if isinstance(layer, _CONV) and not _zero_padding_free(layer):
+        role = "output" if side == "out" else "input"
+        return f"its channel axis is not the {role}-channel axis of {kind}"
+    channels = _channels(layer, side)
+    if bn.running_mean.numel() != channels:
+        verb = "outputs" if side == "out" else "takes"
+        return f"it has {bn.running_mean.numel()} channels, {kind} {verb} {channels}"
+    if side == "in" and isinstance(layer, _CONV) and not _zero_padding_free(layer):
         return (
-            f"the {type(layer).__name__} after it zero-pads its input (the border would see 0 "
+            f"the {kind} after it zero-pads its input (the border would see 0 "
             "instead of the batch norm's shift), so folding into it is not exact"
         )
     if bn.running_mean.device != layer.weight.device:
@@ -363,7 +354,7 @@ def fold_conv_bn(layer: Any, bn: Any) -> None:
             if _is_producer(layer)
             else f"expected a Conv/ConvTranspose/Linear (got {type(layer).__name__})"
         )
-        or _after_problem(layer, bn)
+        or _pair_problem(bn, layer, "out")
     )
     if problem:
         raise ValueError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}: {problem}")
@@ -385,7 +376,7 @@ def fold_bn_conv(bn: Any, layer: Any) -> None:
     problem = (
         _bn_problem(bn)
         or (None if _is_consumer(layer) else f"expected a Conv/Linear (got {type(layer).__name__})")
-        or _before_problem(bn, layer)
+        or _pair_problem(bn, layer, "in")
     )
     if problem:
         raise ValueError(f"cannot fold {type(bn).__name__} into {type(layer).__name__}: {problem}")
@@ -721,7 +712,7 @@ class _Finder:
             if len(source.args) != 1 or source.kwargs:
                 return f"{source.target} is called with extra arguments"
             layer_name = self.qualified(parent_name, source_target)
-            problem = self.sole_use(layer) or _after_problem(layer, bn)
+            problem = self.sole_use(layer) or _pair_problem(bn, layer, "out")
             if problem:
                 return problem
             self.plan(bn_name, layer_name, "after", "torch.fx")
@@ -745,7 +736,7 @@ class _Finder:
         layer_name = self.qualified(parent_name, str(user.target))
         if "before" in self.touched.get(layer_name, set()):
             return f"{layer_name} already absorbs another batch norm"
-        problem = self.sole_use(layer) or _before_problem(bn, layer)
+        problem = self.sole_use(layer) or _pair_problem(bn, layer, "in")
         if problem:
             return problem
         self.plan(bn_name, layer_name, "before", "torch.fx")
@@ -789,13 +780,13 @@ class _Finder:
         if position == "after":
             if not _is_producer(other):
                 return f"it follows a {type(other).__name__} (not a Conv/ConvTranspose/Linear)"
-            problem = self.sole_use(other) or _after_problem(other, bn)
+            problem = self.sole_use(other) or _pair_problem(bn, other, "out")
         else:
             if not _is_consumer(other):
                 return f"it is followed by a {type(other).__name__} (not a Conv/Linear)"
             if "before" in self.touched.get(layer_name, set()):
                 return f"{layer_name} already absorbs another batch norm"
-            problem = self.sole_use(other) or _before_problem(bn, other)
+            problem = self.sole_use(other) or _pair_problem(bn, other, "in")
         if problem:
             return problem
         self.plan(bn_name, layer_name, position, "nn.Sequential")
