@@ -513,6 +513,109 @@ def _percentiles(values: Tensor) -> list[float | None]:
     return [_finite_or_none(float(v)) for v in q]
 
 
+def _new_model(
+    spec: TrainSpec, data: Dataset, norm: str, seed: int, device: torch.device | str
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The run's network, initialized from ``Generator(seed)``, and its SGD optimizer."""
+    model = build_model(
+        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+    )
+    initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
+    model.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+    return model, optimizer
+
+
+def _new_record(spec: TrainSpec, model: nn.Module, norm: str, seed: int, total: int) -> dict[str, Any]:
+    """A run's record before its first step (the JSON-ready dict of metrics.json)."""
+    record: dict[str, Any] = {
+        "norm": norm,
+        "seed": seed,
+        "lr": spec.lr,
+        "batch_size": spec.batch_size,
+        "total_steps": total,
+        "steps_done": 0,
+        "done": False,
+        "diverged_at": None,
+        "wall_s": 0.0,
+        "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
+    }
+    if spec.micro_batches > 1:
+        record["micro_batches"] = spec.micro_batches
+        record["accumulate_stats"] = spec.accumulate_stats
+    if spec.probe:
+        record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
+    if spec.grad_norms:
+        layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
+        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
+    return record
+
+
+def _record_evaluation(
+    record: dict[str, Any],
+    at_step: int,
+    model: nn.Module,
+    data: Dataset,
+    spec: TrainSpec,
+    device: torch.device | str,
+    pending_losses: list[float],
+) -> None:
+    """Evaluate on the test set and append a point to the record's curves (and probe);
+    the training losses since the last evaluation give its train_loss and are cleared."""
+    ev = evaluate(
+        model,
+        data.test_images,
+        data.test_labels,
+        data,
+        standardize=spec.standardize,
+        device=device,
+        probe_unit=0 if spec.probe else None,
+    )
+    curve = record["curve"]
+    curve["step"].append(at_step)
+    curve["test_accuracy"].append(ev.accuracy)
+    # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
+    curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
+    curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
+    pending_losses.clear()
+    if spec.probe and ev.probe is not None:
+        p = record["probe"]
+        p["step"].append(at_step)
+        for key, value in zip(("p15", "p50", "p85"), _percentiles(ev.probe)):
+            p[key].append(value)
+    if spec.keep_predictions:
+        record["predictions"] = ev.predictions.tolist()
+
+
+def _record_final_checks(
+    record: dict[str, Any],
+    model: nn.Module,
+    data: Dataset,
+    spec: TrainSpec,
+    *,
+    seed: int,
+    device: torch.device | str,
+    grad_batch: tuple[Tensor, Tensor],
+    diverged: bool,
+) -> None:
+    """The measurements of a trained network that its spec asks for (gradient norms;
+    unless it diverged, the inference, shift and running-statistics checks)."""
+    if spec.grad_norms:
+        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
+    if spec.inference_check and not diverged:
+        record["inference"] = inference_check(model, data, spec, device)
+    if spec.shift_check and not diverged:
+        from .shift import shift_check
+
+        record["shift"] = shift_check(
+            model, data, seed=seed, standardize=spec.standardize, device=device
+        )
+    if spec.stats_check and not diverged:
+        record["running_stats"] = stats_check(model, data, spec, device)
+
+
 def train_run(
     spec: TrainSpec,
     data: Dataset,
@@ -537,41 +640,13 @@ def train_run(
             f"expected batch_size ≤ the {int(data.train_labels.shape[0])} training samples "
             f"(got {spec.batch_size})"
         )
-    model = build_model(
-        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+    model, optimizer = _new_model(spec, data, norm, seed, device)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    grad_batch = (
+        data.inputs(data.train_images[:500], spec.standardize).to(device),
+        data.train_labels[:500].to(device),
     )
-    initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
-    model.to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-    )
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
-    grad_x = data.inputs(data.train_images[:500], spec.standardize).to(device)
-    grad_y = data.train_labels[:500].to(device)
-
-    record: dict[str, Any] = {
-        "norm": norm,
-        "seed": seed,
-        "lr": spec.lr,
-        "batch_size": spec.batch_size,
-        "total_steps": total,
-        "steps_done": 0,
-        "done": False,
-        "diverged_at": None,
-        "wall_s": 0.0,
-        "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
-    }
-    if spec.micro_batches > 1:
-        record["micro_batches"] = spec.micro_batches
-        record["accumulate_stats"] = spec.accumulate_stats
-    if spec.probe:
-        record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
-    if spec.grad_norms:
-        layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
-        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
-
+    record = _new_record(spec, model, norm, seed, total)
     # Training losses since the last evaluation (their mean is the next train_loss point).
     pending_losses: list[float] = []
     saved = checkpointer.load(model, optimizer) if checkpointer is not None else None
@@ -586,33 +661,11 @@ def train_run(
     started = time.perf_counter() - float(record["wall_s"])
 
     def log_eval(at_step: int) -> None:
-        ev = evaluate(
-            model,
-            data.test_images,
-            data.test_labels,
-            data,
-            standardize=spec.standardize,
-            device=device,
-            probe_unit=0 if spec.probe else None,
-        )
-        curve = record["curve"]
-        curve["step"].append(at_step)
-        curve["test_accuracy"].append(ev.accuracy)
-        # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
-        curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
-        curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
-        pending_losses.clear()
-        if spec.probe and ev.probe is not None:
-            p = record["probe"]
-            p["step"].append(at_step)
-            for key, value in zip(("p15", "p50", "p85"), _percentiles(ev.probe)):
-                p[key].append(value)
-        if spec.keep_predictions:
-            record["predictions"] = ev.predictions.tolist()
+        _record_evaluation(record, at_step, model, data, spec, device, pending_losses)
 
     if step == 0 and not record["curve"]["step"]:
         if spec.grad_norms:
-            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
+            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
         log_eval(0)
 
     def after_step(at_step: int, loss: float) -> None:
@@ -654,18 +707,9 @@ def train_run(
 
     if record["curve"]["step"][-1] != step:
         log_eval(step)  # the final point (diverged runs stop between evaluations)
-    if spec.grad_norms:
-        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
-    if spec.inference_check and not diverged:
-        record["inference"] = inference_check(model, data, spec, device)
-    if spec.shift_check and not diverged:
-        from .shift import shift_check
-
-        record["shift"] = shift_check(
-            model, data, seed=seed, standardize=spec.standardize, device=device
-        )
-    if spec.stats_check and not diverged:
-        record["running_stats"] = stats_check(model, data, spec, device)
+    _record_final_checks(
+        record, model, data, spec, seed=seed, device=device, grad_batch=grad_batch, diverged=diverged
+    )
     record["done"] = True
     save(epoch - 1, final=True)
     return record
