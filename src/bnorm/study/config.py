@@ -314,20 +314,11 @@ def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
     return file_options, tables
 
 
-def _resolve_experiment(
-    exp: Experiment,
-    top: dict[str, Any],
-    file_top: dict[str, Any],
-    cli_top: dict[str, Any],
-    table: dict[str, Any],
+def _experiment_entry(
+    exp: Experiment, spec: TrainSpec | None, options: dict[str, Any], default_norms: list[str]
 ) -> dict[str, Any]:
     """One experiment's entry of config.json (its kind, texts, norms, spec, options)."""
-    source = exp.options.get("source")
-    if source is not None and source not in top["experiments"]:
-        raise UsageError(f"experiment {exp.name!r} compares the runs of {source!r}: add it to --experiments")
-    spec = _spec_for(exp, top, file_top, cli_top, table) if KINDS[exp.kind].trains else None
-    options = _options_for(exp, table)
-    norms = list(options.get("norms", top["norm"]))
+    norms = list(options.get("norms", default_norms))
     for norm in norms:
         if norm not in NORM_LAYERS:
             raise UsageError(f"experiment {exp.name!r} needs the norm {norm!r}, which is not available")
@@ -360,8 +351,12 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
     for exp in EXPERIMENTS:
         if exp.name not in top["experiments"]:
             continue
-        entry = _resolve_experiment(exp, top, file_top, cli_top, tables.get(exp.name, {}))
         source = exp.options.get("source")
+        if source is not None and source not in top["experiments"]:
+            raise UsageError(f"experiment {exp.name!r} compares the runs of {source!r}: add it to --experiments")
+        table = tables.get(exp.name, {})
+        spec = _spec_for(exp, top, file_top, cli_top, table) if KINDS[exp.kind].trains else None
+        entry = _experiment_entry(exp, spec, _options_for(exp, table), top["norm"])
         if exp.kind == "shift" and source is not None:
             # The networks are measured at the end of the source experiment's runs.
             experiments[source]["spec"]["shift_check"] = True

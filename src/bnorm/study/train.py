@@ -202,6 +202,20 @@ def _global_mean(loss: Tensor, count: int) -> float:
 # ------------------------------------------------------------------- train / evaluate
 
 
+def _start_step(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float] | None, step: int) -> None:
+    """Set the learning rate of step ``step`` (if ``lr_at`` is given) and clear the gradients."""
+    if lr_at is not None:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _loss_value(loss: Tensor, count: int, distributed: bool) -> float:
+    """The batch's loss as a number: the global batch's mean when ``distributed``."""
+    return _global_mean(loss, count) if distributed else loss.detach().item()
+
+
 class EpochResult(NamedTuple):
     step: int  # steps done after this epoch (counting from the start of training)
     mean_loss: float  # mean training loss over the epoch's steps (NaN if none)
@@ -251,13 +265,9 @@ def train_one_epoch(
     for x, y in batches:
         if max_steps is not None and step >= max_steps:
             break
-        if lr_at is not None:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        _start_step(optimizer, lr_at, step)
         loss = nn.functional.cross_entropy(model(x), y)
-        value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
+        value = _loss_value(loss, int(y.shape[0]), distributed)
         if not math.isfinite(value):
             return EpochResult(step, total / count if count else math.nan, True)
         loss.backward()
@@ -295,16 +305,12 @@ def _train_accumulating(
         group = list(itertools.islice(iterator, micro_batches))
         if len(group) < micro_batches:
             break
-        if lr_at is not None:
-            lr = lr_at(step)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        _start_step(optimizer, lr_at, step)
         values = []
         with bnorm.accumulate(model) if use_block else contextlib.nullcontext():
             for x, y in group:
                 loss = nn.functional.cross_entropy(model(x), y)
-                value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
+                value = _loss_value(loss, int(y.shape[0]), distributed)
                 if not math.isfinite(value):
                     break
                 (loss / micro_batches).backward()
