@@ -10,7 +10,7 @@ from collections.abc import Sequence
 # Each subcommand lives in its own module, imported only when it runs, exposing
 # ``add_arguments(parser)`` and ``main(args) -> int``.
 _SUBCOMMANDS = {
-    "study": ("bnorm.study.run", "run the classic experiments with and without BN; write a report"),
+    "study": ("bnorm.study.cli", "run the classic experiments with and without BN; write a report"),
     "bench": ("bnorm.bench", "measure bnorm against PyTorch eager and torch.compile"),
 }
 

@@ -21,10 +21,11 @@ import pytest
 
 from bnorm.cli import build_parser
 from bnorm.cli import main as bnorm_main
+from bnorm.study.config import resolve_config
 from bnorm.study.data import load_digits
-from bnorm.study.experiments import mean_std
+from bnorm.study.experiments import EXPERIMENTS
+from bnorm.study.kinds import mean_std
 from bnorm.study.report import summary_rows
-from bnorm.study.run import EXPERIMENTS, resolve_config
 from bnorm.study.train import TrainSpec, train_run
 
 TINY = {
@@ -433,7 +434,7 @@ def test_mlp_studies_run_bnorm_eagerly_and_leave_the_environment_as_found(tmp_pa
     assert resnet["runtime"]["compile_kernels"] is True
     monkeypatch.delenv("BNORM_NO_COMPILE", raising=False)
     seen: list[str | None] = []
-    import bnorm.study.run as run_module
+    import bnorm.study.runner as run_module
 
     real_load = run_module.load_dataset
 

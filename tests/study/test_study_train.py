@@ -13,12 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from bnorm.study.checkpoint import Checkpointer, CheckpointError
 from bnorm.study.data import Dataset, load_digits
-from bnorm.study.experiments import _disagreement, mean_std, speedup, steps_to_reach
+from bnorm.study.kinds import _disagreement, mean_std, speedup, steps_to_reach
 from bnorm.study.models import build_model, initialize
 from bnorm.study.train import (
-    Checkpointer,
-    CheckpointError,
     TrainSpec,
     epoch_batches,
     evaluate,

@@ -577,7 +577,7 @@ _ARM_COLOURS = {"per_micro": "#1f6fb2", "accumulate": "#c0392b"}
 def plot_accumulation(exp: dict[str, Any], norms: Sequence[str], path: Path) -> Path | None:
     """Left: test accuracy (running statistics) against the SGD step, per arm, mean over
     seeds. Right: each layer's drift from the training-set statistics, per arm."""
-    from .experiments import ACCUMULATION_ARMS, ACCUMULATION_LABELS
+    from .kinds import ACCUMULATION_ARMS, ACCUMULATION_LABELS
 
     runs, summ = exp["runs"], exp["summary"]
     if not runs:
@@ -621,7 +621,7 @@ def plot_accumulation(exp: dict[str, Any], norms: Sequence[str], path: Path) -> 
 def _accumulation_blocks(
     name: str, exp: dict[str, Any], norms: list[str], out: Path
 ) -> list[Block]:
-    from .experiments import ACCUMULATION_LABELS
+    from .kinds import ACCUMULATION_LABELS
 
     summ = exp["summary"]
     headers = ["network", "running statistics updated", "final test acc (running stats)",
@@ -795,7 +795,7 @@ def render_markdown(blocks: list[Block]) -> str:
 
 def write_report(out: Path, config: dict[str, Any], metrics: dict[str, Any]) -> list[Path]:
     """Write the PNGs, ``report.html`` and ``report.md`` into ``out``; returns the paths."""
-    from .train import atomic_write
+    from .checkpoint import atomic_write
 
     out = Path(out)
     blocks = build_document(config, metrics, out)

@@ -81,10 +81,9 @@ def shift_check(
     """Accuracy per corruption and method (see the module docstring); the model is left
     untouched (each method adapts a copy)."""
     import bnorm
-    from bnorm.tools import batch_norm_layers
 
     started = time.perf_counter()
-    has_bn = bool(batch_norm_layers(model))
+    has_bn = bool(bnorm.tools.batch_norm_layers(model))
     was_training = model.training
     model.eval()
     labels = data.test_labels

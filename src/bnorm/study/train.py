@@ -6,15 +6,8 @@ test accuracy/loss every ``eval_every`` steps. Determinism: the initial weights 
 from ``Generator(seed)`` (:func:`bnorm.study.models.initialize`), and the data order
 and augmentation of epoch e from ``Generator(seed · 1,000,003 + e)`` — so the arms with
 and without normalization see the same initialization and the same batches, and a run
-resumed from a checkpoint continues exactly as if it had not stopped.
-
-A checkpoint is written at the end of an epoch (at most one a second, so that tiny
-datasets whose epochs last milliseconds do not spend their time writing files; and
-always when the run ends): the tensors (model state and optimizer buffers) in a
-safetensors file, everything else (the resolved configuration, step, epoch, metrics so
-far) in a JSON file written after it that names it. Both writes are atomic (temporary
-file, fsync, rename). Where a checkpoint was written does not change any number: a
-resumed run recomputes the same batches from the epoch after it.
+resumed from a checkpoint (:mod:`bnorm.study.checkpoint`) continues exactly as if it
+had not stopped.
 """
 
 from __future__ import annotations
@@ -22,28 +15,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import Checkpointer
 from .data import Dataset
 from .models import ACTIVATIONS, INIT_SCHEMES, MODELS, build_model, initialize
 
 __all__ = [
-    "CheckpointError",
-    "Checkpointer",
     "EpochResult",
     "Evaluation",
     "TrainSpec",
-    "atomic_write",
     "epoch_batches",
     "evaluate",
     "layer_grad_norms",
@@ -214,6 +202,20 @@ def _global_mean(loss: Tensor, count: int) -> float:
 # ------------------------------------------------------------------- train / evaluate
 
 
+def _start_step(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float] | None, step: int) -> None:
+    """Set the learning rate of step ``step`` (if ``lr_at`` is given) and clear the gradients."""
+    if lr_at is not None:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _loss_value(loss: Tensor, count: int, distributed: bool) -> float:
+    """The batch's loss as a number: the global batch's mean when ``distributed``."""
+    return _global_mean(loss, count) if distributed else loss.detach().item()
+
+
 class EpochResult(NamedTuple):
     step: int  # steps done after this epoch (counting from the start of training)
     mean_loss: float  # mean training loss over the epoch's steps (NaN if none)
@@ -263,13 +265,9 @@ def train_one_epoch(
     for x, y in batches:
         if max_steps is not None and step >= max_steps:
             break
-        if lr_at is not None:
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        _start_step(optimizer, lr_at, step)
         loss = nn.functional.cross_entropy(model(x), y)
-        value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
+        value = _loss_value(loss, int(y.shape[0]), distributed)
         if not math.isfinite(value):
             return EpochResult(step, total / count if count else math.nan, True)
         loss.backward()
@@ -298,9 +296,8 @@ def _train_accumulating(
 ) -> EpochResult:
     """:func:`train_one_epoch` with ``micro_batches`` > 1 (see there)."""
     import bnorm
-    from bnorm.tools import batch_norm_layers
 
-    use_block = accumulate_stats and bool(batch_norm_layers(model))
+    use_block = accumulate_stats and has_batch_norm(model)
     total = 0.0
     count = 0
     iterator = iter(batches)
@@ -308,16 +305,12 @@ def _train_accumulating(
         group = list(itertools.islice(iterator, micro_batches))
         if len(group) < micro_batches:
             break
-        if lr_at is not None:
-            lr = lr_at(step)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        _start_step(optimizer, lr_at, step)
         values = []
         with bnorm.accumulate(model) if use_block else contextlib.nullcontext():
             for x, y in group:
                 loss = nn.functional.cross_entropy(model(x), y)
-                value = _global_mean(loss, int(y.shape[0])) if distributed else loss.detach().item()
+                value = _loss_value(loss, int(y.shape[0]), distributed)
                 if not math.isfinite(value):
                     break
                 (loss / micro_batches).backward()
@@ -333,6 +326,13 @@ def _train_accumulating(
             after_step(step, value)
             model.train()
     return EpochResult(step, total / count if count else math.nan, False)
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has a trainable batch-norm layer (:func:`bnorm.tools.is_batch_norm`)."""
+    from bnorm.tools import batch_norm_layers
+
+    return bool(batch_norm_layers(model))
 
 
 class Evaluation(NamedTuple):
@@ -412,7 +412,7 @@ def inference_check(
     import bnorm
     from bnorm.bench import time_alternated
 
-    if not bnorm.tools.batch_norm_layers(model):
+    if not has_batch_norm(model):
         return None
     test = lambda m: evaluate(m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device)  # noqa: E731
     ema = test(model)
@@ -460,9 +460,8 @@ def stats_check(
     accuracy after :func:`bnorm.recalibrate` over the same batches (the exact statistics
     in place of the running ones)."""
     import bnorm
-    from bnorm.tools import batch_norm_layers
 
-    if not batch_norm_layers(model):
+    if not has_batch_norm(model):
         return None
     n = int(data.train_labels.shape[0])
 
@@ -509,132 +508,6 @@ def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
     return norms
 
 
-# ---------------------------------------------------------------------- checkpoints
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one,
-    never a mix: a temporary file in the same directory, fsync, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def to_json(obj: Any, indent: int | None = 1) -> str:
-    """JSON with NaN/inf written as null (strict JSON has no NaN)."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return v if math.isfinite(v) else None
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(obj), indent=indent, allow_nan=False)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is damaged or belongs to another configuration."""
-
-
-# Keys of the configuration that may change between a run and its resumption.
-RUNTIME_KEY = "runtime"
-
-
-def _comparable(config: dict[str, Any]) -> Any:
-    return json.loads(to_json({k: v for k, v in config.items() if k != RUNTIME_KEY}))
-
-
-class Checkpointer:
-    """Per-run checkpoint files ``<tag>.json`` and ``<tag>-e<epoch>.safetensors`` in a
-    directory. The JSON, written last, names the tensor file it belongs to, so a crash
-    between the two writes leaves the previous consistent pair."""
-
-    def __init__(self, directory: Path, tag: str, config: dict[str, Any], min_interval_s: float = 1.0) -> None:
-        self.directory = Path(directory)
-        self.tag = tag
-        self.config = config
-        self.min_interval_s = min_interval_s
-        self._last_save = time.monotonic()
-
-    def due(self) -> bool:
-        """Whether an end-of-epoch checkpoint should be written now: at least
-        ``min_interval_s`` seconds since the last one (or since this run started), so
-        that datasets with millisecond epochs do not spend their time writing files."""
-        return time.monotonic() - self._last_save >= self.min_interval_s
-
-    @property
-    def json_path(self) -> Path:
-        return self.directory / f"{self.tag}.json"
-
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        from safetensors.torch import save as save_tensors
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, Tensor] = {
-            f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-        }
-        optim_state = optimizer.state_dict()
-        for index, entries in optim_state["state"].items():
-            for key, value in entries.items():
-                if isinstance(value, Tensor):
-                    tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-        name = f"{self.tag}-e{state['epoch']:05d}.safetensors"
-        atomic_write(self.directory / name, save_tensors(tensors))
-        old = self._current_tensor_file()
-        payload = {"config": self.config, "tensors": name, **state}
-        atomic_write(self.json_path, to_json(payload, indent=None).encode())
-        self._last_save = time.monotonic()
-        if old is not None and old != name:
-            (self.directory / old).unlink(missing_ok=True)
-
-    def _current_tensor_file(self) -> str | None:
-        if not self.json_path.is_file():
-            return None
-        try:
-            return str(json.loads(self.json_path.read_text())["tensors"])
-        except (ValueError, KeyError):
-            return None
-
-    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """The saved state (after loading the tensors into ``model``/``optimizer``), or
-        None if there is no checkpoint. Raises CheckpointError if the checkpoint belongs
-        to another configuration (``config`` without its ``runtime`` entry) or is damaged."""
-        from safetensors.torch import load_file
-
-        if not self.json_path.is_file():
-            return None
-        try:
-            state = json.loads(self.json_path.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{self.json_path}: damaged checkpoint ({err})") from None
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-            raise CheckpointError(f"{self.json_path}: damaged checkpoint (no configuration)")
-        if _comparable(state["config"]) != _comparable(self.config):
-            raise CheckpointError(
-                f"{self.json_path}: checkpoint of a different configuration than config.json"
-            )
-        tensor_path = self.directory / str(state.get("tensors"))
-        try:
-            tensors = load_file(str(tensor_path))
-        except (OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{tensor_path}: damaged or missing checkpoint tensors ({err})") from None
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        model.load_state_dict(model_state)
-        optim_state = optimizer.state_dict()
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state["state"].setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(optim_state)
-        return dict(state)
-
-
 # ---------------------------------------------------------------------------- a run
 
 
@@ -645,6 +518,109 @@ def _finite_or_none(value: float) -> float | None:
 def _percentiles(values: Tensor) -> list[float | None]:
     q = torch.quantile(values.double(), torch.tensor([0.15, 0.50, 0.85], dtype=torch.float64))
     return [_finite_or_none(float(v)) for v in q]
+
+
+def _new_model(
+    spec: TrainSpec, data: Dataset, norm: str, seed: int, device: torch.device | str
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The run's network, initialized from ``Generator(seed)``, and its SGD optimizer."""
+    model = build_model(
+        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+    )
+    initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
+    model.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+    return model, optimizer
+
+
+def _new_record(spec: TrainSpec, model: nn.Module, norm: str, seed: int, total: int) -> dict[str, Any]:
+    """A run's record before its first step (the JSON-ready dict of metrics.json)."""
+    record: dict[str, Any] = {
+        "norm": norm,
+        "seed": seed,
+        "lr": spec.lr,
+        "batch_size": spec.batch_size,
+        "total_steps": total,
+        "steps_done": 0,
+        "done": False,
+        "diverged_at": None,
+        "wall_s": 0.0,
+        "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
+    }
+    if spec.micro_batches > 1:
+        record["micro_batches"] = spec.micro_batches
+        record["accumulate_stats"] = spec.accumulate_stats
+    if spec.probe:
+        record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
+    if spec.grad_norms:
+        layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
+        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
+    return record
+
+
+def _record_evaluation(
+    record: dict[str, Any],
+    at_step: int,
+    model: nn.Module,
+    data: Dataset,
+    spec: TrainSpec,
+    device: torch.device | str,
+    pending_losses: list[float],
+) -> None:
+    """Evaluate on the test set and append a point to the record's curves (and probe);
+    the training losses since the last evaluation give its train_loss and are cleared."""
+    ev = evaluate(
+        model,
+        data.test_images,
+        data.test_labels,
+        data,
+        standardize=spec.standardize,
+        device=device,
+        probe_unit=0 if spec.probe else None,
+    )
+    curve = record["curve"]
+    curve["step"].append(at_step)
+    curve["test_accuracy"].append(ev.accuracy)
+    # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
+    curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
+    curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
+    pending_losses.clear()
+    if spec.probe and ev.probe is not None:
+        p = record["probe"]
+        p["step"].append(at_step)
+        for key, value in zip(("p15", "p50", "p85"), _percentiles(ev.probe)):
+            p[key].append(value)
+    if spec.keep_predictions:
+        record["predictions"] = ev.predictions.tolist()
+
+
+def _record_final_checks(
+    record: dict[str, Any],
+    model: nn.Module,
+    data: Dataset,
+    spec: TrainSpec,
+    *,
+    seed: int,
+    device: torch.device | str,
+    grad_batch: tuple[Tensor, Tensor],
+    diverged: bool,
+) -> None:
+    """The measurements of a trained network that its spec asks for (gradient norms;
+    unless it diverged, the inference, shift and running-statistics checks)."""
+    if spec.grad_norms:
+        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
+    if spec.inference_check and not diverged:
+        record["inference"] = inference_check(model, data, spec, device)
+    if spec.shift_check and not diverged:
+        from .shift import shift_check
+
+        record["shift"] = shift_check(
+            model, data, seed=seed, standardize=spec.standardize, device=device
+        )
+    if spec.stats_check and not diverged:
+        record["running_stats"] = stats_check(model, data, spec, device)
 
 
 def train_run(
@@ -671,41 +647,13 @@ def train_run(
             f"expected batch_size ≤ the {int(data.train_labels.shape[0])} training samples "
             f"(got {spec.batch_size})"
         )
-    model = build_model(
-        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+    model, optimizer = _new_model(spec, data, norm, seed, device)
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    grad_batch = (
+        data.inputs(data.train_images[:500], spec.standardize).to(device),
+        data.train_labels[:500].to(device),
     )
-    initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
-    model.to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-    )
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
-    grad_x = data.inputs(data.train_images[:500], spec.standardize).to(device)
-    grad_y = data.train_labels[:500].to(device)
-
-    record: dict[str, Any] = {
-        "norm": norm,
-        "seed": seed,
-        "lr": spec.lr,
-        "batch_size": spec.batch_size,
-        "total_steps": total,
-        "steps_done": 0,
-        "done": False,
-        "diverged_at": None,
-        "wall_s": 0.0,
-        "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
-    }
-    if spec.micro_batches > 1:
-        record["micro_batches"] = spec.micro_batches
-        record["accumulate_stats"] = spec.accumulate_stats
-    if spec.probe:
-        record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
-    if spec.grad_norms:
-        layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
-        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
-
+    record = _new_record(spec, model, norm, seed, total)
     # Training losses since the last evaluation (their mean is the next train_loss point).
     pending_losses: list[float] = []
     saved = checkpointer.load(model, optimizer) if checkpointer is not None else None
@@ -720,33 +668,11 @@ def train_run(
     started = time.perf_counter() - float(record["wall_s"])
 
     def log_eval(at_step: int) -> None:
-        ev = evaluate(
-            model,
-            data.test_images,
-            data.test_labels,
-            data,
-            standardize=spec.standardize,
-            device=device,
-            probe_unit=0 if spec.probe else None,
-        )
-        curve = record["curve"]
-        curve["step"].append(at_step)
-        curve["test_accuracy"].append(ev.accuracy)
-        # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
-        curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
-        curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
-        pending_losses.clear()
-        if spec.probe and ev.probe is not None:
-            p = record["probe"]
-            p["step"].append(at_step)
-            for key, value in zip(("p15", "p50", "p85"), _percentiles(ev.probe)):
-                p[key].append(value)
-        if spec.keep_predictions:
-            record["predictions"] = ev.predictions.tolist()
+        _record_evaluation(record, at_step, model, data, spec, device, pending_losses)
 
     if step == 0 and not record["curve"]["step"]:
         if spec.grad_norms:
-            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
+            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
         log_eval(0)
 
     def after_step(at_step: int, loss: float) -> None:
@@ -788,18 +714,9 @@ def train_run(
 
     if record["curve"]["step"][-1] != step:
         log_eval(step)  # the final point (diverged runs stop between evaluations)
-    if spec.grad_norms:
-        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, grad_x, grad_y)]
-    if spec.inference_check and not diverged:
-        record["inference"] = inference_check(model, data, spec, device)
-    if spec.shift_check and not diverged:
-        from .shift import shift_check
-
-        record["shift"] = shift_check(
-            model, data, seed=seed, standardize=spec.standardize, device=device
-        )
-    if spec.stats_check and not diverged:
-        record["running_stats"] = stats_check(model, data, spec, device)
+    _record_final_checks(
+        record, model, data, spec, seed=seed, device=device, grad_batch=grad_batch, diverged=diverged
+    )
     record["done"] = True
     save(epoch - 1, final=True)
     return record

@@ -1,0 +1,250 @@
+"""Running the study: plan the runs, train them (checkpointed, resumable, on every rank
+under ``torchrun``), then write metrics.json and the report.
+
+:func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
+creates the run directory and plans every run; :func:`train_all` trains them in order
+(an interrupt stops it and keeps what finished); :func:`write_results` writes
+metrics.json and the report. Rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import RUNTIME_KEY, Checkpointer, atomic_write, to_json
+from .config import UsageError, experiment_objects, load_resume, resolve_config
+from .data import Dataset, load_dataset
+from .kinds import KINDS, SWEEPS, Experiment, PlannedRun, SummaryInputs
+from .progress import Progress
+from .train import TrainSpec, process_rank, train_run
+
+__all__ = ["Study", "build_metrics", "prepare_study", "runtime_restored", "train_all", "write_results"]
+
+# Set while a study of MLPs runs: bnorm's kernels then run eagerly (see resolve_config).
+_NO_COMPILE = "BNORM_NO_COMPILE"
+
+
+@dataclass
+class Study:
+    """A prepared study: its configuration, run directory, data and planned runs, and
+    (once trained) the records of the runs that finished."""
+
+    config: dict[str, Any]
+    out: Path
+    data: Dataset
+    experiments: list[tuple[Experiment, TrainSpec | None, list[str]]]
+    plans: list[tuple[Experiment, list[PlannedRun]]]
+    rank: int
+    resuming: bool
+    started: str  # local time, ISO 8601
+    wall_start: float  # time.perf_counter() when the study started
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def planned(self) -> int:
+        return sum(len(p) for _, p in self.plans)
+
+
+@contextlib.contextmanager
+def runtime_restored() -> Iterator[None]:
+    """Restore torch's thread count and ``BNORM_NO_COMPILE`` as they were, however the
+    study ends (it sets both from its runtime settings)."""
+    threads_before = torch.get_num_threads()
+    no_compile_before = os.environ.get(_NO_COMPILE)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads_before)
+        if no_compile_before is None:
+            os.environ.pop(_NO_COMPILE, None)
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE,
+    RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, NCCL on CUDA. (0, 1) when not launched
+    so. Rank 0 alone writes the run directory and prints."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return process_rank()
+
+
+def _new_out_dir(config: dict[str, Any]) -> Path:
+    if config["out"]:
+        out = Path(config["out"])
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"expected --out to be a new or empty directory (got {out}, which has files; "
+                             f"use --resume {out} to continue it)")
+        return out
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{stamp}-{config['name']}"
+    k = 2
+    while out.exists():
+        out = Path("runs") / f"{stamp}-{config['name']}-{k}"
+        k += 1
+    return out
+
+
+def _plan_runs(
+    experiments: list[tuple[Experiment, TrainSpec | None, list[str]]],
+    seeds: list[int],
+    n_train: int,
+) -> list[tuple[Experiment, list[PlannedRun]]]:
+    """Every experiment's runs, each checked to have at least one step per epoch."""
+    plans = []
+    for exp, spec, norms in experiments:
+        planned = KINDS[exp.kind].plan(exp, spec, norms, seeds) if spec is not None else []
+        for run in planned:
+            if run.spec.steps_per_epoch(n_train) < 1:
+                raise UsageError(
+                    f"experiment {exp.name!r}: expected a batch size ≤ the {n_train} "
+                    f"training images (got {run.spec.batch_size})"
+                )
+        plans.append((exp, planned))
+    return plans
+
+
+def prepare_study(cli: dict[str, Any]) -> Study:
+    """Everything before training, from the command-line options given (``cli``): join
+    the process group, resolve (or, with ``resume``, read back) the configuration, apply
+    its runtime settings, load the data, plan the runs, and (rank 0) create the run
+    directory with config.json. Raises UsageError or DataError."""
+    wall_start = time.perf_counter()
+    started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    rank, _ = _init_distributed(str(cli.get("device") or "cpu"))
+    resuming = "resume" in cli
+    if resuming:
+        config, out = load_resume(cli)
+    else:
+        config = resolve_config(cli)
+        # Only rank 0 owns (creates, checks, writes) the run directory.
+        out = _new_out_dir(config) if rank == 0 else Path(os.devnull)
+    experiments = experiment_objects(config)
+    runtime = config[RUNTIME_KEY]
+    torch.set_num_threads(int(runtime["threads"]))
+    if not runtime.get("compile_kernels", True):
+        os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
+    data = load_dataset(config["dataset"], config["data_dir"])
+    plans = _plan_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    if not resuming and rank == 0:
+        atomic_write(out / "config.json", to_json(config).encode())
+    return Study(config, out, data, experiments, plans, rank, resuming, started, wall_start,
+                 runs={exp.name: [] for exp, _ in plans})  # fmt: skip
+
+
+def _run_label(exp: Experiment, run: PlannedRun) -> str:
+    """The progress display's name of a run, e.g. ``lr_tolerance · bn · seed 0 · lr 0.1``."""
+    label = f"{exp.name} · {run.norm} · seed {run.seed}"
+    if exp.kind in SWEEPS:
+        label += f" · {SWEEPS[exp.kind].field} {getattr(run.spec, SWEEPS[exp.kind].field):g}"
+    if run.spec.accumulate_stats:
+        label += " · once per step"
+    return label
+
+
+def train_all(study: Study, quiet: bool) -> None:
+    """Train every planned run in order, appending each record to ``study.runs``. An
+    interrupt (Ctrl-C) stops training and sets ``study.interrupted``; what finished is
+    kept. Raises CheckpointError for a damaged or foreign checkpoint."""
+    n_train = int(study.data.train_labels.shape[0])
+    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.plans for r in p)
+    device = study.config[RUNTIME_KEY]["device"]
+    try:
+        with Progress(total_steps, quiet) as progress:
+            for exp, planned in study.plans:
+                for run in planned:
+                    total = run.spec.total_steps(n_train)
+                    progress.start_run(_run_label(exp, run), total)
+                    # Every rank resumes from the same files; rank 0 alone writes them.
+                    checkpointer = (
+                        Checkpointer(study.out / "checkpoints" / exp.name, run.tag, study.config)
+                        if study.rank == 0 or study.resuming else None
+                    )
+                    record = train_run(
+                        run.spec, study.data, norm=run.norm, seed=run.seed, device=device,
+                        checkpointer=checkpointer, on_progress=progress.step,
+                    )  # fmt: skip
+                    record["tag"] = run.tag
+                    study.runs[exp.name].append(record)
+                    progress.finish_run(total)
+    except KeyboardInterrupt:
+        study.interrupted = True
+
+
+def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
+    """Write metrics.json and the report (rank 0); return the metrics and the report's
+    files."""
+    from .report import write_report
+
+    metrics = build_metrics(study, time.perf_counter() - study.wall_start)
+    atomic_write(study.out / "metrics.json", to_json(metrics).encode())
+    paths = write_report(study.out, study.config, metrics)
+    metrics["wall_s"] = time.perf_counter() - study.wall_start
+    atomic_write(study.out / "metrics.json", to_json(metrics).encode())
+    return metrics, paths
+
+
+def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
+    """metrics.json: every curve and every summary number (schema in the README)."""
+    import bnorm
+
+    config = study.config
+    given = SummaryInputs(study.runs, 1.0 / study.data.num_classes, study.data.test_labels.tolist())
+    exps: dict[str, Any] = {}
+    summary_rows = []
+    for exp, spec, norms in study.experiments:
+        runs = study.runs.get(exp.name, [])
+        summ = KINDS[exp.kind].summarize(exp, runs, norms, given)
+        exps[exp.name] = {
+            "kind": exp.kind,
+            "title": exp.title,
+            "about": exp.about,
+            "norms": norms,
+            "spec": asdict(spec) if spec is not None else {},
+            "options": exp.options,
+            "runs": runs,
+            "summary": summ,
+        }
+        summary_rows.append({"experiment": exp.name, "title": exp.title, **summ["headline"]})
+    all_norms: list[str] = []
+    for _, _, norms in study.experiments:
+        all_norms += [n for n in norms if n not in all_norms]
+    # Columns some experiment reports beside its norms (accumulation's "bn+accumulate").
+    for row in summary_rows:
+        all_norms += [n for n in row.get("values", {}) if n not in all_norms]
+    finished = sum(len(r) for r in study.runs.values())
+    return {
+        "schema_version": 1,
+        "bnorm_version": bnorm.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "started": study.started,
+        "wall_s": wall_s,
+        "interrupted": study.interrupted,
+        "runs_planned": study.planned,
+        "runs_finished": finished,
+        "out_dir": str(study.out),
+        "device": config[RUNTIME_KEY]["device"],
+        "threads": config[RUNTIME_KEY]["threads"],
+        "cpu_count": os.cpu_count(),
+        "dataset": study.data.describe(),
+        "norms": all_norms,
+        "seeds": config["seeds"],
+        "summary": summary_rows,
+        "experiments": exps,
+    }
