@@ -91,12 +91,7 @@ def _copy_case(nbytes: int) -> Callable[[], None]:
     """``dst.copy_(src)`` to time among the kernels: alternated with them it sees the same
     cache state, so its bandwidth is the fair yardstick for theirs."""
     src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-
-    def run() -> None:
-        dst.copy_(src)
-
-    return run
+    return _copy_of(src, torch.empty_like(src))
 
 
 def _copy_of(src: Tensor, dst: Tensor) -> Callable[[], None]:
