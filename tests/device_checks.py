@@ -18,7 +18,6 @@ exercised where no GPU is available).
 from __future__ import annotations
 
 import copy
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 import bnorm
 from bnorm.kernels_moments import batch_norm_moments_train
+from bnorm.testing import free_port
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -265,12 +265,6 @@ def check_layer(case: Case, device: torch.device | str, dtype: torch.dtype, layo
 
 
 # --- SyncBatchNorm with a one-rank process group ----------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_sync_world1(device: torch.device | str, backend: str) -> None:

@@ -8,20 +8,15 @@ step, the update the block must reproduce.
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 import bnorm
+from bnorm.testing import spawn_gloo
 
 F64 = torch.float64
 STEPS = 2
@@ -419,45 +414,28 @@ def _sync_layers() -> dict[str, nn.Module]:
     return layers
 
 
-def _sync_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        layers = _sync_layers()
-        model = nn.ModuleDict(layers)
-        for step in range(STEPS):
-            with bnorm.accumulate(model):
-                for x, mask in _rank_micro(rank, step):
-                    x = x.clone().requires_grad_()
-                    total = layers["sync"](x).sum() + layers["act_sync"](x).sum()
-                    total = total + layers["sync_mask"](x, mask=mask).sum()
-                    if x.shape[0]:
-                        total = total + layers["local"](x).sum()
-                    total.backward()
-        result = {
-            name: {k: v.clone() for k, v in layer.state_dict().items()}
-            for name, layer in layers.items()
-        }
-        torch.save(result, Path(outdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _sync_worker(rank: int, world: int) -> dict[str, dict[str, Tensor]]:
+    layers = _sync_layers()
+    model = nn.ModuleDict(layers)
+    for step in range(STEPS):
+        with bnorm.accumulate(model):
+            for x, mask in _rank_micro(rank, step):
+                x = x.clone().requires_grad_()
+                total = layers["sync"](x).sum() + layers["act_sync"](x).sum()
+                total = total + layers["sync_mask"](x, mask=mask).sum()
+                if x.shape[0]:
+                    total = total + layers["local"](x).sum()
+                total.backward()
+    return {
+        name: {k: v.clone() for k, v in layer.state_dict().items()}
+        for name, layer in layers.items()
+    }
 
 
 @pytest.mark.slow
-def test_sync_layers_update_once_from_every_ranks_micro_batches(tmp_path: Path) -> None:
+def test_sync_layers_update_once_from_every_ranks_micro_batches() -> None:
     world = 2
-    mp.spawn(_sync_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    got = spawn_gloo(_sync_worker, world)
     start = _sync_layers()
     for name in ("sync", "sync_mask", "act_sync"):
         ref = _reference(start[name], 3)

@@ -3,21 +3,15 @@ independently), masks and per-layer counts, state restored, two gloo ranks."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import bnorm
 from bnorm import reference
+from bnorm.testing import spawn_gloo
 
 MEAN_ATOL = 1e-6
 VAR_RTOL = 1e-5
@@ -225,12 +219,6 @@ def test_recalibrate_rejects_a_batch_it_cannot_read_and_restores_state() -> None
 # Two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 RANK_SIZES = {0: (3, 6), 1: (5,)}  # uneven batches, and a different number per rank
 
 
@@ -238,37 +226,22 @@ def _rank_batches(rank: int) -> list[torch.Tensor]:
     return uneven_batches(10 + rank, RANK_SIZES[rank], (3, 6, 6))
 
 
-def _recalibrate_worker(rank: int, world: int, port: int, outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        model = two_layer_model().eval()
-        report = bnorm.recalibrate(model, _rank_batches(rank), progress=False)
-        torch.save(
-            {
-                "mean0": model[1].running_mean,
-                "var0": model[1].running_var,
-                "mean1": model[4].running_mean,
-                "var1": model[4].running_var,
-                "world": report.world_size,
-                "count": report.layers[0].count,
-            },
-            Path(outdir) / f"rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def _recalibrate_worker(rank: int, world: int) -> dict[str, object]:
+    model = two_layer_model().eval()
+    report = bnorm.recalibrate(model, _rank_batches(rank), progress=False)
+    return {
+        "mean0": model[1].running_mean,
+        "var0": model[1].running_var,
+        "mean1": model[4].running_mean,
+        "var1": model[4].running_var,
+        "world": report.world_size,
+        "count": report.layers[0].count,
+    }
 
 
 @pytest.mark.slow
-def test_recalibrate_across_two_gloo_ranks_gives_every_rank_the_global_statistics(
-    tmp_path: Path,
-) -> None:
-    mp.spawn(_recalibrate_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_recalibrate_across_two_gloo_ranks_gives_every_rank_the_global_statistics() -> None:
+    results = spawn_gloo(_recalibrate_worker, 2)
     for key in ("mean0", "var0", "mean1", "var1"):
         assert torch.equal(results[0][key], results[1][key]), key  # bit-identical
     assert results[0]["world"] == 2 and results[0]["count"] == 14 * 16

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import bnorm
-from bnorm import bench_kernels, kernels
+from bnorm import kernels
+from bnorm.bench import kernels as bench_kernels
 from bnorm.cli import main
 from device_checks import (
     CASE_IDS,

@@ -9,7 +9,7 @@ import argparse
 import pytest
 import torch
 
-from bnorm import bench_kernels
+from bnorm.bench import kernels as bench_kernels
 from bnorm.cli import main
 from device_checks import (
     CASE_IDS,

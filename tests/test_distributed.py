@@ -6,28 +6,18 @@ batch norm over the concatenation of all ranks' batches.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import bnorm
+from bnorm.testing import spawn_gloo
 
 # Per-rank batch sizes: uneven, and rank 2 has an empty batch.
 SIZES = [5, 3, 0]
 STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _data(step: int, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,47 +121,32 @@ def _run_ddp(rank: int | None, world: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, outdir: str, scenario: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    timeout = datetime.timedelta(seconds=4 if scenario == "timeout" else 60)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+def _layers_worker(rank: int, world: int) -> dict[str, object]:
+    kinds = ("plain", "mask", "renorm")
+    results: dict[str, object] = {kind: _run_layer(kind, rank) for kind in kinds}
+    results["ddp"] = _run_ddp(rank, world)
+    return results
+
+
+def _gradgrad_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+    return _run_gradgrad(rank)
+
+
+def _timeout_worker(rank: int, world: int) -> dict[str, str]:
+    if rank != 0:
+        time.sleep(8)  # never calls the layer; stays alive past rank 0's timeout
+        return {}
+    layer = bnorm.SyncBatchNorm(3)
     try:
-        results: dict[str, object] = {}
-        if scenario == "gradgrad":
-            results["gradgrad"] = _run_gradgrad(rank)
-        elif scenario == "timeout":
-            if rank == 0:
-                layer = bnorm.SyncBatchNorm(3)
-                try:
-                    layer(torch.randn(4, 3, 2, 2))
-                    results["error"] = ""
-                except RuntimeError as err:
-                    results["error"] = str(err)
-            else:
-                time.sleep(8)  # never calls the layer; stays alive past rank 0's timeout
-        else:
-            for kind in ("plain", "mask", "renorm"):
-                results[kind] = _run_layer(kind, rank)
-            results["ddp"] = _run_ddp(rank, world)
-        torch.save(results, Path(outdir) / f"rank{rank}.pt")
-    finally:
-        if scenario != "timeout":
-            dist.destroy_process_group()
-    if scenario == "timeout":
-        # A process group whose collective timed out cannot be torn down cleanly: gloo's
-        # destructor may abort ("terminate called without an active exception") at
-        # interpreter exit. The result is saved; leave without running destructors.
-        os._exit(0)
+        layer(torch.randn(4, 3, 2, 2))
+        return {"error": ""}
+    except RuntimeError as err:
+        return {"error": str(err)}
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    outdir = tmp_path_factory.mktemp("sync3")
-    world = len(SIZES)
-    mp.spawn(_worker, args=(world, _free_port(), str(outdir), "layers"), nprocs=world, join=True)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def three_ranks() -> list[dict]:
+    return spawn_gloo(_layers_worker, len(SIZES))
 
 
 @pytest.mark.parametrize("kind", ["plain", "mask", "renorm"])
@@ -214,19 +189,17 @@ def test_sync_inside_ddp_trains_like_single_process_on_global_batch(three_ranks)
             torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_double_backward_through_sync_keeps_the_cross_rank_terms(tmp_path):
-    world = len(GRADGRAD_SIZES)
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), "gradgrad"), nprocs=world, join=True)
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["gradgrad"] for r in range(world)]
+def test_double_backward_through_sync_keeps_the_cross_rank_terms():
+    got = spawn_gloo(_gradgrad_worker, len(GRADGRAD_SIZES))
     ref = _run_gradgrad(None)
     for key in ("dx", "ddx"):
         torch.testing.assert_close(torch.cat([g[key] for g in got]), ref[key], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(sum(g["ddweight"] for g in got), ref["ddweight"], rtol=1e-9, atol=1e-10)
 
 
-def test_missing_peer_surfaces_as_clear_error_not_hang(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "timeout"), nprocs=2, join=True)
-    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
+def test_missing_peer_surfaces_as_clear_error_not_hang():
+    # A group whose collective timed out cannot be torn down cleanly (teardown=False).
+    result = spawn_gloo(_timeout_worker, 2, timeout_s=4, teardown=False)[0]
     assert "SyncBatchNorm" in result["error"]
     assert "timeout" in result["error"]
 

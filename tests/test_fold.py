@@ -13,25 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnorm
-from bnorm.bench_suites import cifar_resnet20
+from bnorm.testing import ResNet20, randomize_statistics
 from bnorm.tools.fold import Folded, fold_bn_conv_weights, fold_conv_bn, fold_conv_bn_weights
-
-
-def randomize_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every batch norm non-trivial statistics and affine parameters; eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            rm = getattr(m, "running_mean", None)
-            if isinstance(rm, torch.Tensor):
-                c = rm.numel()
-                m.running_mean.copy_(torch.rand(c, generator=g) * 2 - 1)
-                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.25)
-                if isinstance(getattr(m, "weight", None), torch.Tensor):
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                if isinstance(getattr(m, "bias", None), torch.Tensor):
-                    m.bias.copy_(torch.rand(c, generator=g) - 0.5)
-    return model.eval()
 
 
 def assert_same_outputs(original: nn.Module, folded: nn.Module, x: torch.Tensor) -> None:
@@ -310,7 +293,7 @@ def test_fold_keeps_outputs_and_reports_what_folded(case: str) -> None:
 @pytest.mark.parametrize("norm", ["torch", "bnorm"])
 def test_fold_resnet20_folds_every_batch_norm(norm: str) -> None:
     torch.manual_seed(0)
-    model = randomize_statistics(cifar_resnet20(norm))
+    model = randomize_statistics(ResNet20(norm))
     folded, report = bnorm.fold(model, return_report=True)
     assert len(report.folded) == 19 and not report.not_folded
     assert not bnorm.tools.batch_norm_layers(folded)

@@ -22,23 +22,13 @@ from torch import nn
 
 import bnorm
 from bnorm import kernels, reference
-from bnorm.bench_kernels import TorchTail, saved_tensor_bytes
 from bnorm.kernels import Activation
+from bnorm.testing import TorchTail, saved_tensor_bytes
 
 SLOPE = 0.1
 ALPHA = 0.7
 
-
-@pytest.fixture(autouse=True)
-def eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
-
-
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BNORM_NO_COMPILE")
-    if not kernels.compile_enabled():
-        pytest.skip("torch.compile is not available here")
+pytestmark = pytest.mark.usefixtures("eager_fallback")
 
 
 def make_act(name: str) -> Activation:
@@ -556,7 +546,7 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
 def test_bench_memory_part_reports_the_memory_efficient_saving():
     import argparse
 
-    from bnorm.bench_kernels import memory_part
+    from bnorm.bench.kernels import memory_part
 
     result = memory_part(argparse.Namespace(quick=True, repeats=1, warmup=0))
     ratio = {(r["what"], r["layers"]): r["saved/activation"] for r in result["rows"]}

@@ -8,16 +8,9 @@ import torch.nn.functional as TF
 
 import bnorm
 from bnorm import kernels
-from bnorm.bench_kernels import saved_tensor_bytes
+from bnorm.testing import saved_tensor_bytes
 
 EPS = 1e-5
-
-
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BNORM_NO_COMPILE", raising=False)
-    if not kernels.compile_enabled():
-        pytest.skip("torch.compile is not available here")
 
 
 def explicit(x, w, b, residual, mask, groups, act):

@@ -16,21 +16,10 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import bnorm
-from bnorm import kernels
-from bnorm.bench_kernels import saved_tensor_bytes
 from bnorm.memory import current_scope
+from bnorm.testing import saved_tensor_bytes
 
-
-@pytest.fixture(autouse=True)
-def eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
-
-
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BNORM_NO_COMPILE")
-    if not kernels.compile_enabled():
-        pytest.skip("torch.compile is not available here")
+pytestmark = pytest.mark.usefixtures("eager_fallback")
 
 
 class Net(nn.Module):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,9 @@ from pathlib import Path
 import pytest
 
 from bnorm.cli import main as bnorm_main
+from bnorm.testing import free_port
 
 ARGS = ["--experiments", "curves", "--norm", "bn,syncbn", "--steps", "20", "--seeds", "0", "--quiet"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _runs(out: Path) -> dict[str, dict]:
@@ -38,7 +32,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", "-m", "bnorm", "study", *ARGS, "--out", str(out),
+        f"--master_port={free_port()}", "-m", "bnorm", "study", *ARGS, "--out", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -410,7 +410,7 @@ def inference_check(
     of a test logit, and its latency against the unfolded one (medians of alternated
     runs, at batch 1 and on the whole test set)."""
     import bnorm
-    from bnorm.bench import time_alternated
+    from bnorm.testing import time_alternated
 
     if not has_batch_norm(model):
         return None

@@ -1,7 +1,7 @@
 """``bnorm bench kernels``: the fused BN + activation (+ residual) kernels against PyTorch.
 
 Four parts, every timing a median of alternated runs in one process (see
-:func:`bnorm.bench.time_alternated`):
+:func:`bnorm.testing.time_alternated`):
 
 * layer — forward+backward in training of BN+ReLU and BN+add+ReLU at ResNet-20 shapes
   (N=128; C=16/32/64 at 32²/16²/8²), NCHW and channels_last: ``bnorm.BatchNormAct2d``
@@ -13,17 +13,17 @@ Four parts, every timing a median of alternated runs in one process (see
 * model — a CIFAR ResNet-20 training step (batch 128, 32×32, SGD): bnorm layers vs torch
   layers (target ≤ 0.75×), and the BN step over the same network without BN (target
   ≤ 1.10×), in eager mode and under ``torch.compile(model)``;
-* memory — bytes saved for backward (:func:`saved_tensor_bytes`) per conv→BN→act block
-  and per ResNet-20, relative to one activation / to torch; ResNet-20 (ReLU) in a
-  :func:`bnorm.memory_saving` scope (target ≤ 0.6× torch), with the most its hooks hold
-  during backward, and :func:`torch.compile` of the torch model (what its partitioner
-  saves); the training-step time of the scope against plain bnorm (batch 32, alternated).
+* memory — bytes saved for backward (:func:`bnorm.testing.saved_tensor_bytes`) per
+  conv→BN→act block and per ResNet-20, relative to one activation / to torch; ResNet-20
+  (ReLU) in a :func:`bnorm.memory_saving` scope (target ≤ 0.6× torch), with the most its
+  hooks hold during backward, and :func:`torch.compile` of the torch model (what its
+  partitioner saves); the training-step time of the scope against plain bnorm (batch 32,
+  alternated).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -32,11 +32,17 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from .bench import format_table, register, time_alternated
-from .memory import memory_saving
-from .modules import BatchNormAct2d
+from ..memory import memory_saving
+from ..modules import BatchNormAct2d
+from ..testing import (
+    RESNET20_SHAPES,
+    ResNet20,
+    TorchTail,
+    saved_tensor_bytes,
+    time_alternated,
+)
+from .report import format_table, geomean
 
-RESNET20_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]  # N, C, side
 LAYER_TARGET_EAGER = 0.5
 LAYER_TARGET_COMPILED = 1.0
 MODEL_TARGET_TORCH = 0.75
@@ -45,51 +51,7 @@ MEMORY_TARGET_BLOCK = 2.0
 MEMORY_SAVING_TARGET = 0.6
 
 
-# --- saved-for-backward bytes ------------------------------------------------------
-
-
-def saved_tensor_bytes(fn: Callable[[], Any], exclude: nn.Module | None = None) -> tuple[int, Any]:
-    """(bytes, fn()): the bytes of the distinct storages that autograd saves for backward
-    while ``fn`` runs (recorded with :func:`torch.autograd.graph.saved_tensors_hooks`;
-    a view counts its whole storage, a storage saved twice counts once), leaving out the
-    parameters and buffers of ``exclude`` (they exist whether or not anything is saved)."""
-    skip = set()
-    if exclude is not None:
-        skip = {t.untyped_storage().data_ptr() for t in (*exclude.parameters(), *exclude.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in skip:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
 # --- the compared layers -----------------------------------------------------------
-
-
-class TorchTail(nn.Module):
-    """torch's layers for ``act(BN(x) + residual)``: ``nn.BatchNorm2d``, an out-of-place
-    add and ``torch.relu``/``F.leaky_relu``."""
-
-    def __init__(self, channels: int, activation: str = "relu", negative_slope: float = 0.01) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels)
-        self.activation = activation
-        self.negative_slope = negative_slope
-
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        y = self.bn(x)
-        if residual is not None:
-            y = y + residual
-        if self.activation == "leaky_relu":
-            return TF.leaky_relu(y, self.negative_slope)
-        return torch.relu(y)
 
 
 def _fwd_bwd(
@@ -129,12 +91,7 @@ def _copy_case(nbytes: int) -> Callable[[], None]:
     """``dst.copy_(src)`` to time among the kernels: alternated with them it sees the same
     cache state, so its bandwidth is the fair yardstick for theirs."""
     src = torch.randn(nbytes // 4)
-    dst = torch.empty_like(src)
-
-    def run() -> None:
-        dst.copy_(src)
-
-    return run
+    return _copy_of(src, torch.empty_like(src))
 
 
 def _copy_of(src: Tensor, dst: Tensor) -> Callable[[], None]:
@@ -142,10 +99,6 @@ def _copy_of(src: Tensor, dst: Tensor) -> Callable[[], None]:
         dst.copy_(src)
 
     return run
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def layer_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -219,9 +172,9 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": rows,
         "summary": [
-            f"layer fwd+bwd, bnorm/torch eager: geomean {_geomean(vs_eager):.2f}x, worst "
+            f"layer fwd+bwd, bnorm/torch eager: geomean {geomean(vs_eager):.2f}x, worst "
             f"{max(vs_eager):.2f}x (target <= {LAYER_TARGET_EAGER}x)",
-            f"layer fwd+bwd, bnorm/torch.compile: geomean {_geomean(vs_compiled):.2f}x, worst "
+            f"layer fwd+bwd, bnorm/torch.compile: geomean {geomean(vs_compiled):.2f}x, worst "
             f"{max(vs_compiled):.2f}x (target <= {LAYER_TARGET_COMPILED}x)",
             f"bandwidth: fused kernels reach {min(fractions):.0%}..{max(fractions):.0%} of the "
             "copy bandwidth measured alone (target >= 50%), "
@@ -232,78 +185,11 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
 
 # --- ResNet-20 -----------------------------------------------------------------------
 
-
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm: str, activation: str) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm = norm
-        self.activation = activation
-        self.pad = cout - cin
-        self.stride = stride
-        self.bn1: nn.Module
-        self.bn2: nn.Module
-        if norm == "bnorm":
-            self.bn1 = BatchNormAct2d(cout, activation=activation)
-            self.bn2 = BatchNormAct2d(cout, activation=activation)
-        elif norm == "bnorm-me":
-            self.bn1 = BatchNormAct2d(cout, activation=activation, memory_efficient=True)
-            self.bn2 = BatchNormAct2d(cout, activation=activation, memory_efficient=True)
-        elif norm == "torch":
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.bn2 = nn.BatchNorm2d(cout)
-        else:
-            self.bn1 = self.bn2 = nn.Identity()
-
-    def act(self, y: Tensor) -> Tensor:
-        return TF.leaky_relu(y, 0.01) if self.activation == "leaky_relu" else torch.relu(y)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = x
-        if self.stride != 1 or self.pad:
-            # Option A (He et al. 2016): subsample, zero-pad the new channels.
-            shortcut = TF.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad))
-        if self.norm.startswith("bnorm"):
-            y = self.bn1(self.conv1(x))
-            return self.bn2(self.conv2(y), shortcut)
-        y = self.act(self.bn1(self.conv1(x)))
-        return self.act(self.bn2(self.conv2(y)) + shortcut)
-
-
-class ResNet20(nn.Module):
-    """CIFAR ResNet-20 (He et al. 2016): 3×3 conv 16, three stages of three basic blocks
-    (16, 32, 64 channels), option-A shortcuts, global average pool, linear 10.
-    ``norm``: "torch" (nn.BatchNorm2d), "bnorm" (bnorm.BatchNormAct2d, the add and the
-    activation fused), "bnorm-me" (the same, memory-efficient) or "none" (no BN)."""
-
-    def __init__(self, norm: str = "torch", activation: str = "relu") -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.norm = norm
-        self.activation = activation
-        self.stem_bn: nn.Module
-        if norm.startswith("bnorm"):
-            self.stem_bn = BatchNormAct2d(16, activation=activation, memory_efficient=norm == "bnorm-me")
-        elif norm == "torch":
-            self.stem_bn = nn.BatchNorm2d(16)
-        else:
-            self.stem_bn = nn.Identity()
-        blocks: list[nn.Module] = []
-        cin = 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
-                blocks.append(_Block(cin, cout, stride if i == 0 else 1, norm, activation))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.stem_bn(self.stem(x))
-        if not self.norm.startswith("bnorm"):
-            y = TF.leaky_relu(y, 0.01) if self.activation == "leaky_relu" else torch.relu(y)
-        y = self.blocks(y)
-        return self.fc(y.mean((2, 3)))
+# The suite's names for bnorm.testing.ResNet20's norms: bnorm's layers here are the fused
+# BatchNormAct2d ("bnorm-me": memory-efficient).
+RESNET20_NORM = {
+    "torch": "torch", "bnorm": "bnorm-act", "bnorm-me": "bnorm-act-me", "none": "none"
+}
 
 
 def _train_step(model: nn.Module, x: Tensor, target: Tensor) -> Callable[[], None]:
@@ -329,7 +215,7 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
         models: dict[str, nn.Module] = {}
         for norm in ("torch", "bnorm", "none"):
             torch.manual_seed(0)
-            model = ResNet20(norm)
+            model = ResNet20(RESNET20_NORM[norm])
             models[norm] = cast(nn.Module, torch.compile(model)) if mode == "compiled" else model
         start = time.perf_counter()
         steps = {norm: _train_step(m, x, target) for norm, m in models.items()}
@@ -371,7 +257,9 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
     layers: dict[str, Callable[[str], nn.Module]] = {
         "torch": lambda act: TorchTail(c, act),
         "bnorm": lambda act: BatchNormAct2d(c, activation=act),
-        "bnorm memory_efficient": lambda act: BatchNormAct2d(c, activation=act, memory_efficient=True),
+        "bnorm memory_efficient": lambda act: BatchNormAct2d(
+            c, activation=act, memory_efficient=True
+        ),
     }
     for pattern in ("conv-BN-act", "conv-BN-add-act"):
         for name, make in layers.items():
@@ -380,7 +268,9 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
             x = torch.randn(n, c, side, side, requires_grad=True)
             res = x if pattern == "conv-BN-add-act" else None
 
-            def run(block: nn.ModuleDict = block, x: Tensor = x, res: Tensor | None = res) -> Tensor:
+            def run(
+                block: nn.ModuleDict = block, x: Tensor = x, res: Tensor | None = res
+            ) -> Tensor:
                 return block["norm"](block["conv"](x), res)
 
             nbytes, _ = saved_tensor_bytes(run, exclude=block)
@@ -393,8 +283,9 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     x = torch.randn(n, 3, 32, 32)
-    for norm, act in (("torch", "relu"), ("bnorm", "relu"), ("torch", "leaky_relu"), ("bnorm-me", "leaky_relu")):
-        model = ResNet20(norm, act)
+    resnets = (("torch", "relu"), ("bnorm", "relu"), ("torch", "leaky_relu"), ("bnorm-me", "leaky_relu"))
+    for norm, act in resnets:
+        model = ResNet20(RESNET20_NORM[norm], act)
 
         def forward(model: nn.Module = model) -> Tensor:
             return model(x)
@@ -408,7 +299,7 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
                 "saved/activation": nbytes / activation_bytes,
             }
         )
-    model = ResNet20("bnorm", "relu")
+    model = ResNet20("bnorm-act", "relu")
     scope = memory_saving()
     scope._track_peak = True
     with scope:
@@ -472,7 +363,7 @@ def memory_cost_part(args: argparse.Namespace) -> dict[str, Any]:
     ]
     nt = 16 if args.quick else 32
     xt = torch.randn(nt, 3, 32, 32)
-    net = ResNet20("bnorm", "relu")
+    net = ResNet20("bnorm-act", "relu")
 
     def plain() -> None:
         net.zero_grad(set_to_none=True)
@@ -505,40 +396,6 @@ def memory_cost_part(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- on a device: each kernel against torch's (cuDNN) batch norm ------------------------
-
-
-def time_device_alternated(
-    cases: dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int,
-    device: torch.device,
-    inner: int = 10,
-) -> dict[str, float]:
-    """Median seconds per call of each case, alternated as :func:`time_alternated`; on
-    CUDA each sample is ``inner`` calls between two CUDA events (the queue drained first
-    with ``torch.cuda.synchronize()``), elsewhere the host clock around them."""
-    for _ in range(warmup):
-        for fn in cases.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(inner):
-                    fn()
-                end.record()
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end) / 1e3 / inner)
-            else:
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / inner)
-    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
 # pattern: (bnorm layer options, torch activation, residual?, mask?)
@@ -580,7 +437,7 @@ def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[st
                 mask = (torch.rand(n, side, side) < 0.9).to(device) if with_mask else None
                 ours = BatchNormAct2d(c, **options).to(device)
                 theirs = TorchTail(c, act).to(device)
-                t = time_device_alternated(
+                t = time_alternated(
                     {
                         "torch": _fwd_bwd(theirs, x, dy, res),
                         "bnorm": _fwd_bwd(ours, x, dy, res, mask),
@@ -588,7 +445,8 @@ def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[st
                     },
                     args.repeats,
                     args.warmup,
-                    device,
+                    device=device,
+                    inner=10,
                 )
                 extra = 1 if with_res else 0
                 traffic = (3 + extra + 5 + 2 * extra) * nbytes
@@ -612,7 +470,7 @@ def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[st
     return {
         "rows": rows,
         "summary": [
-            f"device {device}: layer fwd+bwd, bnorm/torch: geomean {_geomean(ratios):.2f}x, "
+            f"device {device}: layer fwd+bwd, bnorm/torch: geomean {geomean(ratios):.2f}x, "
             f"worst {max(ratios):.2f}x",
             f"bandwidth: kernels reach {min(fractions):.0%}..{max(fractions):.0%} of a device "
             "copy of the same size (minimal traffic, fwd+bwd)",
@@ -620,7 +478,6 @@ def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[st
     }
 
 
-@register("kernels")
 def kernels_suite(args: argparse.Namespace) -> dict[str, Any]:
     """Layer (with bandwidth), model and memory parts; the layer table is the main one.
     With ``--device cuda``: the kernels against torch's cuDNN batch norm on the GPU

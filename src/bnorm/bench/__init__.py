@@ -1,86 +1,45 @@
 """Benchmarks behind ``bnorm bench``: ratios against the peer measured in the same run.
 
-Each suite is a function ``suite(args) -> dict`` registered in :data:`SUITES`; it returns
+Each suite is a function ``suite(args) -> dict`` listed in :data:`SUITES`; it returns
 a JSON-serialisable result with a ``"rows"`` list (one dict per measured case) and
 ``"machine"`` facts. ``bnorm bench SUITE`` prints the table and writes the JSON.
 Timings are medians of alternated runs (ours, theirs, ours, ...) in one process, so
-both sides see the same machine state.
+both sides see the same machine state (:func:`bnorm.testing.time_alternated`).
+
+Modules: ``layer`` (bnorm.BatchNorm2d vs torch's), ``fold`` (bnorm.fold's inference
+latency), ``kernels`` (the fused kernels: layer, bandwidth, model, memory; on a GPU),
+``variants`` (renorm, ghost, mask vs plain), ``sync`` (SyncBatchNorm over gloo ranks);
+``report`` (machine facts, tables).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fold import fold_suite
+from .kernels import kernels_suite
+from .layer import layer_suite
+from .report import format_table, machine_info
+from .sync import sync_suite
+from .variants import variants_suite
+
 Suite = Callable[[argparse.Namespace], dict[str, Any]]
 
-SUITES: dict[str, Suite] = {}
-
-
-def register(name: str) -> Callable[[Suite], Suite]:
-    """Decorator: make ``fn`` available as ``bnorm bench NAME``."""
-
-    def wrap(fn: Suite) -> Suite:
-        SUITES[name] = fn
-        return fn
-
-    return wrap
-
-
-def time_alternated(
-    cases: Mapping[str, Callable[[], object]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run in turn (a, b, a, b, ...) so
-    that every case sees the same machine state; ``warmup`` untimed rounds first."""
-    for _ in range(warmup):
-        for fn in cases.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def machine_info() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table with one column per key of the first row."""
-    if not rows:
-        return "(no rows)"
-    keys = list(rows[0])
-    cells = [[_fmt(r.get(k)) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
+# The suites by name, a static table: ``bnorm bench NAME`` runs one, ``bnorm bench all``
+# each, in sorted order.
+SUITES: dict[str, Suite] = {
+    "fold": fold_suite,
+    "kernels": kernels_suite,
+    "layer": layer_suite,
+    "sync": sync_suite,
+    "variants": variants_suite,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,10 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "suite",
         nargs="?",
         default="all",
-        help="which benchmark to run: 'all' or one of the registered suites "
+        help="which benchmark to run: 'all' or one of the suites "
         "(see the list printed by `bnorm bench list`)",
     )
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per side (median taken)")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="timed runs per side (median taken)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per side first")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller cases (a smoke run)")
     parser.add_argument(
@@ -103,11 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'cuda' (or 'cuda:N'): run `bnorm bench kernels` on the GPU against cuDNN's "
         "batch norm; default: the CPU benchmarks",
     )
-
-
-def _load_suites() -> None:
-    # Suites register themselves on import; keep the import here so `bnorm --help` stays fast.
-    from . import bench_kernels, bench_suites, bench_variants  # noqa: F401
 
 
 def _check_device(args: argparse.Namespace) -> str | None:
@@ -126,22 +82,30 @@ def _check_device(args: argparse.Namespace) -> str | None:
     if args.suite != "kernels":
         return f"expected the suite 'kernels' with --device {device} (got {args.suite!r})"
     if not torch.cuda.is_available():
-        return f"expected a CUDA device for --device {device} (got torch.cuda.is_available() False)"
+        return (
+            f"expected a CUDA device for --device {device} "
+            "(got torch.cuda.is_available() False)"
+        )
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         return f"expected a CUDA device index < {torch.cuda.device_count()} (got {device!r})"
     return None
 
 
 def main(args: argparse.Namespace) -> int:
-    _load_suites()
     if args.suite == "list":
         print("\n".join(sorted(SUITES)))
         return 0
     if args.suite != "all" and args.suite not in SUITES:
-        print(f"bnorm bench: unknown suite {args.suite!r} (expected 'all' or one of {sorted(SUITES)})")
+        print(
+            f"bnorm bench: unknown suite {args.suite!r} "
+            f"(expected 'all' or one of {sorted(SUITES)})"
+        )
         return 2
     if args.repeats < 1 or args.warmup < 0:
-        print(f"bnorm bench: expected --repeats >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
+        print(
+            "bnorm bench: expected --repeats >= 1 and --warmup >= 0 "
+            f"(got {args.repeats}, {args.warmup})"
+        )
         return 2
     error = _check_device(args)
     if error:
