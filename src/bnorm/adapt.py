@@ -279,8 +279,8 @@ def adapt(
 
     Raises:
         TypeError, ValueError: bad arguments, before the model is touched; also an
-        empty ``data`` (for an iterator, found out after the pass: the model is then
-        left as found). An exception while adapting leaves the model as found.
+            empty ``data`` (for an iterator, found out after the pass: the model is then
+            left as found). An exception while adapting leaves the model as found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected model to be a torch.nn.Module (got {type(model).__name__})")
