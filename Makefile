@@ -31,7 +31,7 @@ $(STAMP_STUDY): $(BIN)/python pyproject.toml constraints.txt
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	PYTHONPATH=src $(BIN)/mkdocs build --strict --quiet --site-dir build/docs
+	PYTHONPATH=src $(BIN)/mkdocs build --strict --site-dir build/docs
 
 pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
