@@ -1,5 +1,6 @@
 # `make test`  : create .venv if missing, install bnorm[dev] under constraints.txt, lint, run the tests.
 # `make test-gpu`: the same setup, then only the CUDA tests (pytest -m cuda; needs a CUDA build of torch).
+# `make lint`  : ruff, mypy and the documentation (docs/, API reference) built strictly into build/docs.
 # `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults.
 # `make study-fashion` : the same study on the real Fashion-MNIST, read from the files of
 #                Debian's package (sudo apt-get install dataset-fashion-mnist), no download.
@@ -30,6 +31,7 @@ $(STAMP_STUDY): $(BIN)/python pyproject.toml constraints.txt
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	PYTHONPATH=src $(BIN)/mkdocs build --strict --site-dir build/docs
 
 pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900

@@ -282,8 +282,8 @@ def adapt(
 
     Raises:
         TypeError, ValueError: bad arguments, before the model is touched; also an
-        empty ``data`` (for an iterator, found out after the pass: the model is then
-        left as found). An exception while adapting leaves the model as found.
+            empty ``data`` (for an iterator, found out after the pass: the model is then
+            left as found). An exception while adapting leaves the model as found.
     """
     check_module(model, "model")
     if not isinstance(method, str) or method not in METHODS:
