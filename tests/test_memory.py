@@ -18,7 +18,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import bnorm
 from bnorm import kernels
 from bnorm.bench_kernels import saved_tensor_bytes
-from bnorm.memory import current_scope
+from bnorm.kernels.memory import current_scope
 
 
 @pytest.fixture(autouse=True)

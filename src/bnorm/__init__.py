@@ -8,7 +8,7 @@ from .convert import ConversionReport, convert
 from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
 from .fold import FoldReport, fold
 from .functional import Renorm
-from .memory import memory_saving
+from .kernels.memory import memory_saving
 from .modules import (
     BatchNorm,
     BatchNorm1d,

@@ -33,7 +33,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from .bench import format_table, register, time_alternated
-from .memory import memory_saving
+from .kernels.memory import memory_saving
 from .modules import BatchNormAct2d
 
 RESNET20_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]  # N, C, side
