@@ -26,7 +26,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 import bnorm
-from bnorm.kernels_moments import batch_norm_moments_train
+from bnorm.kernels import batch_norm_moments_train
 from bnorm.testing import free_port
 
 EPS = 1e-5

@@ -23,6 +23,7 @@ from torch import nn
 import bnorm
 from bnorm import kernels, reference
 from bnorm.kernels import Activation
+from bnorm.kernels import compile as kernel_compile
 from bnorm.testing import TorchTail, saved_tensor_bytes
 
 SLOPE = 0.1
@@ -486,16 +487,16 @@ def test_convert_plain_layers_to_batchnormact_is_lossless_identity():
 
 def test_environment_variable_disables_compilation():
     assert not kernels.compile_enabled()
-    before = dict(kernels._COMPILED)
+    before = dict(kernel_compile._COMPILED)
     run_fused(*inputs((4, 3, 2, 2), residual=True)[:5], make_act("relu"))
-    assert kernels._COMPILED == before
+    assert kernel_compile._COMPILED == before
 
 
 def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
     monkeypatch.setenv("BNORM_NO_COMPILE", "0")
-    monkeypatch.setattr(kernels, "_COMPILED", {})
-    monkeypatch.setattr(kernels, "_COMPILE_FAILURE", None)
-    monkeypatch.setattr(kernels, "_dynamo_supported", lambda: True)
+    monkeypatch.setattr(kernel_compile, "_COMPILED", {})
+    monkeypatch.setattr(kernel_compile, "_COMPILE_FAILURE", None)
+    monkeypatch.setattr(kernel_compile, "_dynamo_supported", lambda: True)
 
     def broken_compile(fn, **options):
         def run(*args):
@@ -503,7 +504,7 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(kernels.torch, "compile", broken_compile)
+    monkeypatch.setattr(kernel_compile.torch, "compile", broken_compile)
     x, r, dy, w, b = inputs((4, 3, 2, 2), residual=True)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         fused = run_fused(x, r, dy, w, b, make_act("gelu"))
@@ -524,9 +525,9 @@ def test_compiled_kernels_match_torch_and_reference_both_layouts():
         assert rel_err(mean, cache["mean"]) < 1e-6
         assert rel_err(dx, dx64) < 1e-4 and rel_err(dr, dr64) < 1e-5
         assert rel_err(dw, dw64) < 1e-5 and rel_err(db, db64) < 1e-5
-    assert any(key[0] == "fwd" for key in kernels._COMPILED)
-    assert any(key[0] == "bwd" for key in kernels._COMPILED)
-    assert kernels._COMPILE_FAILURE is None
+    assert any(key[0] == "fwd" for key in kernel_compile._COMPILED)
+    assert any(key[0] == "bwd" for key in kernel_compile._COMPILED)
+    assert kernel_compile._COMPILE_FAILURE is None
 
 
 @pytest.mark.usefixtures("compiled")
@@ -534,8 +535,8 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
     x, r, dy, w, b = inputs((8, 4, 5, 5), "NCHW", residual=False, dtype=torch.bfloat16)
     act = make_act("leaky_relu")
     fused = run_fused(x, r, dy, w, b, act, True)
-    assert any(key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernels._COMPILED)
-    assert kernels._COMPILE_FAILURE is None
+    assert any(key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernel_compile._COMPILED)
+    assert kernel_compile._COMPILE_FAILURE is None
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
     fallback = run_fused(x, r, dy, w, b, act, True)
     for a, c in zip(fused, fallback):

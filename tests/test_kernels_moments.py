@@ -1,4 +1,4 @@
-"""The moments path's fused Function (bnorm.kernels_moments): ghost batches, masks,
+"""The moments path's fused Function (bnorm.kernels.moments): ghost batches, masks,
 renorm, residual and activation, against explicit per-group / valid-positions-only torch
 ops with autograd (float64), eagerly and compiled."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import bnorm
-from bnorm import kernels
+from bnorm.kernels import compile as kernel_compile
 from bnorm.testing import saved_tensor_bytes
 
 EPS = 1e-5
@@ -113,8 +113,8 @@ def test_compiled_function_matches_explicit_torch_ops(layout):
         for a, e in zip(ours, ref):
             if e is not None:
                 torch.testing.assert_close(a, e.to(a.dtype), rtol=1e-4, atol=1e-5)
-    assert {"mfwd", "mbwd"} <= {key[0] for key in kernels._COMPILED}
-    assert kernels._COMPILE_FAILURE is None
+    assert {"mfwd", "mbwd"} <= {key[0] for key in kernel_compile._COMPILED}
+    assert kernel_compile._COMPILE_FAILURE is None
 
 
 @pytest.mark.usefixtures("compiled")
@@ -137,7 +137,7 @@ def test_compiled_renorm_takes_the_moments_kernel_and_equals_the_eager_native_pa
 
     fused = run()
     # key: ("mfwd", activation, parameter, residual?, mask?, renorm?, dtype, running?, skip?)
-    assert any(key[0] == "mfwd" and key[5] and not key[4] for key in kernels._COMPILED)
+    assert any(key[0] == "mfwd" and key[5] and not key[4] for key in kernel_compile._COMPILED)
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
     eager = run()
     for a, e in zip(fused, eager):

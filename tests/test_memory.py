@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import bnorm
-from bnorm.memory import current_scope
+from bnorm.kernels.memory import current_scope
 from bnorm.testing import saved_tensor_bytes
 
 pytestmark = pytest.mark.usefixtures("eager_fallback")

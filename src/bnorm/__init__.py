@@ -2,7 +2,7 @@
 
 from . import functional, kernels, reference
 from .functional import Renorm
-from .memory import memory_saving
+from .kernels.memory import memory_saving
 from .modules import (
     BatchNorm,
     BatchNorm1d,

@@ -17,7 +17,7 @@ Three ways to the same numbers:
   "Fused BN + activation (+ residual) kernels");
 * the **moments path** — used where the statistics are not those of the whole local
   input (masked positions, ghost batches, other ranks): one fused autograd Function with
-  an analytic backward (:mod:`bnorm.kernels_moments`), whose differentiable twin built
+  an analytic backward (:mod:`bnorm.kernels.moments`), whose differentiable twin built
   from :func:`moments`, :func:`pool_moments` and :func:`normalize` serves double
   backward. Moments are carried as (count, mean, M2) so that groups, masks and processes
   merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
@@ -30,23 +30,32 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._formulas import pool, renorm_rd, running_update
-from .distributed import all_gather_differentiable, world_size
+from ._math import Moments, running_update
+from .distributed import world_size
 from .kernels import (
-    Activation,
     RunningState,
-    activation_tail,
     batch_norm_act_train,
+    batch_norm_moments_train,
     compile_enabled,
     store_running,
 )
-from .kernels_moments import batch_norm_moments_train
+from .ops import (
+    _channel_axis,
+    _moments_composite,
+    _stats_dtype,
+    activation_tail,
+    merge_moments,
+    moments,
+    normalize,
+    pool_moments,
+    renorm_correction,
+)
+from .options import Activation, Renorm
 
 __all__ = [
     "Moments",
@@ -59,227 +68,6 @@ __all__ = [
     "renorm_correction",
     "update_running_stats",
 ]
-
-
-class Moments(NamedTuple):
-    """Per-channel moments of a set of values: ``count`` m, ``mean`` μ and
-    ``m2`` = Σ (x_i − μ)² (so the biased variance is m2/count). Each is a (C,) tensor."""
-
-    count: Tensor  # type: ignore[assignment]  # shadows tuple.count on purpose
-    mean: Tensor
-    m2: Tensor
-
-    @property
-    def var(self) -> Tensor:
-        """Biased variance m2/count (what normalizes the batch)."""
-        return self.m2 / self.count
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _channel_axis(ndim: int, axis: int) -> int:
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"expected a channel axis in [{-ndim}, {ndim - 1}] for a {ndim}D input (got axis={axis})"
-        )
-    return axis % ndim
-
-
-def _expand(v: Tensor, ndim: int, dims: tuple[int, ...]) -> Tensor:
-    """View ``v`` (whose dimensions are ``dims`` of a rank-``ndim`` tensor) for broadcasting."""
-    shape = [1] * ndim
-    for d, size in zip(dims, v.shape):
-        shape[d] = size
-    return v.reshape(shape)
-
-
-def _moments_keep(xs: Tensor, keep: tuple[int, ...], valid: Tensor | None) -> Moments:
-    """(count, mean, M2) over every dimension of ``xs`` not in ``keep`` (sorted);
-    ``valid`` broadcasts against ``xs`` (True = counts)."""
-    dims = [d for d in range(xs.dim()) if d not in keep]
-    out_shape = [xs.shape[d] for d in keep]
-    if valid is None:
-        n = 1
-        for d in dims:
-            n *= xs.shape[d]
-        if n == 0:
-            zeros = xs.new_zeros(out_shape)
-            return Moments(zeros, zeros, zeros)
-        var, mean = torch.var_mean(xs, dim=dims, correction=0)
-        return Moments(torch.full_like(mean, float(n)), mean, var * n)
-    zero = xs.new_zeros(())
-    count = valid.to(xs.dtype).sum(dim=dims, keepdim=True)
-    safe = count.clamp_min(1)
-    mean = torch.where(valid, xs, zero).sum(dim=dims, keepdim=True) / safe
-    centered = torch.where(valid, xs - mean, zero)
-    # One correction step (the corrected two-pass algorithm): the rounding error of the
-    # first mean, Σ(x − μ̃)/m, moves the mean and comes off M2 as m·shift².
-    shift = centered.sum(dim=dims, keepdim=True) / safe
-    # (Non-negative in exact arithmetic; clamp the rounding of a near-constant channel.)
-    m2 = (centered.square().sum(dim=dims, keepdim=True) - count * shift.square()).clamp_min(0)
-    mean = mean + shift
-    # The mask has no channel axis: expand the count over the channels.
-    count = count.expand_as(mean)
-    return Moments(count.reshape(out_shape), mean.reshape(out_shape), m2.reshape(out_shape))
-
-
-def moments(
-    x: Tensor, axis: int = 1, mask: Tensor | None = None, groups: int | None = None
-) -> Moments:
-    """Per-channel (count, mean, M2) of ``x`` over every axis but ``axis``.
-
-    With a boolean ``mask`` (the shape of ``x`` without the channel axis; True = valid),
-    only valid positions count: m = Σ mask, μ = Σ_valid x / m, M2 = Σ_valid (x − μ)².
-    Invalid positions may hold anything, NaN included. A channel with no valid value has
-    count 0, mean 0 and M2 0. With ``groups=G`` the samples (dimension 0) are split into
-    G consecutive groups of equal size, each with its own moments (ghost batches).
-    Computed in float32 or wider.
-
-    Shape:
-        x: any rank ≥ 2 with C channels at ``axis`` (not 0 with ``groups``); mask: x's
-        shape without ``axis``; returns (C,) tensors, or (G, C) with ``groups``.
-    """
-    axis = _channel_axis(x.dim(), axis)
-    xs = x.to(_stats_dtype(x.dtype))
-    valid = None if mask is None else mask.unsqueeze(axis)
-    if groups is None:
-        return _moments_keep(xs, (axis,), valid)
-    if axis == 0:
-        raise ValueError("expected the channel axis not to be the sample axis 0 with groups")
-    n = x.shape[0]
-    if groups < 1 or n % groups:
-        raise ValueError(f"expected {n} samples to split into {groups} equal groups")
-    xs = xs.reshape(groups, n // groups, *x.shape[1:])
-    if valid is not None:
-        valid = valid.reshape(groups, n // groups, *valid.shape[1:])
-    return _moments_keep(xs, (0, axis + 1), valid)
-
-
-def pool_moments(m: Moments, dim: int = 0) -> Moments:
-    """Moments of the union of the groups along ``dim`` (law of total variance)::
-
-        n = Σ_g m_g,  μ = Σ_g m_g μ_g / n,  M2 = Σ_g (M2_g + m_g (μ_g − μ)²)
-
-    Exact for any group sizes; empty groups (m_g = 0) contribute nothing.
-    """
-    return Moments(*pool(m.count, m.mean, m.m2, dim))
-
-
-def merge_moments(a: Moments, b: Moments) -> Moments:
-    """Moments of the union of two disjoint sets (Chan, Golub & LeVeque)::
-
-        m = m_a + m_b,  δ = μ_b − μ_a,
-        μ = μ_a + δ · m_b/m,  M2 = M2_a + M2_b + δ² · m_a m_b / m
-
-    (the two-group case of :func:`pool_moments`, which computes it). An empty side
-    (count 0) leaves the other unchanged.
-    """
-    return pool_moments(Moments(*(torch.stack(pair) for pair in zip(a, b))))
-
-
-def normalize(
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    axis: int = 1,
-    groups: int | None = None,
-) -> Tensor:
-    """``y = (x − mean) · invstd · γ + β`` per channel, in the statistics' precision,
-    returned in ``x``'s dtype. ``weight``/``bias`` None mean γ = 1 / β = 0.
-
-    Shape:
-        x: (N, *) with C at ``axis``; mean, invstd: (C,), or (G, C) with ``groups=G``
-        (one row per group of N/G consecutive samples); weight, bias: (C,).
-    """
-    axis = _channel_axis(x.dim(), axis)
-    xs = x.to(mean.dtype)
-    if groups is not None:
-        xs = xs.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        axis += 1
-        stat_dims: tuple[int, ...] = (0, axis)
-    else:
-        stat_dims = (axis,)
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(mean.dtype)
-    y = torch.addcmul(_expand(shift, xs.dim(), stat_dims), xs, _expand(scale, xs.dim(), stat_dims))
-    return y.reshape(x.shape).to(x.dtype)
-
-
-@dataclass(frozen=True)
-class Renorm:
-    """Batch Renormalization (Ioffe 2017, arXiv:1702.03275) and its clipping schedule.
-
-    With μ, σ = √(running_var + ε) the running statistics *before* this step's update
-    and σ_B = √(σ²_B + ε)::
-
-        r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
-        x̂ = (x − μ_B) / σ_B · r + d
-
-    r and d are constants for backpropagation. The limits follow the paper's schedule in
-    the step t (the layer's ``num_batches_tracked``): r_max = 1 and d_max = 0 for
-    t < ``warmup_steps``, then rising linearly to ``r_max`` over ``r_ramp_steps`` steps
-    and to ``d_max`` over ``d_ramp_steps`` steps (with the defaults: r_max = 3 at 40k
-    steps, d_max = 5 at 25k). With every step count 0 the limits are constant; with
-    r_max = 1, d_max = 0 the layer is plain batch normalization.
-
-    The paper keeps a moving average of σ; bnorm keeps torch's running variance (the
-    unbiased m/(m−1)·σ²_B), so σ = √(running_var + ε) here.
-    """
-
-    r_max: float = 3.0
-    d_max: float = 5.0
-    warmup_steps: int = 5000
-    r_ramp_steps: int = 35000
-    d_ramp_steps: int = 20000
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.r_max, (int, float)) and self.r_max >= 1.0):
-            raise ValueError(f"expected r_max >= 1 (got {self.r_max!r})")
-        if not (isinstance(self.d_max, (int, float)) and self.d_max >= 0.0):
-            raise ValueError(f"expected d_max >= 0 (got {self.d_max!r})")
-        for name in ("warmup_steps", "r_ramp_steps", "d_ramp_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"expected {name} to be an int >= 0 (got {v!r})")
-
-    def limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
-        """(r_max, d_max) at step ``step`` (a tensor, so no host synchronization)."""
-        t = step.to(torch.float64) - self.warmup_steps
-
-        def ramp(steps: int) -> Tensor:
-            if steps == 0:
-                return (t >= 0).to(torch.float64)
-            return (t / steps).clamp(0.0, 1.0)
-
-        r = 1.0 + (self.r_max - 1.0) * ramp(self.r_ramp_steps)
-        d = self.d_max * ramp(self.d_ramp_steps)
-        return r, d
-
-
-@torch.no_grad()
-def renorm_correction(
-    mean: Tensor,
-    var: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    r_max: float | Tensor,
-    d_max: float | Tensor,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Batch Renormalization's (r, d) (see :class:`Renorm`), detached.
-
-    Shape:
-        mean, var: the batch's (C,) or (G, C) mean and biased variance; running_*: (C,).
-    """
-    r_hi = torch.as_tensor(r_max, dtype=mean.dtype, device=mean.device)
-    d_hi = torch.as_tensor(d_max, dtype=mean.dtype, device=mean.device)
-    return renorm_rd(mean, var, running_mean, running_var, r_hi, d_hi, eps)
 
 
 @torch.no_grad()
@@ -529,7 +317,7 @@ def batch_norm(
             residual, act, memory_efficient,
         )
     # The moments path (masks, ghost batches, sync): one fused Function with an analytic
-    # backward (bnorm.kernels_moments); _moments_composite is its differentiable twin,
+    # backward (bnorm.kernels.moments); _moments_composite is its differentiable twin,
     # which double backward differentiates.
     x = input.movedim(ax, 1) if ax != 1 else input
     res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
@@ -559,11 +347,8 @@ def batch_norm(
             store_running(running, *new)
         return out.movedim(1, ax) if ax != 1 else out
 
-    def recompute(*args: Any) -> Tensor:
-        return composite(*args)[0]
-
     out = batch_norm_moments_train(
-        x, weight, bias, eps, recompute=recompute, groups=groups or 1, mask=mask, residual=res,
+        x, weight, bias, eps, groups=groups or 1, mask=mask, residual=res,
         activation=act, renorm=renorm_args, running=running, skip_nonfinite=skip_nonfinite,
         process_group=process_group, distributed=distributed,
     )  # fmt: skip
@@ -603,52 +388,6 @@ def _running_state(
     else:
         alpha = momentum
     return (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
-
-
-def _moments_composite(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    mask: Tensor | None,
-    r: Tensor | None,
-    d: Tensor | None,
-    *,
-    eps: float,
-    groups: int | None,
-    act: Activation | None,
-    distributed: bool,
-    process_group: Any,
-    renorm_args: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Moments]:
-    """The moments path from differentiable eager ops (channels at dim 1): local moments →
-    (all ranks) → normalize → act(· + residual). Batch Renorm's constants are (r, d), or
-    computed from ``renorm_args`` = (running_mean, running_var, r_max, d_max) when None.
-    Returns the output and the batch's moments ((G, C) with groups)."""
-    local = moments(x, 1, mask, groups)
-    if distributed:
-        stacked = torch.stack(tuple(local))
-        if torch.is_grad_enabled() and not stacked.requires_grad:
-            # Every rank must join the backward all_reduce, including one whose (e.g.
-            # empty) input does not require grad: make the gather differentiable everywhere.
-            stacked = stacked.detach().requires_grad_()
-        gathered = all_gather_differentiable(stacked, process_group)
-        batch = pool_moments(Moments(gathered[:, 0], gathered[:, 1], gathered[:, 2]))
-    else:
-        batch = local
-    var = batch.m2 / batch.count.clamp_min(1)
-    invstd = torch.rsqrt(var + eps)
-    mean = batch.mean
-    if r is None and renorm_args is not None:
-        r, d = renorm_correction(mean, var, *renorm_args, eps)
-    elif r is not None and groups is None:
-        r, d = r[0], d[0]  # type: ignore[index]
-    if r is not None and d is not None:
-        # x̂ = (x − μ_B)·invstd·r + d  =  (x − (μ_B − d/(invstd·r)))·(invstd·r)
-        invstd = invstd * r
-        mean = mean - d / invstd
-    out = normalize(x, mean, invstd, weight, bias, 1, groups)
-    return activation_tail(out, residual, act), batch
 
 
 def _check_activation(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from .kernels import Activation
+from .options import Activation
 
 __all__ = [
     "BatchNorm",
@@ -418,7 +418,7 @@ class BatchNormAct(_BatchNormBase):
       :class:`SyncBatchNorm`.
 
     With a mask, ghost batches or sync the statistics take bnorm's moments path, whose
-    kernel (:mod:`bnorm.kernels_moments`) fuses the add and the activation too; in
+    kernel (:mod:`bnorm.kernels.moments`) fuses the add and the activation too; in
     evaluation the running statistics normalize (torch's batch-norm op, then the add and
     the activation).
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ..memory import memory_saving
+from ..kernels.memory import memory_saving
 from ..modules import BatchNormAct2d
 from ..testing import (
     RESNET20_SHAPES,

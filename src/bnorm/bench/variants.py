@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..functional import Renorm
 from ..modules import BatchNorm2d
+from ..options import Renorm
 from ..testing import RESNET20_SHAPES, time_alternated
 
 

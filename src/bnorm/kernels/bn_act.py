@@ -18,7 +18,7 @@ offset) — kept in float32 (float64 for float64 inputs); half-precision inputs 
 computed in float32 and rounded once at the end.
 
 In training the forward kernel also computes the running-statistics update
-(:func:`bnorm._formulas.running_update`), written into the buffers right after the call:
+(:func:`bnorm._math.running_update`), written into the buffers right after the call:
 no separate pass of small eager ops per step.
 
 Only x (and r) are saved for backward; y is not, so a conv → BN → act block saves the
@@ -29,7 +29,7 @@ Inside a :func:`bnorm.memory_saving` scope the output is not saved by the layers
 consume it either: the forward computes the statistics (one call) and then y (another),
 and the scope's hooks store a handle for y that recomputes it in backward with that same
 second call from the saved x (and r) and the forward's scale and shift — bit for bit the
-forward's y. A conv → BN → act block then keeps 1× the activation (see :mod:`bnorm.memory`).
+forward's y. A conv → BN → act block then keeps 1× the activation (see :mod:`bnorm.kernels.memory`).
 
 **Memory-efficient mode** (In-Place Activated BatchNorm, Rota Bulò et al. 2018): for an
 invertible activation — identity, leaky_relu with slope > 0, elu with α > 0 — only the
@@ -66,310 +66,24 @@ traced into the caller's graph.
 from __future__ import annotations
 
 import functools
-import math
-import os
-import types
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._formulas import running_update
+from .._math import running_update
+from ..ops import activation_tail
+from ..options import Activation
+from .compile import _run, compile_enabled
+from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
 from .memory import current_scope, memory_saving
+from .running import Running, RunningState, store_running
 
-__all__ = [
-    "ACTIVATIONS",
-    "INVERTIBLE_ACTIVATIONS",
-    "MIN_ABS_WEIGHT",
-    "Activation",
-    "activation_tail",
-    "batch_norm_act_train",
-    "compile_enabled",
-]
-
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
-"""Activations of the fused kernels (gelu is the exact, erf-based one)."""
-
-INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
-"""Activations usable with ``memory_efficient=True`` (leaky_relu needs slope > 0, elu α > 0)."""
+__all__ = ["MIN_ABS_WEIGHT", "batch_norm_act_train"]
 
 MIN_ABS_WEIGHT = 1e-3
 """Memory-efficient mode uses γ' = sign(γ)·max(|γ|, MIN_ABS_WEIGHT) so that x̂ = (z − β)/γ'."""
-
-_ENV_NO_COMPILE = "BNORM_NO_COMPILE"
-
-Running = tuple[Tensor, Tensor, "float | Tensor"]
-"""(running_mean, running_var, α) of a running-statistics update inside a kernel."""
-
-RunningState = tuple[Tensor, Tensor, "float | Tensor", "Tensor | None", "Tensor | None"]
-"""(running_mean, running_var, α, num_batches_tracked, num_batches_skipped): the buffers a
-training step updates in place (α: the momentum, or 1/t for the cumulative average)."""
-
-
-def store_running(state: RunningState, new_mean: Tensor, new_var: Tensor, ok: Tensor) -> None:
-    """Write a running-statistics update into ``state``'s buffers: the statistics, and one
-    more tracked (ok) or skipped (not ok) batch."""
-    running_mean, running_var, _, tracked, skipped = state
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
-    if tracked is not None:
-        tracked.add_(ok.to(tracked.dtype))
-    if skipped is not None:
-        skipped.add_((~ok).to(skipped.dtype))
-
-
-@dataclass(frozen=True)
-class Activation:
-    """An activation of the fused kernels: ``name`` in :data:`ACTIVATIONS` and its
-    parameter ``param`` (the negative slope of leaky_relu, α of elu; 0 otherwise).
-
-    identity: z;  relu: max(z, 0);  leaky_relu: z if z > 0 else param·z;
-    elu: z if z > 0 else param·(eᶻ − 1);  silu: z·sigmoid(z);  gelu: z·Φ(z) (exact).
-    Derivatives at z = 0 are those of PyTorch (relu, leaky_relu, elu use the z ≤ 0 side).
-    """
-
-    name: str
-    param: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in ACTIVATIONS:
-            raise ValueError(f"expected an activation in {ACTIVATIONS} (got {self.name!r})")
-        # (A comparison, not math.isfinite: Dynamo traces it for a symbolic float too.)
-        if not isinstance(self.param, (int, float)) or not -math.inf < self.param < math.inf:
-            raise ValueError(f"expected a finite activation parameter (got {self.param!r})")
-        if self.name == "elu" and self.param <= 0:
-            raise ValueError(f"expected elu alpha > 0 (got {self.param!r})")
-
-    @classmethod
-    def parse(
-        cls, activation: str | Activation | None, negative_slope: float = 0.01, alpha: float = 1.0
-    ) -> Activation | None:
-        """An :class:`Activation` from a name (with leaky_relu's ``negative_slope`` and elu's
-        ``alpha``), an :class:`Activation`, or None."""
-        if activation is None or isinstance(activation, Activation):
-            return activation
-        if not isinstance(activation, str):
-            raise TypeError(
-                f"expected activation to be a str, bnorm.kernels.Activation or None "
-                f"(got {type(activation).__name__})"
-            )
-        if activation == "leaky_relu":
-            return cls(activation, float(negative_slope))
-        if activation == "elu":
-            return cls(activation, float(alpha))
-        return cls(activation)
-
-    @property
-    def invertible(self) -> bool:
-        """Whether z can be recovered from act(z) (memory-efficient mode)."""
-        if self.name == "leaky_relu":
-            return self.param > 0
-        return self.name in INVERTIBLE_ACTIVATIONS
-
-    # --- the math, as torch functions (used eagerly and traced by torch.compile) ---------
-
-    def forward(self, z: Tensor) -> Tensor:
-        """act(z)."""
-        name, p = self.name, self.param
-        if name == "relu":
-            return torch.relu(z)
-        if name == "leaky_relu":
-            return torch.where(z > 0, z, z * p)
-        if name == "elu":
-            return torch.where(z > 0, z, torch.expm1(z) * p)
-        if name == "silu":
-            return z * torch.sigmoid(z)
-        if name == "gelu":
-            return 0.5 * z * (1.0 + torch.erf(z * _SQRT1_2))
-        return z
-
-    def grad(self, g: Tensor, z: Tensor) -> Tensor:
-        """g · act'(z)."""
-        name, p = self.name, self.param
-        if name == "relu":
-            return torch.where(z > 0, g, 0.0)
-        if name == "leaky_relu":
-            return torch.where(z > 0, g, g * p)
-        if name == "elu":
-            return torch.where(z > 0, g, g * (torch.exp(z) * p))
-        if name == "silu":
-            s = torch.sigmoid(z)
-            return g * (s * (1.0 + z * (1.0 - s)))
-        if name == "gelu":
-            cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
-            pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-            return g * (cdf + z * pdf)
-        return g
-
-    def inverse(self, y: Tensor) -> Tensor:
-        """z = act⁻¹(y) for an invertible activation (elu: clamped where y saturates)."""
-        name, p = self.name, self.param
-        if name == "leaky_relu":
-            return torch.where(y > 0, y, y * (1.0 / p))
-        if name == "elu":
-            tiny = torch.finfo(y.dtype).eps
-            return torch.where(y > 0, y, torch.log1p(torch.clamp_min(y * (1.0 / p), tiny - 1.0)))
-        return y
-
-    def grad_from_output(self, g: Tensor, y: Tensor) -> Tensor:
-        """g · act'(z) written with y = act(z) (invertible activations)."""
-        name, p = self.name, self.param
-        if name == "leaky_relu":
-            return torch.where(y > 0, g, g * p)
-        if name == "elu":
-            return torch.where(y > 0, g, g * (y + p))
-        return g
-
-
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation | None) -> Tensor:
-    """``act(out + residual)`` with differentiable eager ops, for the paths that are not
-    fused (evaluation, masks, ghost batches, sync). ``out`` must be a fresh tensor: when no
-    gradient is recorded it is updated in place."""
-    if residual is None and (activation is None or activation.name == "identity"):
-        return out
-    inplace = not (torch.is_grad_enabled() and (out.requires_grad or (residual is not None and residual.requires_grad)))
-    if residual is not None:
-        out = out.add_(residual) if inplace else out + residual
-    if activation is None:
-        return out
-    f = torch.nn.functional
-    name, p = activation.name, activation.param
-    if name == "relu":
-        return f.relu(out, inplace=inplace)
-    if name == "leaky_relu":
-        return f.leaky_relu(out, p, inplace=inplace)
-    if name == "elu":
-        return f.elu(out, p, inplace=inplace)
-    if name == "silu":
-        return f.silu(out, inplace=inplace)
-    if name == "gelu":
-        return f.gelu(out)
-    return out
-
-
-def compile_enabled() -> bool:
-    """Whether the kernels are compiled: False when ``BNORM_NO_COMPILE`` is set to anything
-    but ``""``/``"0"``, when torch.compile is unsupported here, or after a failed compile."""
-    if os.environ.get(_ENV_NO_COMPILE, "") not in ("", "0"):
-        return False
-    return _COMPILE_FAILURE is None and _dynamo_supported()
-
-
-_COMPILE_FAILURE: str | None = None
-
-
-@functools.cache
-def _dynamo_supported() -> bool:
-    try:
-        return bool(torch._dynamo.is_dynamo_supported())
-    except Exception:  # pragma: no cover - very old or unusual builds
-        return False
-
-
-# --- layout: any tensor as a contiguous (A, C, B) view ---------------------------------
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How a tensor with channels at dim 1 maps to a contiguous (A, C, B) tensor: permute
-    its dims to memory order (``perm``), then merge the dims before/after the channel."""
-
-    perm: tuple[int, ...]
-    permuted_shape: tuple[int, ...]
-    a: int
-    b: int
-    a_outer: int  # A = a_outer · a_inner: the first dim, and the rest before the channel
-    a_inner: int
-
-    @staticmethod
-    def of(x: Tensor) -> _Layout:
-        if torch.compiler.is_compiling():
-            return _Layout.compute(x)
-        key = (x.shape, x.stride())
-        layout = _LAYOUTS.get(key)
-        if layout is None:
-            if len(_LAYOUTS) > 256:
-                _LAYOUTS.clear()
-            layout = _LAYOUTS[key] = _Layout.compute(x)
-        return layout
-
-    @staticmethod
-    def compute(x: Tensor) -> _Layout:
-        # Dims by decreasing stride, ties in dim order: an insertion sort of plain
-        # comparisons, which Dynamo traces for symbolic strides (sorted() with a key not).
-        stride = x.stride()
-        order = list(range(x.dim()))
-        for i in range(1, len(order)):
-            j = i
-            while j > 0 and stride[order[j - 1]] < stride[order[j]]:
-                order[j - 1], order[j] = order[j], order[j - 1]
-                j -= 1
-        perm = tuple(order)
-        if not x.permute(perm).is_contiguous():
-            perm = tuple(range(x.dim()))
-        shape = tuple(x.shape[d] for d in perm)
-        p = perm.index(1)
-        a = math.prod(shape[:p])
-        a_outer = shape[0] if p >= 2 else a
-        return _Layout(perm, shape, a, math.prod(shape[p + 1 :]), a_outer, a // max(a_outer, 1))
-
-    def to3d(self, t: Tensor) -> Tensor:
-        """``t`` (x's logical shape, any layout) as the contiguous (A, C, B) tensor."""
-        tp = t.permute(self.perm)
-        if not tp.is_contiguous():
-            tp = tp.contiguous()
-        return tp.view(self.a, self.permuted_shape[self.perm.index(1)], self.b)
-
-    def split(self, t3: Tensor) -> Tensor:
-        """The (A, C, B) tensor as (A_outer, A_inner, C, B): for channels_last, one sample's
-        rows per A_outer index, so the kernels' reductions work on cache-sized blocks."""
-        return t3.view(self.a_outer, self.a_inner, t3.shape[1], self.b)
-
-    def from3d(self, t3: Tensor) -> Tensor:
-        inverse = [0] * len(self.perm)
-        for i, d in enumerate(self.perm):
-            inverse[d] = i
-        return t3.view(self.permuted_shape).permute(inverse)
-
-
-_LAYOUTS: dict[tuple[Any, ...], _Layout] = {}
-
-
-# --- the kernels as torch functions ----------------------------------------------------
-
-
-def _per_channel(v: Tensor) -> Tensor:
-    """A (C,) vector for broadcasting against the kernels' (A_outer, A_inner, C, B) tensors."""
-    return v[None, None, :, None]
-
-
-def _per_channel3(v: Tensor) -> Tensor:
-    """A (C,) vector for broadcasting against an (A, C, B) tensor."""
-    return v[None, :, None]
-
-
-# The kernels return their per-channel coefficients as extra outputs: a graph output is
-# stored once, while an intermediate (C,) value would be recomputed for every element of
-# the loop that uses it (Inductor inlines pointwise work into its consumers).
-
-
-def _channel_sum(t: Tensor) -> Tensor:
-    """Σ over every dim but the channel (2) of an (A_outer, A_inner, C, B) tensor, in two
-    stages: the contiguous rows (B, or else A_inner) in the tensor's dtype, then the
-    partial sums in float64 — as accurate as converting every element and much faster,
-    and the first stage works on one cache-sized block at a time."""
-    if t.shape[3] > 1:
-        return t.sum(3).to(torch.float64).sum((0, 1))
-    if t.shape[1] > 1:
-        return t.sum(1).to(torch.float64).sum((0, 2))
-    return t.to(torch.float64).sum((0, 1, 3))
 
 
 def _forward_kernel(
@@ -385,7 +99,7 @@ def _forward_kernel(
     """(y, μ, 1/√(σ² + ε), scale, shift) of y = act(x·scale + shift + r), scale = γ/√(σ² + ε),
     shift = β − μ·scale; weight/bias in the statistics dtype. With ``running`` =
     (running_mean, running_var, α), also the running-statistics update (new mean, new
-    var, ok) of :func:`bnorm._formulas.running_update`."""
+    var, ok) of :func:`bnorm._math.running_update`."""
     sd = weight.dtype
     count = x3.shape[0] * x3.shape[1] * x3.shape[3]
     xs = x3.to(sd)
@@ -540,72 +254,6 @@ def _backward_eager(
         dz, x3, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
     )
     return dx, dweight, dbias, None if r3 is None else dz.to(r3.dtype)
-
-
-# --- compilation: one code object per kernel variant ---------------------------------
-
-_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-# Inductor stores a pointwise result that feeds both a reduction and another kernel once it
-# reads more than `realize_reads_threshold` (4) buffers: in the backward that is dz, one
-# more tensor-sized allocation, write and read. Recomputing dz from dy and x is cheaper.
-_INDUCTOR_OPTIONS: dict[str, Any] = {"realize_reads_threshold": 16}
-
-
-def _specialized(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """A copy of ``fn`` with its own code object: torch.compile keeps its cache (and its
-    recompile limit) per code object, so every kernel variant gets its own."""
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
-def _run(
-    kind: str,
-    fn: Callable[..., Any],
-    key: tuple[Any, ...],
-    *args: Any,
-    use_compiled: bool | None = None,
-) -> Any:
-    """``fn(*args)``: compiled (cached per ``key``) when enabled (or when ``use_compiled`` is
-    True: a recomputation in the mode of its forward), else eager. If compiling or
-    running the compiled kernel fails (no C++ compiler, an unsupported platform, Dynamo's
-    recompile limit...), compilation is switched off with a warning and ``fn`` runs eagerly:
-    the kernels are pure functions, so the result is the same."""
-    if use_compiled is None:
-        use_compiled = compile_enabled()
-    if torch.compiler.is_compiling() or not use_compiled:
-        return fn(*args)
-    # Plain tensors in: Dynamo keeps a Parameter's shape static (which would make the
-    # channel count static too) and guards on requires_grad (one more compile each).
-    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-    full_key = (kind, *key)
-    compiled = _COMPILED.get(full_key)
-    if compiled is None:
-        text = "_".join(str(k) for k in full_key).replace("torch.", "").replace(".", "p")
-        name = "".join(ch if ch.isalnum() else "_" for ch in text)
-        compiled = _COMPILED[full_key] = torch.compile(
-            _specialized(fn, f"bnorm_{name}"), dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
-        )
-    try:
-        return compiled(*args)
-    except Exception as err:
-        _disable_compile(err)
-        return fn(*args)
-
-
-def _disable_compile(err: Exception) -> None:
-    global _COMPILE_FAILURE
-    _COMPILE_FAILURE = f"{type(err).__name__}: {err}"
-    warnings.warn(
-        f"bnorm: compiling the fused kernels failed ({_COMPILE_FAILURE.splitlines()[0][:300]}); "
-        f"using the eager fallback. Set {_ENV_NO_COMPILE}=1 to silence this.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _split(layout: _Layout, *tensors: Tensor | None) -> list[Tensor | None]:
-    return [None if t is None else layout.split(t) for t in tensors]
 
 
 def _clamped_weight(w: Tensor) -> Tensor:

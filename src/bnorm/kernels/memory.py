@@ -167,13 +167,13 @@ class _Handle:
 class memory_saving:
     """Context manager: inside it, the fused ``BatchNormAct`` layers' outputs that autograd
     saves are not stored but recomputed in backward from the layer's saved input and its
-    forward statistics (see :mod:`bnorm.memory`). Gradients are those without the scope.
+    forward statistics (see :mod:`bnorm.kernels.memory`). Gradients are those without the scope.
 
     ``stored_bytes(exclude)`` gives the bytes of the distinct storages the scope's hooks
     stored or that a recomputation captured (a view counts its whole storage; handles
     count 0) that are still alive,
     leaving out ``exclude``'s parameters and buffers — the analogue of
-    :func:`bnorm.bench_kernels.saved_tensor_bytes` for a forward run in the scope.
+    :func:`bnorm.testing.saved_tensor_bytes` for a forward run in the scope.
     """
 
     def __init__(self) -> None:

@@ -1,11 +1,28 @@
-"""The small per-channel formulas shared by the eager paths and the compiled kernels
-(:mod:`bnorm.functional`, :mod:`bnorm.kernels_moments`): stated once, as torch functions
-that torch.compile can trace. :mod:`bnorm.reference` states the same math in NumPy."""
+"""The small per-channel formulas shared by the eager ops and the compiled kernels, stated
+once, as torch functions that torch.compile can trace: the moments (count, mean, M2) of a
+set of values and their pooling, the running-statistics update and Batch
+Renormalization's (r, d). :mod:`bnorm.reference` states the same math in NumPy."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of a set of values: ``count`` m, ``mean`` μ and
+    ``m2`` = Σ (x_i − μ)² (so the biased variance is m2/count). Each is a (C,) tensor."""
+
+    count: Tensor  # type: ignore[assignment]  # shadows tuple.count on purpose
+    mean: Tensor
+    m2: Tensor
+
+    @property
+    def var(self) -> Tensor:
+        """Biased variance m2/count (what normalizes the batch)."""
+        return self.m2 / self.count
 
 
 def pool(count: Tensor, mean: Tensor, m2: Tensor, dim: int = 0) -> tuple[Tensor, Tensor, Tensor]:

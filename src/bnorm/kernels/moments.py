@@ -46,16 +46,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._formulas import pool, renorm_rd, running_update
-from .distributed import all_gather_tensor, all_reduce_sum
-from .kernels import (
-    Activation,
-    Running,
-    RunningState,
-    _Layout,
-    _run,
-    store_running,
-)
+from .._math import pool, renorm_rd, running_update
+from ..distributed import all_gather_tensor, all_reduce_sum
+from ..ops import _moments_composite
+from ..options import Activation
+from .compile import _run
+from .layout import _Layout
+from .running import Running, RunningState, store_running
 
 __all__ = ["batch_norm_moments_train"]
 
@@ -324,7 +321,11 @@ class _MomentsBatchNorm(torch.autograd.Function):
                 x = x.detach().requires_grad_()
                 inputs = [x]
             with torch.enable_grad():
-                y = o.recompute(x, weight, bias, residual, mask, r, d)
+                y = _moments_composite(
+                    x, weight, bias, residual, mask, r, d, eps=o.eps,
+                    groups=None if o.groups == 1 else o.groups, act=o.act,
+                    distributed=o.distributed, process_group=o.process_group,
+                )[0]  # fmt: skip
                 grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
             out = [next(grads) if t is not None and t.requires_grad else None for t in originals]
             return (*out, None, None, None)
@@ -366,7 +367,6 @@ class _Options:
     skip_nonfinite: bool
     distributed: bool
     process_group: Any
-    recompute: Callable[..., Tensor]
 
 
 def _eager(kind: str, fn: Callable[..., Any], key: tuple[Any, ...], *args: Any) -> Any:
@@ -379,7 +379,6 @@ def batch_norm_moments_train(
     bias: Tensor | None,
     eps: float,
     *,
-    recompute: Callable[..., Tensor],
     groups: int = 1,
     mask: Tensor | None = None,
     residual: Tensor | None = None,
@@ -399,9 +398,8 @@ def batch_norm_moments_train(
     correction. ``running`` = (running_mean, running_var, α, num_batches_tracked,
     num_batches_skipped) are updated in place from the moments of all groups (and ranks)
     pooled, as :func:`bnorm.functional.update_running_stats` states (``skip_nonfinite``
-    likewise). ``recompute(x, weight, bias, residual, mask, r, d)`` must rebuild the
-    output with differentiable ops, given Batch Renorm's (G, C) constants r and d (1 and 0
-    without renorm): double backward differentiates it.
+    likewise). Double backward differentiates the same layer rebuilt from differentiable ops
+    (:func:`bnorm.ops._moments_composite`), given Batch Renorm's (G, C) constants r and d.
 
     Shape:
         x: (N, C, *) any memory layout; mask: (N, *) bool; residual: like x;
@@ -413,5 +411,5 @@ def batch_norm_moments_train(
         # Every rank must join the backward all_reduce, also one whose input (e.g. an
         # empty batch) needs no gradient: this makes the Function part of the graph.
         join = torch.zeros((), device=x.device, requires_grad=True)
-    options = _Options(eps, groups, act, renorm, running, skip_nonfinite, distributed, process_group, recompute)
+    options = _Options(eps, groups, act, renorm, running, skip_nonfinite, distributed, process_group)
     return _MomentsBatchNorm.apply(x, weight, bias, residual, mask, options, join)

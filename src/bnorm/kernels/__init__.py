@@ -1,0 +1,35 @@
+"""bnorm's training kernels: fused ``torch.autograd.Function``\\ s with analytic backward
+passes, compiled with ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on GPU).
+
+* :mod:`~bnorm.kernels.bn_act` — ``act(BN(x) + residual)`` over the statistics of the whole
+  input, and its memory-efficient mode;
+* :mod:`~bnorm.kernels.moments` — the moments path: masks, ghost batches, statistics across
+  processes, Batch Renormalization;
+* :mod:`~bnorm.kernels.memory` — the ``memory_saving`` scope (outputs recomputed in
+  backward instead of saved);
+* :mod:`~bnorm.kernels.compile` (compile policy, ``BNORM_NO_COMPILE``),
+  :mod:`~bnorm.kernels.layout` (memory-order views), :mod:`~bnorm.kernels.running` (the
+  running-statistics store).
+"""
+
+from __future__ import annotations
+
+from ..options import ACTIVATIONS, INVERTIBLE_ACTIVATIONS, Activation
+from .bn_act import MIN_ABS_WEIGHT, batch_norm_act_train
+from .compile import compile_enabled
+from .memory import memory_saving
+from .moments import batch_norm_moments_train
+from .running import RunningState, store_running
+
+__all__ = [
+    "ACTIVATIONS",
+    "INVERTIBLE_ACTIVATIONS",
+    "MIN_ABS_WEIGHT",
+    "Activation",
+    "RunningState",
+    "batch_norm_act_train",
+    "batch_norm_moments_train",
+    "compile_enabled",
+    "memory_saving",
+    "store_running",
+]

@@ -1,0 +1,183 @@
+"""The option types of the layers, each validated once when it is built.
+
+* :class:`Renorm` — Batch Renormalization and its clipping schedule;
+* :class:`Activation` — the activation of a fused tail, one table per activation: its
+  forward, its derivative and (where it exists) its inverse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "Activation", "Renorm"]
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+"""Activations of the fused kernels (gelu is the exact, erf-based one)."""
+
+
+INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+"""Activations usable with ``memory_efficient=True`` (leaky_relu needs slope > 0, elu α > 0)."""
+
+
+@dataclass(frozen=True)
+class Renorm:
+    """Batch Renormalization (Ioffe 2017, arXiv:1702.03275) and its clipping schedule.
+
+    With μ, σ = √(running_var + ε) the running statistics *before* this step's update
+    and σ_B = √(σ²_B + ε)::
+
+        r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
+        x̂ = (x − μ_B) / σ_B · r + d
+
+    r and d are constants for backpropagation. The limits follow the paper's schedule in
+    the step t (the layer's ``num_batches_tracked``): r_max = 1 and d_max = 0 for
+    t < ``warmup_steps``, then rising linearly to ``r_max`` over ``r_ramp_steps`` steps
+    and to ``d_max`` over ``d_ramp_steps`` steps (with the defaults: r_max = 3 at 40k
+    steps, d_max = 5 at 25k). With every step count 0 the limits are constant; with
+    r_max = 1, d_max = 0 the layer is plain batch normalization.
+
+    The paper keeps a moving average of σ; bnorm keeps torch's running variance (the
+    unbiased m/(m−1)·σ²_B), so σ = √(running_var + ε) here.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 5000
+    r_ramp_steps: int = 35000
+    d_ramp_steps: int = 20000
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r_max, (int, float)) and self.r_max >= 1.0):
+            raise ValueError(f"expected r_max >= 1 (got {self.r_max!r})")
+        if not (isinstance(self.d_max, (int, float)) and self.d_max >= 0.0):
+            raise ValueError(f"expected d_max >= 0 (got {self.d_max!r})")
+        for name in ("warmup_steps", "r_ramp_steps", "d_ramp_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"expected {name} to be an int >= 0 (got {v!r})")
+
+    def limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) at step ``step`` (a tensor, so no host synchronization)."""
+        t = step.to(torch.float64) - self.warmup_steps
+
+        def ramp(steps: int) -> Tensor:
+            if steps == 0:
+                return (t >= 0).to(torch.float64)
+            return (t / steps).clamp(0.0, 1.0)
+
+        r = 1.0 + (self.r_max - 1.0) * ramp(self.r_ramp_steps)
+        d = self.d_max * ramp(self.d_ramp_steps)
+        return r, d
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation of the fused kernels: ``name`` in :data:`ACTIVATIONS` and its
+    parameter ``param`` (the negative slope of leaky_relu, α of elu; 0 otherwise).
+
+    identity: z;  relu: max(z, 0);  leaky_relu: z if z > 0 else param·z;
+    elu: z if z > 0 else param·(eᶻ − 1);  silu: z·sigmoid(z);  gelu: z·Φ(z) (exact).
+    Derivatives at z = 0 are those of PyTorch (relu, leaky_relu, elu use the z ≤ 0 side).
+    """
+
+    name: str
+    param: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ACTIVATIONS:
+            raise ValueError(f"expected an activation in {ACTIVATIONS} (got {self.name!r})")
+        # (A comparison, not math.isfinite: Dynamo traces it for a symbolic float too.)
+        if not isinstance(self.param, (int, float)) or not -math.inf < self.param < math.inf:
+            raise ValueError(f"expected a finite activation parameter (got {self.param!r})")
+        if self.name == "elu" and self.param <= 0:
+            raise ValueError(f"expected elu alpha > 0 (got {self.param!r})")
+
+    @classmethod
+    def parse(
+        cls, activation: str | Activation | None, negative_slope: float = 0.01, alpha: float = 1.0
+    ) -> Activation | None:
+        """An :class:`Activation` from a name (with leaky_relu's ``negative_slope`` and elu's
+        ``alpha``), an :class:`Activation`, or None."""
+        if activation is None or isinstance(activation, Activation):
+            return activation
+        if not isinstance(activation, str):
+            raise TypeError(
+                f"expected activation to be a str, bnorm.kernels.Activation or None "
+                f"(got {type(activation).__name__})"
+            )
+        if activation == "leaky_relu":
+            return cls(activation, float(negative_slope))
+        if activation == "elu":
+            return cls(activation, float(alpha))
+        return cls(activation)
+
+    @property
+    def invertible(self) -> bool:
+        """Whether z can be recovered from act(z) (memory-efficient mode)."""
+        if self.name == "leaky_relu":
+            return self.param > 0
+        return self.name in INVERTIBLE_ACTIVATIONS
+
+    # --- the math, as torch functions (used eagerly and traced by torch.compile) ---------
+
+    def forward(self, z: Tensor) -> Tensor:
+        """act(z)."""
+        name, p = self.name, self.param
+        if name == "relu":
+            return torch.relu(z)
+        if name == "leaky_relu":
+            return torch.where(z > 0, z, z * p)
+        if name == "elu":
+            return torch.where(z > 0, z, torch.expm1(z) * p)
+        if name == "silu":
+            return z * torch.sigmoid(z)
+        if name == "gelu":
+            return 0.5 * z * (1.0 + torch.erf(z * _SQRT1_2))
+        return z
+
+    def grad(self, g: Tensor, z: Tensor) -> Tensor:
+        """g · act'(z)."""
+        name, p = self.name, self.param
+        if name == "relu":
+            return torch.where(z > 0, g, 0.0)
+        if name == "leaky_relu":
+            return torch.where(z > 0, g, g * p)
+        if name == "elu":
+            return torch.where(z > 0, g, g * (torch.exp(z) * p))
+        if name == "silu":
+            s = torch.sigmoid(z)
+            return g * (s * (1.0 + z * (1.0 - s)))
+        if name == "gelu":
+            cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
+            pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+            return g * (cdf + z * pdf)
+        return g
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """z = act⁻¹(y) for an invertible activation (elu: clamped where y saturates)."""
+        name, p = self.name, self.param
+        if name == "leaky_relu":
+            return torch.where(y > 0, y, y * (1.0 / p))
+        if name == "elu":
+            tiny = torch.finfo(y.dtype).eps
+            return torch.where(y > 0, y, torch.log1p(torch.clamp_min(y * (1.0 / p), tiny - 1.0)))
+        return y
+
+    def grad_from_output(self, g: Tensor, y: Tensor) -> Tensor:
+        """g · act'(z) written with y = act(z) (invertible activations)."""
+        name, p = self.name, self.param
+        if name == "leaky_relu":
+            return torch.where(y > 0, g, g * p)
+        if name == "elu":
+            return torch.where(y > 0, g, g * (y + p))
+        return g
+
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
