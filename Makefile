@@ -31,6 +31,7 @@ $(STAMP_STUDY): $(BIN)/python pyproject.toml constraints.txt
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	PYTHONPATH=src $(BIN)/mkdocs build --strict --site-dir build/docs
 
 pytest: $(STAMP_DEV)

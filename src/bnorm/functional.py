@@ -13,8 +13,7 @@ Three ways to the same numbers:
   NCHW tensor in channels_last layout, which the kernel handles natively);
 * the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
   ``act(BN(x) + residual)`` and the memory-efficient mode (plain batch norm keeps ATen's
-  kernel: the compiled one measured no consistent gain for it; see the README's section
-  "Fused BN + activation (+ residual) kernels");
+  kernel: the compiled one measured no consistent gain for it; see docs/kernels.md);
 * the **moments path** — used where the statistics are not those of the whole local
   input (masked positions, ghost batches, other ranks): one fused autograd Function with
   an analytic backward (:mod:`bnorm.kernels.moments`), whose differentiable twin built

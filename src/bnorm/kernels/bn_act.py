@@ -50,7 +50,7 @@ residual or not, mode, dtype, running statistics updated or not, ``skip_nonfinit
 with dynamic shapes; inputs are viewed as a contiguous (A_outer, A_inner, C, B)
 tensor in memory order — NCHW is (N, 1, C, H·W), channels_last (N, H·W, C, 1) — so
 memory layouts differ only in which of A_inner and B is 1 (one more compile each). The
-first call of each compiles (seconds; see the README for measured latency), later calls
+first call of each compiles (seconds; docs/kernels.md gives the measured latency), later calls
 reuse it, and Inductor's on-disk cache makes later processes faster. Each call costs
 about 0.1 ms of fixed overhead (Dynamo's guards and wrappers), so small tensors gain
 little. Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels

@@ -29,7 +29,7 @@ released.
 What it saves: a conv → BN → act block keeps x only (1× the activation) where the
 layer alone keeps x and the next conv's saved input y (2×); the register of outputs
 holds no tensor of its own (x and r are tensors the layer saves anyway) besides the
-per-channel scale and shift. Measured (README, kernels section; ``bnorm bench
+per-channel scale and shift. Measured (docs/kernels.md; ``bnorm bench
 kernels``): a ReLU ResNet-20 at batch 128 saves 99.5 MB instead of 185.5 MB (torch's
 layers) and its hooks hold at most 104.5 MB during backward, recomputed outputs
 included. The cost is one more kernel call per layer in the forward (the statistics and

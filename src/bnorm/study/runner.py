@@ -200,7 +200,7 @@ def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
 
 
 def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
-    """metrics.json: every curve and every summary number (schema in the README)."""
+    """metrics.json: every curve and every summary number (schema in docs/study.md)."""
     import bnorm
 
     config = study.config
