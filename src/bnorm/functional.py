@@ -55,6 +55,7 @@ from .ops import (
     renorm_correction,
 )
 from .options import Activation, Renorm
+from .plan import Plan, check_renorm_has_running_stats, check_whole_input
 
 __all__ = [
     "Moments",
@@ -224,18 +225,83 @@ def batch_norm(
         residual: like input; running_mean, running_var, weight, bias: (C,);
         output: like input.
     """
+    return run_plan(
+        _plan_for(
+            momentum, eps, axis, skip_nonfinite, virtual_batch_size, renorm, sync,
+            process_group, activation, memory_efficient,
+        ),
+        input, running_mean, running_var, weight, bias, training, mask=mask,
+        num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
+        residual=residual,
+    )  # fmt: skip
+
+
+def _plan_for(*options: Any) -> Plan:
+    """The plan of :func:`batch_norm`'s options, built once per distinct set (cached)."""
+    try:
+        return _cached_plan(*options)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return _build_plan(*options)  # (raises the option's own error)
+
+
+def _build_plan(
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    skip_nonfinite: bool,
+    virtual_batch_size: int | None,
+    renorm: Renorm | None,
+    sync: bool,
+    process_group: Any,
+    activation: str | Activation | None,
+    memory_efficient: bool,
+) -> Plan:
+    return Plan.build(
+        momentum=momentum, eps=eps, axis=axis, skip_nonfinite=skip_nonfinite,
+        virtual_batch_size=virtual_batch_size, renorm=renorm, sync=sync,
+        process_group=process_group, activation=activation, memory_efficient=memory_efficient,
+    )  # fmt: skip
+
+
+_cached_plan = functools.lru_cache(maxsize=256)(_build_plan)
+
+
+def run_plan(
+    plan: Plan,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """:func:`batch_norm` with its options resolved into ``plan``: check the input,
+    decide what depends on it (the path), run that one path. A layer calls this with the
+    plan it keeps."""
+    momentum, eps, skip_nonfinite = plan.momentum, plan.eps, plan.skip_nonfinite
+    renorm, sync, process_group = plan.renorm, plan.sync, plan.process_group
+    act, memory_efficient = plan.activation, plan.memory_efficient
     ax = check_input(
         input,
-        axis,
+        plan.axis,
         running_mean=running_mean,
         running_var=running_var,
         weight=weight,
         bias=bias,
         mask=mask,
     )
+
+
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
-    act = _check_activation(input, residual, activation, memory_efficient)
+    _check_residual(input, residual)
     use_batch_stats = training or running_mean is None
     # torch's rule (torch.nn.functional.batch_norm), with its words.
     if use_batch_stats and eps <= 0:
@@ -249,18 +315,12 @@ def batch_norm(
     if momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     groups = None
-    if use_batch_stats and virtual_batch_size is not None:
-        groups = _ghost_groups(input, ax, virtual_batch_size)
-    if use_batch_stats and renorm is not None and running_mean is None:
-        raise ValueError("renorm needs running statistics (got running_mean=None)")
+    if use_batch_stats and plan.virtual_batch_size is not None:
+        groups = _ghost_groups(input, ax, plan.virtual_batch_size)
+    if use_batch_stats:
+        check_renorm_has_running_stats(renorm, running_mean is not None)
+        check_whole_input(memory_efficient, "a mask" if mask is not None else "")
     distributed = use_batch_stats and sync and world_size(process_group) > 1
-    if distributed and groups is not None:
-        raise ValueError("virtual_batch_size is not supported together with sync=True")
-    if memory_efficient and use_batch_stats and (mask is not None or groups or sync):
-        raise ValueError(
-            "memory_efficient=True needs the statistics of the whole local input: it is not "
-            "supported with a mask, virtual_batch_size or sync"
-        )
     # Under torch.compile a mask's count of valid values is data: reading it would break
     # the graph (and synchronize). There a batch with fewer than 2 valid values per
     # channel is not an error; it leaves the running statistics unchanged and counts in
@@ -389,35 +449,22 @@ def _running_state(
     return (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
 
 
-def _check_activation(
-    input: Tensor, residual: Tensor | None, activation: Any, memory_efficient: bool
-) -> Activation | None:
-    if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"expected residual to be a Tensor or None (got {type(residual).__name__})")
-        if residual.shape != input.shape:
-            raise ValueError(
-                f"expected a residual of the input's shape {tuple(input.shape)} "
-                f"(got {tuple(residual.shape)})"
-            )
-        if not residual.is_floating_point():
-            raise TypeError(f"expected a floating-point residual (got dtype {residual.dtype})")
-    act = Activation.parse(activation)
-    if memory_efficient and not (act or Activation("identity")).invertible:
+def _check_residual(input: Tensor, residual: Tensor | None) -> None:
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"expected residual to be a Tensor or None (got {type(residual).__name__})")
+    if residual.shape != input.shape:
         raise ValueError(
-            "expected an invertible activation for memory_efficient=True: identity, "
-            f"leaky_relu with negative_slope > 0 or elu (got {act})"
+            f"expected a residual of the input's shape {tuple(input.shape)} "
+            f"(got {tuple(residual.shape)})"
         )
-    return act
+    if not residual.is_floating_point():
+        raise TypeError(f"expected a floating-point residual (got dtype {residual.dtype})")
 
 
 def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int | None:
-    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
-        raise TypeError(
-            f"expected virtual_batch_size to be an int (got {type(virtual_batch_size).__name__})"
-        )
-    if virtual_batch_size < 1:
-        raise ValueError(f"expected virtual_batch_size >= 1 (got {virtual_batch_size})")
+    """How many ghost batches this input makes (None: one); the plan checked the option."""
     if ax == 0:
         raise ValueError("virtual_batch_size needs the samples on axis 0 (got channel axis 0)")
     n = input.shape[0]

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from .options import Activation
+from .options import Renorm
+from .plan import Plan, check_renorm_has_running_stats
 
 __all__ = [
     "BatchNorm",
@@ -39,14 +40,34 @@ def _batch_norm_layer(
     mask: Tensor | None = None,
     residual: Tensor | None = None,
 ) -> Tensor:
-    """A layer's forward: check the input against the layer, then one call of
-    :func:`bnorm.functional.batch_norm` with the layer's state and options."""
+    """A layer's forward: check the input against the layer, then run the layer's plan
+    (:func:`bnorm.functional.run_plan`) on its state."""
     if isinstance(input, torch.fx.Proxy):
         return _record_in_fx_graph(layer, input, mask, residual)
-    return _checked_batch_norm(
-        input, mask, residual, type(layer).__name__, layer._ranks, layer.num_features,
-        layer._functional_args(),
-    )  # fmt: skip
+    name = type(layer).__name__
+    plan = layer._plan
+    _check_layer_input(input, name, layer._ranks, layer.num_features, plan.axis)
+    try:
+        return F.run_plan(plan, input, *layer._state(), mask=mask, residual=residual)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
+
+
+def _check_layer_input(
+    input: Tensor, name: str, ranks: tuple[int, ...] | None, num_features: int, axis: int
+) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: expected input to be a Tensor (got {type(input).__name__})")
+    if ranks is not None and input.dim() not in ranks:
+        want = " or ".join(f"{r}D" for r in ranks)
+        raise ValueError(f"{name}: expected {want} input (got {input.dim()}D input)")
+    if input.dim() >= 2 and -input.dim() <= axis < input.dim():
+        # Checked here, not only against the parameters: a layer without any still knows C.
+        if input.shape[axis] != num_features:
+            raise ValueError(
+                f"{name}: expected {num_features} channels at axis {axis} "
+                f"(got {input.shape[axis]} in an input of shape {tuple(input.shape)})"
+            )
 
 
 def _checked_batch_norm(
@@ -58,21 +79,11 @@ def _checked_batch_norm(
     num_features: int,
     options: dict[str, Any],
 ) -> Tensor:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{name}: expected input to be a Tensor (got {type(input).__name__})")
-    if ranks is not None and input.dim() not in ranks:
-        want = " or ".join(f"{r}D" for r in ranks)
-        raise ValueError(f"{name}: expected {want} input (got {input.dim()}D input)")
-    axis = options["axis"]
-    if input.dim() >= 2 and -input.dim() <= axis < input.dim():
-        # Checked here, not only against the parameters: a layer without any still knows C.
-        if input.shape[axis] != num_features:
-            raise ValueError(
-                f"{name}: expected {num_features} channels at axis {axis} "
-                f"(got {input.shape[axis]} in an input of shape {tuple(input.shape)})"
-            )
-    if isinstance(options.get("renorm"), tuple):  # from a graph traced at the root
-        options = {**options, "renorm": F.Renorm(*options["renorm"])}
+    """A layer's forward as one function of tensors and constants, for a graph that
+    ``torch.fx.symbolic_trace`` made of the layer itself (see ``_record_in_fx_graph``)."""
+    _check_layer_input(input, name, ranks, num_features, options["axis"])
+    if isinstance(options.get("renorm"), tuple):
+        options = {**options, "renorm": Renorm(*options["renorm"])}
     try:
         return F.batch_norm(input, mask=mask, residual=residual, **options)
     except (TypeError, ValueError) as err:
@@ -96,9 +107,18 @@ def _record_in_fx_graph(
     kwargs = {k: v for k, v in (("residual", residual), ("mask", mask)) if v is not None}
     if path:
         return tracer.create_proxy("call_module", path, (input,), kwargs)
-    options = layer._functional_args()
-    if options.get("renorm") is not None:
-        options["renorm"] = astuple(options["renorm"])
+    plan = layer._plan
+    running_mean, running_var, weight, bias, training, tracked, skipped = layer._state()
+    options = {
+        "running_mean": running_mean, "running_var": running_var, "weight": weight,
+        "bias": bias, "training": training, "num_batches_tracked": tracked,
+        "num_batches_skipped": skipped, "momentum": plan.momentum, "eps": plan.eps,
+        "axis": plan.axis, "skip_nonfinite": plan.skip_nonfinite,
+        "virtual_batch_size": plan.virtual_batch_size,
+        "renorm": None if plan.renorm is None else astuple(plan.renorm), "sync": plan.sync,
+        "process_group": plan.process_group, "activation": plan.activation,
+        "memory_efficient": plan.memory_efficient,
+    }  # fmt: skip
     return _checked_batch_norm(
         input,  # type: ignore[arg-type]  # a Proxy: fx records the call (torch.fx.wrap)
         mask, residual, type(layer).__name__, layer._ranks, layer.num_features, options,
@@ -108,7 +128,46 @@ def _record_in_fx_graph(
 torch.fx.wrap("_checked_batch_norm")
 
 
-class _BatchNormBase(_BatchNorm):
+def _check_num_features(num_features: Any) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
+    if num_features < 1:
+        raise ValueError(f"expected num_features >= 1 (got {num_features})")
+
+
+class _Planned(nn.Module):
+    """A layer that keeps its options resolved in a :class:`~bnorm.plan.Plan`, rebuilt —
+    and so checked, before anything changes — whenever one of them is set."""
+
+    _ranks: ClassVar[tuple[int, ...] | None] = None
+    _plan: Plan
+
+    def _plan_options(self) -> dict[str, Any]:
+        """The layer's current options, as :meth:`Plan.build` takes them."""
+        raise NotImplementedError
+
+    def _make_plan(self, **options: Any) -> Plan:
+        plan = Plan.build(**options)
+        if self._ranks is not None and not -min(self._ranks) <= plan.axis < min(self._ranks):
+            raise ValueError(
+                f"expected axis in [{-min(self._ranks)}, {min(self._ranks) - 1}] for "
+                f"{type(self).__name__} (got {plan.axis})"
+            )
+        return plan
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        plan = self.__dict__.get("_plan")
+        if plan is None or name not in self._plan_options():
+            super().__setattr__(name, value)
+            return
+        new = self._make_plan(**{**self._plan_options(), name: value})
+        if name == "renorm":
+            value = new.renorm  # True → the paper's schedule
+        super().__setattr__(name, value)
+        self.__dict__["_plan"] = new
+
+
+class _BatchNormBase(_Planned, _BatchNorm):
     """Shared base of the bnorm batch-norm layers: a subclass of torch's
     ``torch.nn.modules.batchnorm._BatchNorm``, so every tool that looks for batch norm
     with ``isinstance`` finds it (``BatchNorm1d/2d/3d`` and ``BatchNormAct1d/2d/3d``
@@ -167,49 +226,20 @@ class _BatchNormBase(_BatchNorm):
         axis: int = 1,
         skip_nonfinite: bool = True,
         virtual_batch_size: int | None = None,
-        renorm: F.Renorm | bool | None = None,
+        renorm: Renorm | bool | None = None,
+        _options: dict[str, Any] | None = None,
     ) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
-            raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
-        if num_features < 1:
-            raise ValueError(f"expected num_features >= 1 (got {num_features})")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"expected eps to be a number (got {type(eps).__name__})")
-        if momentum is not None and (
-            isinstance(momentum, bool)
-            or not isinstance(momentum, (int, float))
-            or not 0.0 <= momentum <= 1.0
-        ):
-            raise ValueError(f"expected momentum in [0, 1] or None (got {momentum!r})")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"expected axis to be an int (got {type(axis).__name__})")
-        if self._ranks is not None and not -min(self._ranks) <= axis < min(self._ranks):
-            raise ValueError(
-                f"expected axis in [{-min(self._ranks)}, {min(self._ranks) - 1}] for "
-                f"{type(self).__name__} (got {axis})"
-            )
-        if virtual_batch_size is not None and (
-            isinstance(virtual_batch_size, bool)
-            or not isinstance(virtual_batch_size, int)
-            or virtual_batch_size < 1
-        ):
-            raise ValueError(
-                f"expected virtual_batch_size to be an int >= 1 or None (got {virtual_batch_size!r})"
-            )
-        if renorm is True:
-            renorm = F.Renorm()
-        elif renorm is False:
-            renorm = None
-        if renorm is not None and not isinstance(renorm, F.Renorm):
-            raise TypeError(
-                f"expected renorm to be a bnorm.Renorm, True or None (got {type(renorm).__name__})"
-            )
-        if renorm is not None and not track_running_stats:
-            raise ValueError("renorm needs running statistics (got track_running_stats=False)")
+        _options = _options or {}
+        _check_num_features(num_features)
+        plan = self._make_plan(
+            momentum=momentum, eps=eps, axis=axis, skip_nonfinite=skip_nonfinite,
+            virtual_batch_size=virtual_batch_size, renorm=renorm, **_options,
+        )  # fmt: skip
+        check_renorm_has_running_stats(plan.renorm, bool(track_running_stats))
         super().__init__(
             num_features,
-            float(eps),
-            None if momentum is None else float(momentum),
+            plan.eps,
+            plan.momentum,
             bool(affine),
             bool(track_running_stats),
             device,
@@ -222,10 +252,12 @@ class _BatchNormBase(_BatchNorm):
             torch.tensor(0, dtype=torch.long, device=device) if self.track_running_stats else None,
             persistent=False,
         )
-        self.axis = axis
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.virtual_batch_size = virtual_batch_size
-        self.renorm: F.Renorm | None = renorm
+        self.axis = plan.axis
+        self.skip_nonfinite = plan.skip_nonfinite
+        self.virtual_batch_size = plan.virtual_batch_size
+        self.renorm: Renorm | None = plan.renorm
+        self.__dict__.update(_options)  # the subclass's own options (already in the plan)
+        self.__dict__["_plan"] = plan
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
@@ -273,41 +305,35 @@ class _BatchNormBase(_BatchNorm):
         normalized with them)."""
         return _batch_norm_layer(self, input, mask)
 
-    def _functional_args(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`bnorm.functional.batch_norm` for this layer's
-        state and mode (besides the input, mask and residual)."""
-        training = self.training
-        update = training and self.track_running_stats
-        running_mean, running_var = self.running_mean, self.running_var
-        if training and not self.track_running_stats:
-            running_mean = running_var = None
-        sync, process_group = self._sync_args()
+    def _plan_options(self) -> dict[str, Any]:
         return {
-            "running_mean": running_mean,
-            "running_var": running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "training": training or running_mean is None,
             "momentum": self.momentum,
             "eps": self.eps,
             "axis": self.axis,
-            "num_batches_tracked": self.num_batches_tracked if update else None,
-            "num_batches_skipped": self.num_batches_skipped if update else None,
             "skip_nonfinite": self.skip_nonfinite,
             "virtual_batch_size": self.virtual_batch_size,
             "renorm": self.renorm,
-            "sync": sync,
-            "process_group": process_group,
-            **self._fused_args(),
         }
 
-    def _sync_args(self) -> tuple[bool, Any]:
-        """(sync, process_group) for the functional call; local layers don't sync."""
-        return False, None
-
-    def _fused_args(self) -> dict[str, Any]:
-        """Activation options for the functional call; plain layers have none."""
-        return {}
+    def _state(self) -> tuple[Any, ...]:
+        """What a call normalizes with and updates, for the current mode: (running_mean,
+        running_var, weight, bias, use batch statistics, num_batches_tracked,
+        num_batches_skipped) — the running tensors only where they are used."""
+        training = self.training
+        track = self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        if training and not track:
+            running_mean = running_var = None
+        update = training and track
+        return (
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            training or running_mean is None,
+            self.num_batches_tracked if update else None,
+            self.num_batches_skipped if update else None,
+        )
 
 
 class BatchNorm(_BatchNormBase):
@@ -376,15 +402,13 @@ class SyncBatchNorm(_BatchNormBase):
         dtype: Any = None,
         **options: Any,
     ) -> None:
-        if options.get("virtual_batch_size") is not None:
-            raise ValueError("SyncBatchNorm does not support virtual_batch_size")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
-        )
-        self.process_group = process_group
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **options, _options={"sync": True, "process_group": process_group},
+        )  # fmt: skip
 
-    def _sync_args(self) -> tuple[bool, Any]:
-        return True, self.process_group
+    def _plan_options(self) -> dict[str, Any]:
+        return {**super()._plan_options(), "sync": True, "process_group": self.process_group}
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -451,33 +475,15 @@ class BatchNormAct(_BatchNormBase):
     ) -> None:
         if not isinstance(activation, str):
             raise TypeError(f"expected activation to be a str (got {type(activation).__name__})")
-        for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"expected {name} to be a finite number (got {value!r})")
-        act = Activation.parse(activation, negative_slope, alpha)
-        assert act is not None  # activation is a str here
-        if memory_efficient:
-            if not act.invertible:
-                raise ValueError(
-                    "expected an invertible activation for memory_efficient=True: identity, "
-                    f"leaky_relu with negative_slope > 0 or elu (got activation={activation!r}"
-                    + (f", negative_slope={negative_slope})" if activation == "leaky_relu" else ")")
-                )
-            if options.get("virtual_batch_size") is not None or sync:
-                raise ValueError(
-                    "memory_efficient=True is not supported with virtual_batch_size or sync"
-                )
-        if sync and options.get("virtual_batch_size") is not None:
-            raise ValueError("virtual_batch_size is not supported together with sync=True")
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, **options
-        )
-        self.activation = activation
-        self.negative_slope = float(negative_slope)
-        self.alpha = float(alpha)
-        self.memory_efficient = bool(memory_efficient)
-        self.sync = bool(sync)
-        self.process_group = process_group
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **options, _options={
+                "activation": activation, "negative_slope": negative_slope, "alpha": alpha,
+                "memory_efficient": bool(memory_efficient), "sync": bool(sync),
+                "process_group": process_group,
+            },
+        )  # fmt: skip
+        self.__dict__.update(negative_slope=float(negative_slope), alpha=float(alpha))
 
     def forward(  # type: ignore[override]
         self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None
@@ -485,13 +491,16 @@ class BatchNormAct(_BatchNormBase):
         """``act(BN(input) + residual)``; ``mask`` as in :meth:`BatchNorm.forward`."""
         return _batch_norm_layer(self, input, mask, residual)
 
-    def _fused_args(self) -> dict[str, Any]:
-        act = Activation.parse(self.activation, self.negative_slope, self.alpha)
-        assert act is not None
-        return {"activation": act, "memory_efficient": self.memory_efficient}
-
-    def _sync_args(self) -> tuple[bool, Any]:
-        return self.sync, self.process_group
+    def _plan_options(self) -> dict[str, Any]:
+        return {
+            **super()._plan_options(),
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "alpha": self.alpha,
+            "memory_efficient": self.memory_efficient,
+            "sync": self.sync,
+            "process_group": self.process_group,
+        }
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + f", activation={self.activation!r}"
@@ -524,7 +533,7 @@ class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
     _ranks = (5,)
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(_Planned):
     """Batch normalization with fixed statistics and affine parameters, for fine-tuning.
 
     ``y = (x − running_mean) / √(running_var + ε) · weight + bias`` per channel in both
@@ -547,17 +556,15 @@ class FrozenBatchNorm(nn.Module):
         *,
         axis: int = 1,
     ) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int):
-            raise TypeError(f"expected num_features to be an int (got {type(num_features).__name__})")
-        if num_features < 1:
-            raise ValueError(f"expected num_features >= 1 (got {num_features})")
+        _check_num_features(num_features)
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"expected eps to be a finite number >= 0 (got {eps!r})")
+        plan = self._make_plan(eps=eps, axis=axis)
+        super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
-        self.eps = float(eps)
-        self.axis = axis
+        self.eps = plan.eps
+        self.axis = plan.axis
         self.weight: Tensor
         self.bias: Tensor
         self.running_mean: Tensor
@@ -566,6 +573,7 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.__dict__["_plan"] = plan
 
     def _load_from_state_dict(
         self,
@@ -591,15 +599,11 @@ class FrozenBatchNorm(nn.Module):
         estimated)."""
         return _batch_norm_layer(self, input, mask)
 
-    def _functional_args(self) -> dict[str, Any]:
-        return {
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "weight": self.weight,
-            "bias": self.bias,
-            "eps": self.eps,
-            "axis": self.axis,
-        }
+    def _plan_options(self) -> dict[str, Any]:
+        return {"eps": self.eps, "axis": self.axis}
+
+    def _state(self) -> tuple[Any, ...]:
+        return (self.running_mean, self.running_var, self.weight, self.bias, False, None, None)
 
 
 class FrozenBatchNorm1d(FrozenBatchNorm):

@@ -1,0 +1,162 @@
+"""The plan of a batch-norm layer: its static options, resolved and checked once.
+
+A :class:`Plan` holds what does not change from one call to the next — momentum, ε, the
+channel axis, Batch Renormalization, ghost batches, synchronization, the activation of a
+fused tail, the memory mode — and every rule that combines them, with the messages users
+see. A layer builds its plan when it is constructed and again when one of these options
+is set (``layer.momentum = None``, say); :func:`bnorm.functional.batch_norm` builds one
+per distinct set of arguments (cached). Per call, only what depends on the input is
+decided (its shape, dtype and device, the mask, whether torch.compile is tracing, how
+many processes share the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .options import Activation, Renorm
+
+__all__ = ["Plan", "check_ghost_with_sync", "check_renorm_has_running_stats"]
+
+
+def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: bool) -> None:
+    """Batch Renormalization corrects towards the running statistics: it needs them."""
+    if renorm is not None and not has_running_stats:
+        raise ValueError(
+            "renorm needs running statistics (got track_running_stats=False or "
+            "running_mean=None)"
+        )
+
+
+def check_ghost_with_sync(virtual_batch_size: int | None, sync: bool) -> None:
+    """Ghost batches split the local batch; with statistics across processes the groups
+    would straddle ranks: the two do not combine."""
+    if virtual_batch_size is not None and sync:
+        raise ValueError(
+            "expected virtual_batch_size=None with synchronized statistics (SyncBatchNorm or "
+            f"sync=True) (got virtual_batch_size={virtual_batch_size})"
+        )
+
+
+def check_whole_input(memory_efficient: bool, what: str) -> None:
+    """The memory-efficient mode recovers x̂ from the output with the statistics of the
+    whole local input: not with a mask, ghost batches or synchronized statistics."""
+    if memory_efficient and what:
+        raise ValueError(
+            "memory_efficient=True needs the statistics of the whole local input: it is not "
+            f"supported with {what}"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The static options of a batch-norm call, checked once (see the module docstring).
+
+    Build one with :meth:`Plan.build`, which resolves the option values users pass
+    (``renorm=True``, an activation name) and checks every rule.
+    """
+
+    momentum: float | None = 0.1
+    eps: float = 1e-5
+    axis: int = 1
+    skip_nonfinite: bool = True
+    virtual_batch_size: int | None = None
+    renorm: Renorm | None = None
+    sync: bool = False
+    process_group: Any = None
+    activation: Activation | None = None
+    memory_efficient: bool = False
+
+    @property
+    def tail(self) -> bool:
+        """Whether an activation other than the identity follows the normalization."""
+        return self.activation is not None and self.activation.name != "identity"
+
+    @staticmethod
+    def build(
+        *,
+        momentum: float | None = 0.1,
+        eps: float = 1e-5,
+        axis: int = 1,
+        skip_nonfinite: bool = True,
+        virtual_batch_size: int | None = None,
+        renorm: Renorm | bool | None = None,
+        sync: bool = False,
+        process_group: Any = None,
+        activation: str | Activation | None = None,
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        memory_efficient: bool = False,
+    ) -> Plan:
+        """Resolve and check the options; raises ``TypeError``/``ValueError`` naming the
+        option, what was expected and what was got."""
+        if momentum is not None and (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 <= momentum <= 1.0
+        ):
+            raise ValueError(f"expected momentum in [0, 1] or None (got {momentum!r})")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"expected eps to be a number (got {type(eps).__name__})")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"expected axis to be an int (got {type(axis).__name__})")
+        if virtual_batch_size is not None and (
+            isinstance(virtual_batch_size, bool)
+            or not isinstance(virtual_batch_size, int)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                "expected virtual_batch_size to be an int >= 1 or None "
+                f"(got {virtual_batch_size!r})"
+            )
+        if renorm is True:
+            renorm = Renorm()
+        elif renorm is False:
+            renorm = None
+        if renorm is not None and not isinstance(renorm, Renorm):
+            raise TypeError(
+                f"expected renorm to be a bnorm.Renorm, True or None (got {type(renorm).__name__})"
+            )
+        act = _activation(activation, negative_slope, alpha)
+        if memory_efficient and not (act or Activation("identity")).invertible:
+            raise ValueError(
+                "expected an invertible activation for memory_efficient=True: identity, "
+                f"leaky_relu with negative_slope > 0 or elu (got {act})"
+            )
+        check_ghost_with_sync(virtual_batch_size, bool(sync))
+        check_whole_input(
+            bool(memory_efficient),
+            " and ".join(
+                w
+                for w, on in (("virtual_batch_size", virtual_batch_size), ("sync", sync))
+                if on
+            ),
+        )
+        return Plan(
+            None if momentum is None else float(momentum),
+            float(eps),
+            axis,
+            bool(skip_nonfinite),
+            virtual_batch_size,
+            renorm,
+            bool(sync),
+            process_group,
+            act,
+            bool(memory_efficient),
+        )
+
+
+def _activation(
+    activation: str | Activation | None, negative_slope: float, alpha: float
+) -> Activation | None:
+    if isinstance(activation, str):
+        for name, value in (("negative_slope", negative_slope), ("alpha", alpha)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"expected {name} to be a finite number (got {value!r})")
+    return Activation.parse(activation, negative_slope, alpha)
