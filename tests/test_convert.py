@@ -79,7 +79,11 @@ def test_convert_round_trip_bnorm_frozen_torch():
     x = torch.randn(4, 3, 4, 4)
     expected = model(x)
     frozen, rep1 = bnorm.convert(model, bnorm.FrozenBatchNorm)
-    assert [row[2] for row in rep1.converted] == ["FrozenBatchNorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm1d"]
+    assert [row[2] for row in rep1.converted] == [
+        "FrozenBatchNorm2d",
+        "FrozenBatchNorm1d",
+        "FrozenBatchNorm1d",
+    ]
     torch.testing.assert_close(frozen(x), expected)
     frozen.train()  # frozen layers ignore the mode
     torch.testing.assert_close(frozen(x), expected)
@@ -113,7 +117,9 @@ def test_convert_passes_options_to_new_layers():
 def test_convert_root_layer_returns_new_object():
     bn = nn.BatchNorm2d(3)
     new, report = bnorm.convert(bn, bnorm.BatchNorm)
-    assert type(new) is bnorm.BatchNorm2d and report.converted == [("", "BatchNorm2d", "BatchNorm2d")]
+    assert type(new) is bnorm.BatchNorm2d and report.converted == [
+        ("", "BatchNorm2d", "BatchNorm2d")
+    ]
 
 
 class _BatchNormReLU(nn.BatchNorm2d):
@@ -131,13 +137,20 @@ def test_convert_reports_subclasses_that_override_forward():
     model = nn.Sequential(_BatchNormReLU(3), _RenamedBatchNorm(3))
     converted, report = bnorm.convert(model, bnorm.BatchNorm)
     assert type(converted[0]) is _BatchNormReLU
-    assert report.skipped == [("0", "_BatchNormReLU", "a subclass that overrides forward (behaviour would be lost)")]
+    assert report.skipped == [
+        ("0", "_BatchNormReLU", "a subclass that overrides forward (behaviour would be lost)")
+    ]
     assert type(converted[1]) is bnorm.BatchNorm2d
     assert "left unchanged" in str(report)
 
 
 def test_convert_to_torch_reports_bnorm_only_options():
-    model = nn.Sequential(bnorm.BatchNorm(3, axis=-1), bnorm.BatchNorm2d(3, renorm=True), bnorm.BatchNorm2d(3, virtual_batch_size=2), bnorm.BatchNorm2d(3))
+    model = nn.Sequential(
+        bnorm.BatchNorm(3, axis=-1),
+        bnorm.BatchNorm2d(3, renorm=True),
+        bnorm.BatchNorm2d(3, virtual_batch_size=2),
+        bnorm.BatchNorm2d(3),
+    )
     converted, report = bnorm.convert(model, nn.BatchNorm2d)
     reasons = [why for _, _, why in report.skipped]
     assert len(reasons) == 3
@@ -173,4 +186,6 @@ def test_convert_to_sync_refuses_ghost_batches_instead_of_dropping_them():
     converted, report = bnorm.convert(model, bnorm.SyncBatchNorm)
     assert type(converted[0]) is bnorm.BatchNorm2d and converted[0].virtual_batch_size == 8
     assert type(converted[1]) is bnorm.SyncBatchNorm
-    assert report.skipped == [("0", "BatchNorm2d", "bnorm.SyncBatchNorm has no ghost batches (virtual_batch_size)")]
+    assert report.skipped == [
+        ("0", "BatchNorm2d", "bnorm.SyncBatchNorm has no ghost batches (virtual_batch_size)")
+    ]

@@ -193,8 +193,12 @@ def test_double_backward_through_sync_keeps_the_cross_rank_terms():
     got = spawn_gloo(_gradgrad_worker, len(GRADGRAD_SIZES))
     ref = _run_gradgrad(None)
     for key in ("dx", "ddx"):
-        torch.testing.assert_close(torch.cat([g[key] for g in got]), ref[key], rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(sum(g["ddweight"] for g in got), ref["ddweight"], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(
+            torch.cat([g[key] for g in got]), ref[key], rtol=1e-9, atol=1e-10
+        )
+    torch.testing.assert_close(
+        sum(g["ddweight"] for g in got), ref["ddweight"], rtol=1e-9, atol=1e-10
+    )
 
 
 def test_missing_peer_surfaces_as_clear_error_not_hang():

@@ -46,7 +46,10 @@ def _pair(**options) -> tuple[nn.Sequential, nn.Sequential]:
 def _batches(n: int = 4, seed: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(8, 3, 6, 6, generator=gen) * 1.5 - 0.5, torch.randint(0, 3, (8,), generator=gen))
+        (
+            torch.randn(8, 3, 6, 6, generator=gen) * 1.5 - 0.5,
+            torch.randint(0, 3, (8,), generator=gen),
+        )
         for _ in range(n)
     ]
 
@@ -221,11 +224,15 @@ def test_func_replace_all_batch_norm_modules_then_vmap_matches_torch():
 def test_torch_convert_sync_batchnorm_converts_bnorm_layers_and_drops_bnorm_options():
     _, ours = _pair(renorm=True)
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ours))
-    assert [type(m) for m in converted.modules() if isinstance(m, _BatchNorm)] == [nn.SyncBatchNorm] * 2
+    assert [type(m) for m in converted.modules() if isinstance(m, _BatchNorm)] == [
+        nn.SyncBatchNorm
+    ] * 2
     assert not hasattr(converted[1], "renorm")
     # bnorm's own converter keeps every option.
     kept = bnorm.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ours))
-    assert [type(m) for m in kept.modules() if isinstance(m, _BatchNorm)] == [bnorm.SyncBatchNorm] * 2
+    assert [type(m) for m in kept.modules() if isinstance(m, _BatchNorm)] == [
+        bnorm.SyncBatchNorm
+    ] * 2
     assert kept[1].renorm == ours[1].renorm
 
 
@@ -280,11 +287,15 @@ def test_qat_fx_after_converting_to_torch_layers_equals_torchs_qat():
 
 def test_convert_for_inference_drops_training_only_options_and_reports_them():
     theirs, ours = _pair(renorm=True, virtual_batch_size=4)
-    with pytest.raises(ValueError, match=r"in training mode and has renorm=Renorm.*call model.eval\(\)"):
+    with pytest.raises(
+        ValueError, match=r"in training mode and has renorm=Renorm.*call model.eval\(\)"
+    ):
         bnorm.convert(ours, nn.BatchNorm2d, for_inference=True)
     assert type(ours[1]) is bnorm.BatchNorm2d  # nothing converted
     converted, report = bnorm.convert(ours.eval(), nn.BatchNorm2d, for_inference=True)
-    assert [type(m) for m in converted.modules() if isinstance(m, _BatchNorm)] == [nn.BatchNorm2d] * 2
+    assert [type(m) for m in converted.modules() if isinstance(m, _BatchNorm)] == [
+        nn.BatchNorm2d
+    ] * 2
     assert [(n, what.split("=")[0]) for n, what in report.dropped] == [
         ("1", "renorm"), ("1", "virtual_batch_size"), ("4", "renorm"), ("4", "virtual_batch_size")
     ]
@@ -292,7 +303,9 @@ def test_convert_for_inference_drops_training_only_options_and_reports_them():
     x = torch.randn(5, 3, 6, 6)
     torch.testing.assert_close(converted(x), theirs.eval()(x))
     # Tools that match torch's exact classes now fuse.
-    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(converted), [["0", "1", "2"], ["3", "4"]])
+    fused = torch.ao.quantization.fuse_modules(
+        copy.deepcopy(converted), [["0", "1", "2"], ["3", "4"]]
+    )
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[4], nn.Identity)
     torch.testing.assert_close(fused(x), theirs(x), rtol=1e-5, atol=1e-5)
     fx_fused = fx_optimization.fuse(converted)
@@ -328,8 +341,12 @@ def test_onnx_legacy_export_runs_in_onnxruntime_like_torchs():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
         graph = onnx.load_from_string(buffer.getvalue()).graph
-        session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-        results.append((sorted(n.op_type for n in graph.node), session.run(None, {"x": x.numpy()})[0]))
+        session = onnxruntime.InferenceSession(
+            buffer.getvalue(), providers=["CPUExecutionProvider"]
+        )
+        results.append(
+            (sorted(n.op_type for n in graph.node), session.run(None, {"x": x.numpy()})[0])
+        )
     assert results[1][0] == results[0][0]
     torch.testing.assert_close(torch.from_numpy(results[1][1]), torch.from_numpy(results[0][1]))
     torch.testing.assert_close(torch.from_numpy(results[1][1]), ours(x), rtol=1e-4, atol=1e-5)
@@ -377,7 +394,9 @@ def test_pt2e_post_training_quantization_folds_batch_norm_like_torchs():
     outputs = []
     for model in (theirs.eval(), ours.eval()):
         captured = torch.export.export(model, (x,)).module()
-        quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+        quantizer = X86InductorQuantizer().set_global(
+            get_default_x86_inductor_quantization_config()
+        )
         prepared = pt2e.prepare_pt2e(captured, quantizer)
         prepared(x)
         quantized = pt2e.convert_pt2e(prepared)
@@ -413,7 +432,11 @@ def test_thop_and_ptflops_count_like_torchs_after_converting_for_inference():
     for model in (theirs.eval(), converted):
         macs, params = thop.profile(copy.deepcopy(model), inputs=(x,), verbose=False)
         flops, _ = ptflops.get_model_complexity_info(
-            copy.deepcopy(model), (3, 6, 6), as_strings=False, print_per_layer_stat=False, verbose=False
+            copy.deepcopy(model),
+            (3, 6, 6),
+            as_strings=False,
+            print_per_layer_stat=False,
+            verbose=False,
         )
         counts.append((macs, params, flops))
     assert counts[1] == counts[0]

@@ -77,8 +77,14 @@ def test_batch_norm_eval_without_running_statistics_uses_batch_statistics():
 
 def test_batch_norm_eval_with_running_statistics_is_the_affine_map():
     x = torch.randn(5, 3, 4, dtype=torch.float64)
-    rm, rv = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.25, 4.0, 1.0], dtype=torch.float64)
-    w, b = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64), torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    rm, rv = (
+        torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64),
+        torch.tensor([0.25, 4.0, 1.0], dtype=torch.float64),
+    )
+    w, b = (
+        torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64),
+        torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64),
+    )
     out = F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
     scale = (w / torch.sqrt(rv + 1e-3)).view(1, 3, 1)
     torch.testing.assert_close(out, (x - rm.view(1, 3, 1)) * scale + b.view(1, 3, 1))
@@ -104,9 +110,13 @@ def test_batch_norm_any_axis_matches_reference_forward_backward_and_running(shap
     dy = torch.randn(shape, dtype=torch.float64, generator=gen)
     dx, dw, db = torch.autograd.grad(out, [x, w, b], dy)
 
-    y_ref, cache = reference.forward(x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), 1e-5, axis)
+    y_ref, cache = reference.forward(
+        x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), 1e-5, axis
+    )
     dx_ref, dw_ref, db_ref = reference.backward(dy.numpy(), cache)
-    rm_ref, rv_ref = reference.update_running(np.zeros(c), np.ones(c), cache["mean"], cache["var"], cache["count"], 0.2)
+    rm_ref, rv_ref = reference.update_running(
+        np.zeros(c), np.ones(c), cache["mean"], cache["var"], cache["count"], 0.2
+    )
     np.testing.assert_allclose(out.detach().numpy(), y_ref, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dx.numpy(), dx_ref, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(dw.numpy(), dw_ref, rtol=1e-9, atol=1e-10)
@@ -129,7 +139,11 @@ def test_batch_norm_channel_last_equals_channel_first_after_permutation():
 
 
 def test_batch_norm_momentum_none_is_cumulative_average_over_steps():
-    rm, rv, tracked = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), torch.tensor(0)
+    rm, rv, tracked = (
+        torch.zeros(2, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64),
+        torch.tensor(0),
+    )
     batches = [torch.randn(m, 2, dtype=torch.float64) * (1 + m) for m in (3, 7, 4)]
     for t, x in enumerate(batches, start=1):
         F.batch_norm(x, rm, rv, training=True, momentum=None, num_batches_tracked=tracked)
@@ -146,14 +160,19 @@ def test_moments_match_direct_computation(shape, axis):
     x = torch.randn(shape, dtype=torch.float64) * 5 + 3
     mom = F.moments(x, axis)
     flat = x.movedim(axis, 0).reshape(shape[axis], -1)
-    torch.testing.assert_close(mom.count, torch.full((shape[axis],), float(flat.shape[1]), dtype=torch.float64))
+    torch.testing.assert_close(
+        mom.count, torch.full((shape[axis],), float(flat.shape[1]), dtype=torch.float64)
+    )
     torch.testing.assert_close(mom.mean, flat.mean(1))
     torch.testing.assert_close(mom.m2, ((flat - flat.mean(1, keepdim=True)) ** 2).sum(1))
     torch.testing.assert_close(mom.var, flat.var(1, unbiased=False))
 
 
 def test_merge_moments_equals_moments_of_concatenation():
-    a, b = torch.randn(5, 3, 2, dtype=torch.float64) + 4, torch.randn(9, 3, 2, dtype=torch.float64) * 3
+    a, b = (
+        torch.randn(5, 3, 2, dtype=torch.float64) + 4,
+        torch.randn(9, 3, 2, dtype=torch.float64) * 3,
+    )
     merged = F.merge_moments(F.moments(a), F.moments(b))
     whole = F.moments(torch.cat([a, b]))
     for got, want in zip(merged, whole):
@@ -167,7 +186,10 @@ def test_merge_moments_with_an_empty_side_returns_the_other(empty_side, empty_ki
     if empty_kind == "zero-size":
         empty = F.moments(torch.empty(0, 3, dtype=torch.float64))
     else:
-        empty = F.moments(torch.full((4, 3), float("nan"), dtype=torch.float64), mask=torch.zeros(4, dtype=torch.bool))
+        empty = F.moments(
+            torch.full((4, 3), float("nan"), dtype=torch.float64),
+            mask=torch.zeros(4, dtype=torch.bool),
+        )
     assert empty.count.tolist() == [0.0, 0.0, 0.0]
     full = F.moments(x)
     merged = F.merge_moments(empty, full) if empty_side == "left" else F.merge_moments(full, empty)
@@ -195,7 +217,9 @@ def test_masked_moments_are_moments_of_the_valid_values_only(shape, axis):
     x_poisoned.movedim(axis, -1)[~mask] = float("nan")  # invalid positions may hold NaN
     mom = F.moments(x_poisoned, axis, mask)
     selected = x.movedim(axis, -1)[mask]  # (valid positions, C)
-    torch.testing.assert_close(mom.count, torch.full((shape[axis],), float(mask.sum()), dtype=torch.float64))
+    torch.testing.assert_close(
+        mom.count, torch.full((shape[axis],), float(mask.sum()), dtype=torch.float64)
+    )
     torch.testing.assert_close(mom.mean, selected.mean(0))
     torch.testing.assert_close(mom.m2, ((selected - selected.mean(0)) ** 2).sum(0))
 
@@ -214,15 +238,22 @@ def test_masked_batch_norm_normalizes_every_position_with_valid_statistics():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(6, 2, 5, dtype=torch.float64, generator=gen) * 2 + 1
     mask = torch.rand(6, 5, generator=gen) < 0.5
-    w, b = torch.tensor([1.5, 0.5], dtype=torch.float64), torch.tensor([0.1, -0.2], dtype=torch.float64)
+    w, b = (
+        torch.tensor([1.5, 0.5], dtype=torch.float64),
+        torch.tensor([0.1, -0.2], dtype=torch.float64),
+    )
     rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
     out = F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.5, eps=1e-5, mask=mask)
     valid = x.permute(0, 2, 1)[mask].numpy()  # (m, C)
     _, cache = reference.forward(valid, w.numpy(), b.numpy(), 1e-5, axis=1)
-    expected = (x - torch.tensor(cache["mean"]).view(1, 2, 1)) / torch.sqrt(torch.tensor(cache["var"]) + 1e-5).view(1, 2, 1)
+    expected = (x - torch.tensor(cache["mean"]).view(1, 2, 1)) / torch.sqrt(
+        torch.tensor(cache["var"]) + 1e-5
+    ).view(1, 2, 1)
     expected = expected * w.view(1, 2, 1) + b.view(1, 2, 1)
     torch.testing.assert_close(out, expected)
-    rm_ref, rv_ref = reference.update_running(np.zeros(2), np.ones(2), cache["mean"], cache["var"], cache["count"], 0.5)
+    rm_ref, rv_ref = reference.update_running(
+        np.zeros(2), np.ones(2), cache["mean"], cache["var"], cache["count"], 0.5
+    )
     np.testing.assert_allclose(rm.numpy(), rm_ref, rtol=1e-12)
     np.testing.assert_allclose(rv.numpy(), rv_ref, rtol=1e-12)
 
@@ -246,14 +277,19 @@ def test_gradcheck_and_gradgradcheck(case):
         if axis == -1:
             mask = mask.view(3, 4)
     if case == "eval":
-        rm, rv = torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([1.5, 0.7], dtype=torch.float64)
+        rm, rv = (
+            torch.tensor([0.3, -0.2], dtype=torch.float64),
+            torch.tensor([1.5, 0.7], dtype=torch.float64),
+        )
 
         def fn(x_, w_, b_):
             return F.batch_norm(x_, rm, rv, w_, b_, training=False, eps=1e-3)
     else:
 
         def fn(x_, w_, b_):
-            return F.batch_norm(x_, None, None, w_, b_, training=True, eps=1e-3, axis=axis, mask=mask)
+            return F.batch_norm(
+                x_, None, None, w_, b_, training=True, eps=1e-3, axis=axis, mask=mask
+            )
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
@@ -292,7 +328,10 @@ def test_property_training_matches_reference_for_any_shape_and_axis(shape_axis, 
     c = shape[axis]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1
-    w, b = torch.rand(c, dtype=torch.float64, generator=gen) + 0.5, torch.randn(c, dtype=torch.float64, generator=gen)
+    w, b = (
+        torch.rand(c, dtype=torch.float64, generator=gen) + 0.5,
+        torch.randn(c, dtype=torch.float64, generator=gen),
+    )
     rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
     count = x.numel() // c
     if count < 2:
@@ -302,7 +341,9 @@ def test_property_training_matches_reference_for_any_shape_and_axis(shape_axis, 
         return
     out = F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.1, eps=1e-5, axis=axis)
     y_ref, cache = reference.forward(x.numpy(), w.numpy(), b.numpy(), 1e-5, axis)
-    rm_ref, rv_ref = reference.update_running(np.zeros(c), np.ones(c), cache["mean"], cache["var"], count, 0.1)
+    rm_ref, rv_ref = reference.update_running(
+        np.zeros(c), np.ones(c), cache["mean"], cache["var"], count, 0.1
+    )
     np.testing.assert_allclose(out.numpy(), y_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(rm.numpy(), rm_ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(rv.numpy(), rv_ref, rtol=1e-9, atol=1e-12)
@@ -335,10 +376,14 @@ def test_float32_with_large_mean_normalizes_to_unit_variance(path):
     mask = torch.ones(64, 8, 8, dtype=torch.bool) if path == "masked" else None
     out = F.batch_norm(x, rm, rv, training=True, momentum=1.0, mask=mask)
     per_channel = out.double().transpose(0, 1).reshape(4, -1)
-    torch.testing.assert_close(per_channel.var(1, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        per_channel.var(1, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-3, rtol=0
+    )
     # The float32 mean itself is only representable to ±5e-4 at 1e4; the masked path's
     # float32 sum is corrected by one two-pass step, so both paths meet the same bound.
-    torch.testing.assert_close(per_channel.mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        per_channel.mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-3, rtol=0
+    )
     exact = x.double().transpose(0, 1).reshape(4, -1)
     torch.testing.assert_close(rv.double(), exact.var(1), atol=0, rtol=1e-3)
     mom = F.moments(x, 1)
@@ -360,7 +405,9 @@ def test_half_precision_keeps_dtype_with_float32_statistics(dtype, affine, maske
     # Statistics of the half-precision values, computed in float32: float32 accuracy.
     torch.testing.assert_close(rm.double(), exact.mean(1), atol=0, rtol=1e-5)
     torch.testing.assert_close(rv.double(), exact.var(1), atol=0, rtol=1e-5)
-    expected = (x.double() - exact.mean(1).view(1, 3, 1, 1)) / torch.sqrt(exact.var(1, unbiased=False) + 1e-5).view(1, 3, 1, 1)
+    expected = (x.double() - exact.mean(1).view(1, 3, 1, 1)) / torch.sqrt(
+        exact.var(1, unbiased=False) + 1e-5
+    ).view(1, 3, 1, 1)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.double(), expected, atol=tol * 4, rtol=tol)
     assert F.moments(x).mean.dtype == torch.float32
@@ -372,17 +419,36 @@ def test_half_precision_keeps_dtype_with_float32_statistics(dtype, affine, maske
 
 
 def test_update_running_stats_is_the_documented_formula():
-    rm, rv = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, 4.0], dtype=torch.float64)
-    mean, var = torch.tensor([5.0, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
+    rm, rv = (
+        torch.tensor([1.0, 2.0], dtype=torch.float64),
+        torch.tensor([3.0, 4.0], dtype=torch.float64),
+    )
+    mean, var = (
+        torch.tensor([5.0, -1.0], dtype=torch.float64),
+        torch.tensor([2.0, 0.5], dtype=torch.float64),
+    )
     F.update_running_stats(rm, rv, mean, var, 10, 0.2)
-    torch.testing.assert_close(rm, torch.tensor([0.8 * 1 + 0.2 * 5, 0.8 * 2 - 0.2], dtype=torch.float64))
-    torch.testing.assert_close(rv, torch.tensor([0.8 * 3 + 0.2 * 2 * 10 / 9, 0.8 * 4 + 0.2 * 0.5 * 10 / 9], dtype=torch.float64))
+    torch.testing.assert_close(
+        rm, torch.tensor([0.8 * 1 + 0.2 * 5, 0.8 * 2 - 0.2], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        rv,
+        torch.tensor(
+            [0.8 * 3 + 0.2 * 2 * 10 / 9, 0.8 * 4 + 0.2 * 0.5 * 10 / 9], dtype=torch.float64
+        ),
+    )
 
 
 def test_update_running_stats_per_channel_tensor_counts():
     rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    F.update_running_stats(rm, rv, torch.tensor([1.0, 1.0], dtype=torch.float64), torch.tensor([3.0, 3.0], dtype=torch.float64),
-                           torch.tensor([4.0, 7.0], dtype=torch.float64), 1.0)
+    F.update_running_stats(
+        rm,
+        rv,
+        torch.tensor([1.0, 1.0], dtype=torch.float64),
+        torch.tensor([3.0, 3.0], dtype=torch.float64),
+        torch.tensor([4.0, 7.0], dtype=torch.float64),
+        1.0,
+    )
     torch.testing.assert_close(rv, torch.tensor([3.0 * 4 / 3, 3.0 * 7 / 6], dtype=torch.float64))
 
 
@@ -390,12 +456,26 @@ def test_update_running_stats_per_channel_tensor_counts():
 def test_update_running_stats_skips_nonfinite_batches(bad):
     rm, rv = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
     tracked, skipped = torch.tensor(5), torch.tensor(0)
-    F.update_running_stats(rm, rv, torch.tensor([0.0, bad]), torch.tensor([1.0, 1.0]), 4, 0.1, tracked, skipped)
+    F.update_running_stats(
+        rm, rv, torch.tensor([0.0, bad]), torch.tensor([1.0, 1.0]), 4, 0.1, tracked, skipped
+    )
     assert rm.tolist() == [1.0, 2.0] and rv.tolist() == [3.0, 4.0]
     assert (int(tracked), int(skipped)) == (5, 1)
-    F.update_running_stats(rm, rv, torch.tensor([0.0, 0.0]), torch.tensor([1.0, bad]), 4, 0.1, tracked, skipped)
+    F.update_running_stats(
+        rm, rv, torch.tensor([0.0, 0.0]), torch.tensor([1.0, bad]), 4, 0.1, tracked, skipped
+    )
     assert rm.tolist() == [1.0, 2.0] and (int(tracked), int(skipped)) == (5, 2)
-    F.update_running_stats(rm, rv, torch.tensor([0.0, 0.0]), torch.tensor([1.0, bad]), 4, 0.1, tracked, skipped, skip_nonfinite=False)
+    F.update_running_stats(
+        rm,
+        rv,
+        torch.tensor([0.0, 0.0]),
+        torch.tensor([1.0, bad]),
+        4,
+        0.1,
+        tracked,
+        skipped,
+        skip_nonfinite=False,
+    )
     assert not torch.isfinite(rv).all() and (int(tracked), int(skipped)) == (6, 2)
 
 
@@ -408,7 +488,14 @@ def test_update_running_stats_makes_no_data_dependent_host_decision():
         F.update_running_stats(rm, rv, mean, var, 8, None, tracked, skipped)
         return rm, rv, tracked, skipped
 
-    args = (torch.zeros(3), torch.ones(3), torch.randn(3), torch.rand(3), torch.tensor(2), torch.tensor(0))
+    args = (
+        torch.zeros(3),
+        torch.ones(3),
+        torch.randn(3),
+        torch.rand(3),
+        torch.tensor(2),
+        torch.tensor(0),
+    )
     graph = make_fx(step, tracing_mode="fake")(*args)
     for got, want in zip(graph(*args), step(*args)):
         torch.testing.assert_close(got, want)
@@ -418,7 +505,9 @@ def test_update_running_stats_makes_no_data_dependent_host_decision():
 
 
 def test_batch_norm_rejects_running_mean_without_running_var():
-    with pytest.raises(ValueError, match="expected running_mean and running_var both given or both None"):
+    with pytest.raises(
+        ValueError, match="expected running_mean and running_var both given or both None"
+    ):
         F.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=True)
 
 
@@ -431,14 +520,23 @@ def test_batch_norm_momentum_none_needs_num_batches_tracked():
 
 @pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
 def test_batch_norm_rejects_vectors_of_the_wrong_length(name):
-    kwargs = {"running_mean": torch.zeros(3), "running_var": torch.ones(3), "weight": torch.ones(3), "bias": torch.zeros(3)}
+    kwargs = {
+        "running_mean": torch.zeros(3),
+        "running_var": torch.ones(3),
+        "weight": torch.ones(3),
+        "bias": torch.zeros(3),
+    }
     kwargs[name] = torch.ones(4)
-    with pytest.raises(ValueError, match=rf"expected {name} of shape \(3,\) .* \(got shape \(4,\)\)"):
+    with pytest.raises(
+        ValueError, match=rf"expected {name} of shape \(3,\) .* \(got shape \(4,\)\)"
+    ):
         F.batch_norm(torch.randn(5, 3), training=True, **kwargs)
 
 
 def test_batch_norm_rejects_an_axis_out_of_range():
-    with pytest.raises(ValueError, match=r"expected a channel axis in \[-3, 2\] for a 3D input \(got axis=3\)"):
+    with pytest.raises(
+        ValueError, match=r"expected a channel axis in \[-3, 2\] for a 3D input \(got axis=3\)"
+    ):
         F.batch_norm(torch.randn(2, 3, 4), None, None, training=True, axis=3)
 
 

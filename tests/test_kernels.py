@@ -149,7 +149,11 @@ def test_activation_math_matches_hand_derived_numpy(name):
 
 
 def test_invertible_activations_are_the_documented_ones():
-    assert [n for n in kernels.ACTIVATIONS if make_act(n).invertible] == ["identity", "leaky_relu", "elu"]
+    assert [n for n in kernels.ACTIVATIONS if make_act(n).invertible] == [
+        "identity",
+        "leaky_relu",
+        "elu",
+    ]
     assert not Activation("leaky_relu", 0.0).invertible
     with pytest.raises(ValueError, match="alpha > 0"):
         Activation("elu", 0.0)
@@ -217,7 +221,12 @@ def test_half_precision_input_float32_statistics(dtype, memory_efficient):
 
 @pytest.mark.parametrize(
     "name,residual,memory_efficient",
-    [("silu", True, False), ("gelu", False, False), ("leaky_relu", True, True), ("elu", False, True)],
+    [
+        ("silu", True, False),
+        ("gelu", False, False),
+        ("leaky_relu", True, True),
+        ("elu", False, True),
+    ],
 )
 def test_gradcheck_float64(name, residual, memory_efficient):
     x, r, _, w, b = inputs((4, 3, 3, 2), residual=residual, dtype=torch.float64)
@@ -278,7 +287,9 @@ def _block_saved_ratio(norm: nn.Module, residual: bool) -> float:
     torch.manual_seed(0)
     block = nn.ModuleDict({"conv": nn.Conv2d(8, 8, 3, 1, 1, bias=False), "norm": norm})
     x = torch.randn(16, 8, 8, 8, requires_grad=True)
-    nbytes, y = saved_tensor_bytes(lambda: block["norm"](block["conv"](x), x if residual else None), block)
+    nbytes, y = saved_tensor_bytes(
+        lambda: block["norm"](block["conv"](x), x if residual else None), block
+    )
     return nbytes / y.nelement() / y.element_size()
 
 
@@ -343,7 +354,9 @@ def test_layer_matches_torch_layers_over_steps(rank, momentum):
 def test_torch_checkpoint_loads_and_repr_names_the_activation():
     theirs = nn.BatchNorm2d(3)
     theirs.running_mean.fill_(0.3)
-    ours = bnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.2, memory_efficient=True)
+    ours = bnorm.BatchNormAct2d(
+        3, activation="leaky_relu", negative_slope=0.2, memory_efficient=True
+    )
     ours.load_state_dict(theirs.state_dict())
     assert torch.equal(ours.running_mean, theirs.running_mean)
     assert "activation='leaky_relu', negative_slope=0.2, memory_efficient=True" in repr(ours)
@@ -415,9 +428,17 @@ def test_memory_efficient_with_mask_is_a_clear_error_and_changes_nothing():
     [
         ({"activation": "tanh"}, ValueError, "expected an activation in"),
         ({"activation": None}, TypeError, "expected activation to be a str"),
-        ({"activation": "leaky_relu", "negative_slope": float("nan")}, ValueError, "negative_slope"),
+        (
+            {"activation": "leaky_relu", "negative_slope": float("nan")},
+            ValueError,
+            "negative_slope",
+        ),
         ({"activation": "relu", "memory_efficient": True}, ValueError, "invertible"),
-        ({"activation": "elu", "memory_efficient": True, "virtual_batch_size": 2}, ValueError, "virtual_batch_size"),
+        (
+            {"activation": "elu", "memory_efficient": True, "virtual_batch_size": 2},
+            ValueError,
+            "virtual_batch_size",
+        ),
         ({"sync": True, "virtual_batch_size": 2}, ValueError, "virtual_batch_size"),
     ],
 )
@@ -428,7 +449,9 @@ def test_constructor_errors(kwargs, error, match):
 
 def test_residual_of_another_shape_is_a_clear_error_and_changes_nothing():
     layer = bnorm.BatchNormAct2d(3)
-    with pytest.raises(ValueError, match=r"BatchNormAct2d: expected a residual of the input's shape"):
+    with pytest.raises(
+        ValueError, match=r"BatchNormAct2d: expected a residual of the input's shape"
+    ):
         layer(torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 1))
     assert int(layer.num_batches_tracked) == 0
 
@@ -535,7 +558,9 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
     x, r, dy, w, b = inputs((8, 4, 5, 5), "NCHW", residual=False, dtype=torch.bfloat16)
     act = make_act("leaky_relu")
     fused = run_fused(x, r, dy, w, b, act, True)
-    assert any(key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernel_compile._COMPILED)
+    assert any(
+        key[0] == "bwd_out" and key[-1] == torch.bfloat16 for key in kernel_compile._COMPILED
+    )
     assert kernel_compile._COMPILE_FAILURE is None
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
     fallback = run_fused(x, r, dy, w, b, act, True)

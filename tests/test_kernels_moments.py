@@ -17,13 +17,17 @@ def explicit(x, w, b, residual, mask, groups, act):
     """act(BN(x) + residual) per group of samples, statistics over the valid positions,
     written out with plain torch ops (autograd differentiates it). NCHW logical shape."""
     outs, means, m2s, counts = [], [], [], []
-    for xg, mg in zip(x.chunk(groups), (mask.chunk(groups) if mask is not None else [None] * groups)):
+    for xg, mg in zip(
+        x.chunk(groups), (mask.chunk(groups) if mask is not None else [None] * groups)
+    ):
         valid = torch.ones_like(xg[:, 0], dtype=torch.bool) if mg is None else mg
         vals = xg.movedim(1, -1)[valid]  # (m, C)
         mean = vals.mean(0)
         var = vals.var(0, unbiased=False)
         view = (1, -1) + (1,) * (x.dim() - 2)
-        outs.append((xg - mean.view(view)) / torch.sqrt(var.view(view) + EPS) * w.view(view) + b.view(view))
+        outs.append(
+            (xg - mean.view(view)) / torch.sqrt(var.view(view) + EPS) * w.view(view) + b.view(view)
+        )
         means.append(mean)
         m2s.append(var * vals.shape[0])
         counts.append(vals.shape[0])
@@ -88,14 +92,24 @@ def run_layer(case, layout, dtype=torch.float64, seed=0, axis_last=False):
     yr, mean, var = explicit(xr, wr, br, rr, mask, groups, act)
     yr.backward(dy)
     ours = (y, dx, layer.weight.grad, layer.bias.grad, dr, layer.running_mean, layer.running_var)
-    ref = (yr, xr.grad, wr.grad, br.grad, None if rr is None else rr.grad, 0.1 * mean, 0.9 + 0.1 * var)
+    ref = (
+        yr,
+        xr.grad,
+        wr.grad,
+        br.grad,
+        None if rr is None else rr.grad,
+        0.1 * mean,
+        0.9 + 0.1 * var,
+    )
     return ours, ref, y
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last", "axis=-1"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_eager_function_matches_explicit_torch_ops(case, layout):
-    ours, ref, y = run_layer(case, "NCHW" if layout == "axis=-1" else layout, axis_last=layout == "axis=-1")
+    ours, ref, y = run_layer(
+        case, "NCHW" if layout == "axis=-1" else layout, axis_last=layout == "axis=-1"
+    )
     for a, e in zip(ours, ref):
         if e is None:
             assert a is None
@@ -133,7 +147,15 @@ def test_compiled_renorm_takes_the_moments_kernel_and_equals_the_eager_native_pa
         xl = x.clone().requires_grad_()
         y = layer(xl)
         y.backward(dy)
-        return y, xl.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var, layer.num_batches_tracked
+        return (
+            y,
+            xl.grad,
+            layer.weight.grad,
+            layer.bias.grad,
+            layer.running_mean,
+            layer.running_var,
+            layer.num_batches_tracked,
+        )
 
     fused = run()
     # key: ("mfwd", activation, parameter, residual?, mask?, renorm?, dtype, running?, skip?)
@@ -205,7 +227,9 @@ def test_the_kernel_math_is_shared_with_the_eager_formulas():
     pooled = bnorm.functional.pool_moments(m)
     rm, rv = torch.zeros(3), torch.ones(3)
     tracked = torch.zeros((), dtype=torch.long)
-    bnorm.functional.update_running_stats(rm, rv, pooled.mean, pooled.var, pooled.count, None, tracked)
+    bnorm.functional.update_running_stats(
+        rm, rv, pooled.mean, pooled.var, pooled.count, None, tracked
+    )
     torch.testing.assert_close(layer.running_mean, rm)
     torch.testing.assert_close(layer.running_var, rv)
     assert int(layer.num_batches_tracked) == 1
@@ -233,7 +257,9 @@ def test_ghost_batches_of_a_tensor_whose_size_one_dim_has_the_largest_stride():
     x = torch.randn(1, 8, 3, 5, dtype=torch.float64).permute(1, 2, 0, 3)
     assert x.stride()[2] == max(x.stride())
     y = bnorm.functional.batch_norm(x, None, None, training=True, virtual_batch_size=4)
-    expected = torch.cat([TF.batch_norm(part, None, None, training=True) for part in x.contiguous().chunk(2)])
+    expected = torch.cat(
+        [TF.batch_norm(part, None, None, training=True) for part in x.contiguous().chunk(2)]
+    )
     torch.testing.assert_close(y, expected)
 
 
@@ -255,4 +281,6 @@ def test_ghost_layer_inside_torch_compile_equals_eager(masked):
     yc.square().sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(traced.get_buffer(name), eager.get_buffer(name), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            traced.get_buffer(name), eager.get_buffer(name), rtol=1e-5, atol=1e-6
+        )

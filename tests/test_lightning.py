@@ -121,7 +121,9 @@ def test_layer_sync_plugin_applies_and_reverts_sharing_state():
     moved = synced[4].running_mean.clone()
     reverted = plugin.revert(synced)
     assert reverted[1] is originals[0] and reverted[4] is originals[1]
-    assert torch.equal(reverted[4].running_mean, moved) and int(reverted[4].num_batches_tracked) == 1
+    assert (
+        torch.equal(reverted[4].running_mean, moved) and int(reverted[4].num_batches_tracked) == 1
+    )
 
 
 def _ddp_fit(record: str, batch_size: int, epochs: int) -> None:
@@ -157,4 +159,6 @@ def test_layer_sync_plugin_two_processes_train_like_one_process_on_the_whole_bat
     for rank in (0, 1):
         state = torch.load(tmp_path / f"state-{rank}.pt")
         for key, value in net.state_dict().items():
-            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {key}")
+            torch.testing.assert_close(
+                state[key], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {key}"
+            )

@@ -25,7 +25,12 @@ RANKS = {
     "1d-3D": (bnorm.BatchNorm1d, nn.BatchNorm1d, (4, C, 5), 1),
     "2d": (bnorm.BatchNorm2d, nn.BatchNorm2d, (4, C, 3, 5), 1),
     "3d": (bnorm.BatchNorm3d, nn.BatchNorm3d, (2, C, 2, 3, 4), 1),
-    "generic-nhwc": (lambda *a, **k: bnorm.BatchNorm(*a, axis=-1, **k), nn.BatchNorm2d, (4, C, 3, 5), -1),
+    "generic-nhwc": (
+        lambda *a, **k: bnorm.BatchNorm(*a, axis=-1, **k),
+        nn.BatchNorm2d,
+        (4, C, 3, 5),
+        -1,
+    ),
 }
 
 CASES = list(
@@ -42,7 +47,9 @@ CASES = list(
 
 
 def _tolerance(dtype):
-    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    return (
+        {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-10}
+    )
 
 
 def _pair(rank, dtype, **options):
@@ -92,7 +99,9 @@ def _compare_buffers(ours, theirs, tol):
 @pytest.mark.parametrize(("rank", "affine", "bias", "track", "momentum", "mode", "dtype"), CASES)
 def test_layer_matches_torch_over_several_steps(rank, affine, bias, track, momentum, mode, dtype):
     gen = torch.Generator().manual_seed(len(rank) * 7 + affine + 2 * bias + 4 * track)
-    ours, theirs = _pair(rank, dtype, affine=affine, bias=bias, track_running_stats=track, momentum=momentum)
+    ours, theirs = _pair(
+        rank, dtype, affine=affine, bias=bias, track_running_stats=track, momentum=momentum
+    )
     for _ in range(2 if mode == "eval" else 3):
         _step_and_compare(ours, theirs, rank, dtype, gen)
     if mode == "eval":
@@ -102,7 +111,10 @@ def test_layer_matches_torch_over_several_steps(rank, affine, bias, track, momen
             _step_and_compare(ours, theirs, rank, dtype, gen)
 
 
-@pytest.mark.parametrize(("rank", "torch_cls"), [(2, nn.BatchNorm1d), (3, nn.BatchNorm1d), (4, nn.BatchNorm2d), (5, nn.BatchNorm3d)])
+@pytest.mark.parametrize(
+    ("rank", "torch_cls"),
+    [(2, nn.BatchNorm1d), (3, nn.BatchNorm1d), (4, nn.BatchNorm2d), (5, nn.BatchNorm3d)],
+)
 def test_generic_layer_with_axis_1_matches_torch_for_each_rank(rank, torch_cls):
     ours, theirs = bnorm.BatchNorm(C), torch_cls(C)
     shape = (6, C, 3, 2, 2)[:rank]
@@ -121,7 +133,9 @@ def test_half_precision_input_matches_torch_and_keeps_dtype(dtype, layer_dtype):
     out_ours, out_theirs = ours(x), theirs(x)
     assert out_ours.dtype == out_theirs.dtype == dtype
     torch.testing.assert_close(out_ours, out_theirs, atol=2e-2, rtol=1e-2)
-    stats_tol = {"atol": 1e-5, "rtol": 1e-5} if ldtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    stats_tol = (
+        {"atol": 1e-5, "rtol": 1e-5} if ldtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    )
     _compare_buffers(ours, theirs, stats_tol)
 
 
@@ -158,7 +172,14 @@ OPTION_SETS = [
 
 
 @pytest.mark.parametrize("options", OPTION_SETS, ids=str)
-@pytest.mark.parametrize(("ours_cls", "torch_cls"), [(bnorm.BatchNorm1d, nn.BatchNorm1d), (bnorm.BatchNorm2d, nn.BatchNorm2d), (bnorm.BatchNorm3d, nn.BatchNorm3d)])
+@pytest.mark.parametrize(
+    ("ours_cls", "torch_cls"),
+    [
+        (bnorm.BatchNorm1d, nn.BatchNorm1d),
+        (bnorm.BatchNorm2d, nn.BatchNorm2d),
+        (bnorm.BatchNorm3d, nn.BatchNorm3d),
+    ],
+)
 def test_extra_repr_and_state_dict_keys_equal_torch(ours_cls, torch_cls, options):
     ours, theirs = ours_cls(5, **options), torch_cls(5, **options)
     assert ours.extra_repr() == theirs.extra_repr()
@@ -188,7 +209,11 @@ def _trained(module, steps=3, shape=(6, 4, 3, 3)):
 @pytest.mark.parametrize("direction", ["torch->bnorm", "bnorm->torch"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=str)
 def test_checkpoints_load_both_ways(direction, options):
-    src_cls, dst_cls = (nn.BatchNorm2d, bnorm.BatchNorm2d) if direction == "torch->bnorm" else (bnorm.BatchNorm2d, nn.BatchNorm2d)
+    src_cls, dst_cls = (
+        (nn.BatchNorm2d, bnorm.BatchNorm2d)
+        if direction == "torch->bnorm"
+        else (bnorm.BatchNorm2d, nn.BatchNorm2d)
+    )
     src = _trained(src_cls(4, **options))
     dst = dst_cls(4, **options)
     result = dst.load_state_dict(src.state_dict(), strict=True)
@@ -353,7 +378,9 @@ def test_torch_compile_fullgraph_matches_torch_in_training_and_eval():
 
 
 def _snapshot(module):
-    return {k: v.clone() for k, v in module.named_buffers()} | {k: v.detach().clone() for k, v in module.named_parameters()}
+    return {k: v.clone() for k, v in module.named_buffers()} | {
+        k: v.detach().clone() for k, v in module.named_parameters()
+    }
 
 
 def _assert_unchanged(module, snapshot):
@@ -371,19 +398,39 @@ def _rejects(module, args, error, message):
 
 
 def test_wrong_rank_raises_value_error_and_changes_nothing():
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 4, 3),), ValueError, r"^BatchNorm2d: expected 4D input \(got 3D input\)$")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randn(4, 4, 3),),
+        ValueError,
+        r"^BatchNorm2d: expected 4D input \(got 3D input\)$",
+    )
 
 
 def test_wrong_rank_for_batchnorm1d_lists_both_ranks():
-    _rejects(bnorm.BatchNorm1d(4), (torch.randn(2, 4, 3, 3),), ValueError, r"^BatchNorm1d: expected 2D or 3D input \(got 4D input\)$")
+    _rejects(
+        bnorm.BatchNorm1d(4),
+        (torch.randn(2, 4, 3, 3),),
+        ValueError,
+        r"^BatchNorm1d: expected 2D or 3D input \(got 4D input\)$",
+    )
 
 
 def test_rank_below_two_for_the_generic_layer_raises():
-    _rejects(bnorm.BatchNorm(4), (torch.randn(4),), ValueError, r"^BatchNorm: expected an input of at least 2 dimensions \(got 1D input\)$")
+    _rejects(
+        bnorm.BatchNorm(4),
+        (torch.randn(4),),
+        ValueError,
+        r"^BatchNorm: expected an input of at least 2 dimensions \(got 1D input\)$",
+    )
 
 
 def test_wrong_channel_count_raises_value_error_and_changes_nothing():
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 5, 3, 3),), ValueError, r"^BatchNorm2d: expected .*4.* \(got .*5")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randn(4, 5, 3, 3),),
+        ValueError,
+        r"^BatchNorm2d: expected .*4.* \(got .*5",
+    )
 
 
 def test_wrong_channel_count_raises_even_without_parameters_or_running_stats():
@@ -393,20 +440,41 @@ def test_wrong_channel_count_raises_even_without_parameters_or_running_stats():
 
 
 def test_wrong_channel_count_on_the_nhwc_axis_raises():
-    _rejects(_trained(bnorm.BatchNorm(4, axis=-1), shape=(6, 3, 3, 4)), (torch.randn(4, 3, 3, 5),), ValueError, r"^BatchNorm: expected .*4.* \(got .*5")
+    _rejects(
+        _trained(bnorm.BatchNorm(4, axis=-1), shape=(6, 3, 3, 4)),
+        (torch.randn(4, 3, 3, 5),),
+        ValueError,
+        r"^BatchNorm: expected .*4.* \(got .*5",
+    )
 
 
 def test_non_floating_input_raises_type_error_and_changes_nothing():
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randint(0, 9, (4, 4, 3, 3)),), TypeError, r"^BatchNorm2d: expected a floating-point input \(got dtype torch.int64\)$")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randint(0, 9, (4, 4, 3, 3)),),
+        TypeError,
+        r"^BatchNorm2d: expected a floating-point input \(got dtype torch.int64\)$",
+    )
 
 
 def test_non_tensor_input_raises_type_error():
-    _rejects(bnorm.BatchNorm1d(2), ([[1.0, 2.0], [3.0, 4.0]],), TypeError, r"^BatchNorm1d: expected input to be a Tensor \(got list\)$")
+    _rejects(
+        bnorm.BatchNorm1d(2),
+        ([[1.0, 2.0], [3.0, 4.0]],),
+        TypeError,
+        r"^BatchNorm1d: expected input to be a Tensor \(got list\)$",
+    )
 
 
 def test_one_value_per_channel_in_training_raises_and_does_not_count_the_batch():
     ours = _trained(bnorm.BatchNorm1d(4), shape=(6, 4))
-    _rejects(ours, (torch.randn(1, 4),), ValueError, r"^BatchNorm1d: expected more than 1 value per channel when training \(got 1 for input of shape \(1, 4\)\)$")
+    _rejects(
+        ours,
+        (torch.randn(1, 4),),
+        ValueError,
+        r"^BatchNorm1d: expected more than 1 value per channel when training "
+        r"\(got 1 for input of shape \(1, 4\)\)$",
+    )
     # torch counts the rejected batch before raising (a RuntimeError... or ValueError).
     theirs = nn.BatchNorm1d(4)
     with pytest.raises((ValueError, RuntimeError)):
@@ -425,21 +493,41 @@ def test_one_value_per_channel_is_fine_in_eval():
 def test_mask_with_one_valid_value_in_training_raises_and_changes_nothing():
     mask = torch.zeros(4, 3, 3, dtype=torch.bool)
     mask[0, 0, 0] = True
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 4, 3, 3), mask), ValueError, r"expected more than 1 value per channel when training \(got 1 .* with its mask\)")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randn(4, 4, 3, 3), mask),
+        ValueError,
+        r"expected more than 1 value per channel when training \(got 1 .* with its mask\)",
+    )
 
 
 def test_mask_of_the_wrong_shape_raises_value_error_and_changes_nothing():
     mask = torch.ones(4, 4, 3, 3, dtype=torch.bool)
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 4, 3, 3), mask), ValueError, r"expected a mask of shape \(4, 3, 3\) .* \(got \(4, 4, 3, 3\)\)")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randn(4, 4, 3, 3), mask),
+        ValueError,
+        r"expected a mask of shape \(4, 3, 3\) .* \(got \(4, 4, 3, 3\)\)",
+    )
 
 
 def test_mask_of_the_wrong_dtype_raises_type_error_and_changes_nothing():
     mask = torch.ones(4, 3, 3)
-    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 4, 3, 3), mask), TypeError, r"expected a bool mask \(got dtype torch.float32\)")
+    _rejects(
+        _trained(bnorm.BatchNorm2d(4)),
+        (torch.randn(4, 4, 3, 3), mask),
+        TypeError,
+        r"expected a bool mask \(got dtype torch.float32\)",
+    )
 
 
 def test_axis_out_of_range_for_the_input_raises():
-    _rejects(bnorm.BatchNorm(4, axis=3), (torch.randn(4, 4, 3),), ValueError, r"expected a channel axis in \[-3, 2\] for a 3D input \(got axis=3\)")
+    _rejects(
+        bnorm.BatchNorm(4, axis=3),
+        (torch.randn(4, 4, 3),),
+        ValueError,
+        r"expected a channel axis in \[-3, 2\] for a 3D input \(got axis=3\)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -468,7 +556,9 @@ def test_eps_follows_torch_constructed_freely_refused_in_training(eps):
     x = torch.randn(3, 4, 2, 2)
     with pytest.raises(ValueError, match="eps must be positive during training") as torch_error:
         theirs(x)
-    with pytest.raises(ValueError, match=r"BatchNorm2d: batch_norm eps must be positive during training"):
+    with pytest.raises(
+        ValueError, match=r"BatchNorm2d: batch_norm eps must be positive during training"
+    ):
         ours(x)
     assert "eps must be positive" in str(torch_error.value)
     assert int(ours.num_batches_tracked) == 0
@@ -523,7 +613,9 @@ def test_nonfinite_batch_is_skipped_and_counted(value):
     y = torch.randn(6, 4, 3, 3)
     ours(y)
     assert int(ours.num_batches_tracked) == 4 and int(ours.num_batches_skipped) == 1
-    torch.testing.assert_close(ours.running_mean, 0.9 * before["running_mean"] + 0.1 * y.mean((0, 2, 3)))
+    torch.testing.assert_close(
+        ours.running_mean, 0.9 * before["running_mean"] + 0.1 * y.mean((0, 2, 3))
+    )
 
 
 def test_without_skip_nonfinite_the_statistics_become_nan_like_torch():
@@ -555,7 +647,10 @@ def test_nan_only_in_masked_out_positions_is_not_skipped():
     x[1, :, 3] = float("nan")
     out = ours(x, mask)
     assert int(ours.num_batches_skipped) == 0 and int(ours.num_batches_tracked) == 1
-    assert torch.isfinite(ours.running_mean).all() and torch.isfinite(out[mask.unsqueeze(1).expand_as(x)]).all()
+    assert (
+        torch.isfinite(ours.running_mean).all()
+        and torch.isfinite(out[mask.unsqueeze(1).expand_as(x)]).all()
+    )
     x[0, 0, 0] = float("nan")  # now a valid position
     ours(x, mask)
     assert int(ours.num_batches_skipped) == 1 and int(ours.num_batches_tracked) == 1
@@ -590,8 +685,12 @@ def test_docstring_momentum_update_with_unbiased_running_variance():
     values = x.transpose(0, 1).reshape(3, -1).numpy()
     m = values.shape[1]
     mean_b, var_b = values.mean(1), values.var(1)
-    np.testing.assert_allclose(ours.running_mean.numpy(), 0.7 * rm0.numpy() + 0.3 * mean_b, rtol=1e-12)
-    np.testing.assert_allclose(ours.running_var.numpy(), 0.7 * rv0.numpy() + 0.3 * m / (m - 1) * var_b, rtol=1e-12)
+    np.testing.assert_allclose(
+        ours.running_mean.numpy(), 0.7 * rm0.numpy() + 0.3 * mean_b, rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        ours.running_var.numpy(), 0.7 * rv0.numpy() + 0.3 * m / (m - 1) * var_b, rtol=1e-12
+    )
 
 
 def test_docstring_output_uses_the_biased_batch_variance():
@@ -615,4 +714,6 @@ def test_docstring_momentum_none_weights_by_one_over_num_batches_tracked():
 def test_without_running_statistics_batch_statistics_are_used_in_eval():
     ours = bnorm.BatchNorm1d(2, track_running_stats=False, affine=False, dtype=torch.float64).eval()
     x = torch.randn(6, 2, dtype=torch.float64) + 4
-    torch.testing.assert_close(ours(x), (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5))
+    torch.testing.assert_close(
+        ours(x), (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    )

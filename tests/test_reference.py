@@ -124,7 +124,9 @@ def test_backward_docstring_formula_dx_written_out():
         xhat = (x[:, c] - mu) / np.sqrt(var + 1e-4)
         sum_g, sum_gx = dy[:, c].sum(), (dy[:, c] * xhat).sum()
         for i in range(m):
-            expected = gamma[c] / (m * np.sqrt(var + 1e-4)) * (m * dy[i, c] - sum_g - xhat[i] * sum_gx)
+            expected = (
+                gamma[c] / (m * np.sqrt(var + 1e-4)) * (m * dy[i, c] - sum_g - xhat[i] * sum_gx)
+            )
             assert dx[i, c] == pytest.approx(expected, rel=1e-12, abs=1e-14)
 
 

@@ -98,7 +98,15 @@ def test_renorm_r_and_d_are_constants_for_backprop():
 
 @pytest.mark.parametrize(
     ("step", "r_max", "d_max"),
-    [(0, 1.0, 0.0), (4999, 1.0, 0.0), (5000, 1.0, 0.0), (22500, 2.0, 4.375), (25000, 1 + 2 * 20 / 35, 5.0), (40000, 3.0, 5.0), (10**6, 3.0, 5.0)],
+    [
+        (0, 1.0, 0.0),
+        (4999, 1.0, 0.0),
+        (5000, 1.0, 0.0),
+        (22500, 2.0, 4.375),
+        (25000, 1 + 2 * 20 / 35, 5.0),
+        (40000, 3.0, 5.0),
+        (10**6, 3.0, 5.0),
+    ],
 )
 def test_renorm_schedule_follows_the_paper(step, r_max, d_max):
     # Paper: r_max = 1, d_max = 0 for 5k steps, then r_max → 3 at 40k, d_max → 5 at 25k.
@@ -160,7 +168,9 @@ def test_ghost_equals_explicit_per_group_batch_norm(split, layout):
     dgamma = np.zeros(3)
     for gi in range(groups):
         sl = slice(gi * k, (gi + 1) * k)
-        y_ref, cache = reference.forward(x[sl].numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy(), axis=axis)
+        y_ref, cache = reference.forward(
+            x[sl].numpy(), layer.weight.detach().numpy(), layer.bias.detach().numpy(), axis=axis
+        )
         np.testing.assert_allclose(y[sl].detach().numpy(), y_ref, rtol=1e-10, atol=1e-12)
         dx, dg, _ = reference.backward(dy[sl].numpy(), cache)
         np.testing.assert_allclose(xa.grad[sl].numpy(), dx, rtol=1e-8, atol=1e-10)
@@ -168,7 +178,14 @@ def test_ghost_equals_explicit_per_group_batch_norm(split, layout):
     np.testing.assert_allclose(layer.weight.grad.numpy(), dgamma, rtol=1e-9)
     # Running statistics: from the merged moments, as if from the whole batch.
     whole_mean, whole_var = reference.population_statistics([x.numpy()], axis=axis)
-    expected_mean, expected_var = reference.update_running(np.zeros(3), np.ones(3), whole_mean, whole_var * (x.numel() // 3 - 1) / (x.numel() // 3), x.numel() // 3, 0.1)
+    expected_mean, expected_var = reference.update_running(
+        np.zeros(3),
+        np.ones(3),
+        whole_mean,
+        whole_var * (x.numel() // 3 - 1) / (x.numel() // 3),
+        x.numel() // 3,
+        0.1,
+    )
     np.testing.assert_allclose(layer.running_mean.numpy(), expected_mean, rtol=1e-10)
     np.testing.assert_allclose(layer.running_var.numpy(), expected_var, rtol=1e-10)
 
@@ -254,7 +271,9 @@ def test_masked_gradcheck_float64():
     layer = bnorm.BatchNorm1d(3).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     w = layer.weight
-    assert torch.autograd.gradcheck(lambda t, w: bnorm.functional.batch_norm(t, None, None, w, None, True, mask=mask), (x, w))
+    assert torch.autograd.gradcheck(
+        lambda t, w: bnorm.functional.batch_norm(t, None, None, w, None, True, mask=mask), (x, w)
+    )
     assert torch.autograd.gradgradcheck(lambda t: layer(t, mask=mask), (x,))
 
 

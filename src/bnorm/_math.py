@@ -70,7 +70,13 @@ def running_update(
 
 
 def renorm_rd(
-    mean: Tensor, var: Tensor, running_mean: Tensor, running_var: Tensor, r_max: Tensor, d_max: Tensor, eps: float
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    r_max: Tensor,
+    d_max: Tensor,
+    eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Batch Renormalization's r = clip(σ_B/σ, 1/r_max, r_max) and
     d = clip((μ_B − μ)/σ, −d_max, d_max), σ = √(running_var + ε), σ_B = √(var + ε)."""

@@ -15,7 +15,14 @@ from ._math import Moments, pool, renorm_rd
 from .distributed import all_gather_differentiable
 from .options import Activation
 
-__all__ = ["activation_tail", "merge_moments", "moments", "normalize", "pool_moments", "renorm_correction"]
+__all__ = [
+    "activation_tail",
+    "merge_moments",
+    "moments",
+    "normalize",
+    "pool_moments",
+    "renorm_correction",
+]
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -24,7 +31,8 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def _channel_axis(ndim: int, axis: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"expected a channel axis in [{-ndim}, {ndim - 1}] for a {ndim}D input (got axis={axis})"
+            f"expected a channel axis in [{-ndim}, {ndim - 1}] for a {ndim}D input "
+            f"(got axis={axis})"
         )
     return axis % ndim
 
@@ -225,7 +233,10 @@ def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation
     gradient is recorded it is updated in place."""
     if residual is None and (activation is None or activation.name == "identity"):
         return out
-    inplace = not (torch.is_grad_enabled() and (out.requires_grad or (residual is not None and residual.requires_grad)))
+    inplace = not (
+        torch.is_grad_enabled()
+        and (out.requires_grad or (residual is not None and residual.requires_grad))
+    )
     if residual is not None:
         out = out.add_(residual) if inplace else out + residual
     if activation is None:

@@ -34,7 +34,12 @@ TINY = {
     "curves": {"steps": 40, "eval_every": 10},
     "lr_tolerance": {"steps": 24, "eval_every": 24, "lrs": [0.1, 8.0]},
     "depth": {"steps": 30, "eval_every": 10, "hidden": [16, 16, 16, 16]},
-    "small_batch": {"steps": 12, "eval_every": 12, "batch_sizes": [4, 16], "norms": ["bn", "renorm", "ghost"]},
+    "small_batch": {
+        "steps": 12,
+        "eval_every": 12,
+        "batch_sizes": [4, 16],
+        "norms": ["bn", "renorm", "ghost"],
+    },
     "accumulation": {"steps": 6, "eval_every": 3, "micro_batches": 3},
 }
 FIGURES = [
@@ -69,7 +74,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_run_directory_holds_every_output_file(tiny_run: Path) -> None:
     names = {p.name for p in tiny_run.iterdir()}
-    assert {"config.json", "metrics.json", "report.html", "report.md", "checkpoints", *FIGURES} <= names
+    assert {
+        "config.json",
+        "metrics.json",
+        "report.html",
+        "report.md",
+        "checkpoints",
+        *FIGURES,
+    } <= names
     for fig in FIGURES:
         assert (tiny_run / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -78,11 +90,19 @@ def test_config_json_is_fully_resolved_and_stored_in_every_checkpoint(tiny_run: 
     config = json.loads((tiny_run / "config.json").read_text())
     exps = config["experiments"]
     assert list(exps) == [e.name for e in EXPERIMENTS]
-    assert config["seeds"] == [0, 1] and config["norm"] == ["none", "bn"] and config["dataset"] == "digits"
+    assert (
+        config["seeds"] == [0, 1]
+        and config["norm"] == ["none", "bn"]
+        and config["dataset"] == "digits"
+    )
     curves = exps["curves"]["spec"]
     # The experiment's defaults with the config file's table on top.
     assert (curves["steps"], curves["eval_every"], curves["batch_size"]) == (40, 10, 60)
-    assert (curves["activation"], curves["init"], curves["hidden"]) == ("sigmoid", "normal", [100, 100, 100])
+    assert (curves["activation"], curves["init"], curves["hidden"]) == (
+        "sigmoid",
+        "normal",
+        [100, 100, 100],
+    )
     assert exps["lr_tolerance"]["options"]["lrs"] == [0.1, 8.0]
     checkpoints = sorted((tiny_run / "checkpoints").rglob("*.json"))
     assert exps["small_batch"]["options"]["batch_sizes"] == [4, 16]
@@ -100,12 +120,19 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
     assert metrics["runs_planned"] == metrics["runs_finished"] == 32
     exps = metrics["experiments"]
     runs = exps["curves"]["runs"]
-    assert sorted((r["norm"], r["seed"]) for r in runs) == [("bn", 0), ("bn", 1), ("none", 0), ("none", 1)]
+    assert sorted((r["norm"], r["seed"]) for r in runs) == [
+        ("bn", 0),
+        ("bn", 1),
+        ("none", 0),
+        ("none", 1),
+    ]
     for r in runs:
         c = r["curve"]
         assert c["step"] == [0, 10, 20, 30, 40]
         assert len(c["test_accuracy"]) == len(c["test_loss"]) == len(c["train_loss"]) == 5
-        assert len(r["probe"]["p15"]) == 5 and all(a <= b <= d for a, b, d in zip(r["probe"]["p15"], r["probe"]["p50"], r["probe"]["p85"]))
+        assert len(r["probe"]["p15"]) == 5 and all(
+            a <= b <= d for a, b, d in zip(r["probe"]["p15"], r["probe"]["p50"], r["probe"]["p85"])
+        )
         assert len(r["predictions"]) == metrics["dataset"]["test"] == 359
     # The summary's numbers recomputed from the runs.
     summary = {row["experiment"]: row for row in metrics["summary"]}
@@ -116,7 +143,9 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
     labels = None
     pairs = exps["disagreement"]["summary"]["pairs"]["bn"]
     for pair in pairs:
-        a = next(r for r in runs if r["norm"] == "none" and r["seed"] == pair["seed"])["predictions"]
+        a = next(
+            r for r in runs if r["norm"] == "none" and r["seed"] == pair["seed"]
+        )["predictions"]
         b = next(r for r in runs if r["norm"] == "bn" and r["seed"] == pair["seed"])["predictions"]
         assert pair["disagreements"] == sum(x != y for x, y in zip(a, b))
     assert labels is None and len(pairs) == 2
@@ -137,10 +166,16 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
         (n, b) for n in ("bn", "ghost", "renorm") for b in (4, 16)
     ]
     table = small["summary"]["table"]
-    assert [row["batch_size"] for row in table] == [4, 16] and small["summary"]["field"] == "batch_size"
+    assert [row["batch_size"] for row in table] == [4, 16] and small["summary"][
+        "field"
+    ] == "batch_size"
     for row in table:  # the table's means recomputed from the runs
         for norm in ("bn", "renorm", "ghost"):
-            finals = [r["curve"]["test_accuracy"][-1] for r in small["runs"] if r["norm"] == norm and r["batch_size"] == row["batch_size"]]
+            finals = [
+                r["curve"]["test_accuracy"][-1]
+                for r in small["runs"]
+                if r["norm"] == norm and r["batch_size"] == row["batch_size"]
+            ]
             assert row[norm]["mean"] == pytest.approx(sum(finals) / len(finals))
     # A batch of 4 is one ghost batch of at most 8: ghost BN is exactly BN there.
     for seed in (0, 1):
@@ -187,7 +222,12 @@ def test_report_html_is_self_contained_with_the_summary_first(tiny_run: Path) ->
     assert embedded == {(tiny_run / f).read_bytes() for f in FIGURES}
     first_table = page[page.index("<table") : page.index("</table>")]
     assert "Summary" in page[: page.index("<table")]
-    for cell in ("The BN paper&#x27;s MNIST experiment, adapted", "Learning-rate tolerance", "Prediction disagreement", "Speed-up BN vs no BN"):
+    for cell in (
+        "The BN paper&#x27;s MNIST experiment, adapted",
+        "Learning-rate tolerance",
+        "Prediction disagreement",
+        "Speed-up BN vs no BN",
+    ):
         assert cell in first_table
 
 
@@ -207,7 +247,9 @@ def test_report_md_has_the_same_summary_table_and_figures_beside_it(tiny_run: Pa
 
 
 def test_command_line_beats_config_file_beats_defaults(tmp_path: Path) -> None:
-    config = write_json(tmp_path / "c.json", {"steps": 11, "batch_size": 30, "curves": {"steps": 22}})
+    config = write_json(
+        tmp_path / "c.json", {"steps": 11, "batch_size": 30, "curves": {"steps": 22}}
+    )
     resolved = resolve_config({"config": str(config)})
     specs = {k: v["spec"] for k, v in resolved["experiments"].items() if v["spec"]}
     assert specs["curves"]["steps"] == 22 and specs["depth"]["steps"] == 11
@@ -220,12 +262,24 @@ def test_command_line_beats_config_file_beats_defaults(tmp_path: Path) -> None:
 
 def test_toml_config_and_preset(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    toml.write_text('dataset = "synthetic"\npreset = "resnet-paper"\nexperiments = ["curves"]\nseeds = "3-5"\n')
+    toml.write_text(
+        'dataset = "synthetic"\npreset = "resnet-paper"\nexperiments = ["curves"]\nseeds = "3-5"\n'
+    )
     resolved = resolve_config({"config": str(toml)})
     spec = resolved["experiments"]["curves"]["spec"]
     assert resolved["seeds"] == [3, 4, 5] and resolved["dataset"] == "synthetic"
-    assert (spec["model"], spec["momentum"], spec["weight_decay"], spec["lr"]) == ("resnet20", 0.9, 1e-4, 0.1)
-    assert (spec["epochs"], spec["steps"], spec["batch_size"], spec["augment"]) == (164, None, 128, True)
+    assert (spec["model"], spec["momentum"], spec["weight_decay"], spec["lr"]) == (
+        "resnet20",
+        0.9,
+        1e-4,
+        0.1,
+    )
+    assert (spec["epochs"], spec["steps"], spec["batch_size"], spec["augment"]) == (
+        164,
+        None,
+        128,
+        True,
+    )
     assert spec["lr_milestones"] == [0.5, 0.75]
     # --model picks another network of the recipe; --epochs shortens it.
     resolved = resolve_config({"config": str(toml), "model": "resnet56", "epochs": "2"})
@@ -244,7 +298,11 @@ def test_help_documents_every_option() -> None:
     parser = build_parser()
     study = parser._subparsers._group_actions[0].choices["study"]  # type: ignore[union-attr]
     text = study.format_help()
-    options = [a.option_strings[-1] for a in study._actions if a.option_strings and a.option_strings[-1] != "--help"]
+    options = [
+        a.option_strings[-1]
+        for a in study._actions
+        if a.option_strings and a.option_strings[-1] != "--help"
+    ]
     assert len(options) == 19
     for opt in options:
         assert opt in text
@@ -256,7 +314,11 @@ def test_help_documents_every_option() -> None:
 
 
 def idx(array: np.ndarray) -> bytes:
-    return struct.pack(">BBBB", 0, 0, 8, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape) + array.tobytes()
+    return (
+        struct.pack(">BBBB", 0, 0, 8, array.ndim)
+        + b"".join(struct.pack(">I", n) for n in array.shape)
+        + array.tobytes()
+    )
 
 
 def mnist_dir(root: Path, truncate: bool = False) -> Path:
@@ -287,14 +349,26 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     full.mkdir()
     (full / "something").write_text("x")
     return {
-        "steps-not-int": (["--steps", "abc"], "expected steps to be a positive integer (got 'abc')"),
+        "steps-not-int": (
+            ["--steps", "abc"],
+            "expected steps to be a positive integer (got 'abc')",
+        ),
         "steps-zero": (["--steps", "0"], "expected steps to be a positive integer (got '0')"),
         "steps-and-epochs": (["--steps", "5", "--epochs", "2"], "not allowed with argument"),
         "lr-negative": (["--lr", "-1"], "expected lr to be a positive number (got '-1')"),
-        "unknown-norm": (["--norm", "none,layernorm"], "expected norm from none, bn, renorm, ghost, syncbn (got 'layernorm')"),
+        "unknown-norm": (
+            ["--norm", "none,layernorm"],
+            "expected norm from none, bn, renorm, ghost, syncbn (got 'layernorm')",
+        ),
         "repeated-norm": (["--norm", "bn,bn"], "expected no repeated entries in norm"),
-        "unknown-experiment": (["--experiments", "curves,foo"], "expected experiments from curves, lr_tolerance"),
-        "missing-source": (["--experiments", "disagreement"], "experiment 'disagreement' compares the runs of 'curves'"),
+        "unknown-experiment": (
+            ["--experiments", "curves,foo"],
+            "expected experiments from curves, lr_tolerance",
+        ),
+        "missing-source": (
+            ["--experiments", "disagreement"],
+            "experiment 'disagreement' compares the runs of 'curves'",
+        ),
         "bad-seeds": (["--seeds", "1,x"], "expected seeds to be non-negative integers (got 'x')"),
         "unknown-dataset": (["--dataset", "imagenet"], "expected dataset in digits, mnist"),
         "unknown-model": (["--model", "vgg"], "expected model in mlp, deep-mlp"),
@@ -302,30 +376,50 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "bad-device": (["--device", "gpu!"], "expected a torch device"),
         "threads-zero": (["--threads", "0"], "expected threads to be a positive integer"),
         "bad-name": (["--name", "a/b"], "expected a name of letters"),
-        "missing-config": (["--config", str(tmp / "nope.toml")], "nope.toml: cannot read the config file"),
-        "config-suffix": (["--config", str(yaml)], "c.yaml: expected a .toml or .json config file (got '.yaml')"),
+        "missing-config": (
+            ["--config", str(tmp / "nope.toml")],
+            "nope.toml: cannot read the config file",
+        ),
+        "config-suffix": (
+            ["--config", str(yaml)],
+            "c.yaml: expected a .toml or .json config file (got '.yaml')",
+        ),
         "config-unknown-key": (["--config", str(bad_key)], "bad_key.json: unknown key 'sedes'"),
-        "config-unknown-setting": (["--config", str(bad_table)], "unknown setting 'stepz' for experiment 'curves'"),
+        "config-unknown-setting": (
+            ["--config", str(bad_table)],
+            "unknown setting 'stepz' for experiment 'curves'",
+        ),
         "config-bad-toml": (["--config", str(bad_toml)], "bad.toml: not valid TOML"),
-        "config-bad-value": (["--config", str(bad_type)], "experiment 'depth': expected activation in sigmoid"),
+        "config-bad-value": (
+            ["--config", str(bad_type)],
+            "experiment 'depth': expected activation in sigmoid",
+        ),
         "out-not-empty": (["--out", str(full)], "expected --out to be a new or empty directory"),
         "resume-not-a-run": (["--resume", str(full)], "config.json to resume from"),
         "resume-with-options": (["--resume", str(full), "--steps", "5"], "drop --steps"),
-        "batch-too-large": (["--batch-size", "5000"], "expected a batch size ≤ the 1438 training images (got 5000)"),
-        "mnist-missing": (["--dataset", "mnist", "--data-dir", str(tmp / "empty")], "train-images-idx3-ubyte: file not found"),
+        "batch-too-large": (
+            ["--batch-size", "5000"],
+            "expected a batch size ≤ the 1438 training images (got 5000)",
+        ),
+        "mnist-missing": (
+            ["--dataset", "mnist", "--data-dir", str(tmp / "empty")],
+            "train-images-idx3-ubyte: file not found",
+        ),
         "mnist-truncated": (
             ["--dataset", "mnist", "--data-dir", str(mnist_dir(tmp / "mnist", truncate=True))],
-            "t10k-images-idx3-ubyte.gz: truncated: the header promises 2×28×28 = 1568 values (got 1538 bytes)",
+            "t10k-images-idx3-ubyte.gz: truncated: the header promises 2×28×28 = 1568 values "
+            "(got 1538 bytes)",
         ),
     }
 
 
 ERROR_NAMES = [
     "steps-not-int", "steps-zero", "steps-and-epochs", "lr-negative", "unknown-norm",
-    "repeated-norm", "unknown-experiment", "missing-source", "bad-seeds", "unknown-dataset", "unknown-model",
-    "unavailable-device", "bad-device", "threads-zero", "bad-name", "missing-config", "config-suffix",
-    "config-unknown-key", "config-unknown-setting", "config-bad-toml", "config-bad-value", "out-not-empty",
-    "resume-not-a-run", "resume-with-options", "batch-too-large", "mnist-missing", "mnist-truncated",
+    "repeated-norm", "unknown-experiment", "missing-source", "bad-seeds", "unknown-dataset",
+    "unknown-model", "unavailable-device", "bad-device", "threads-zero", "bad-name",
+    "missing-config", "config-suffix", "config-unknown-key", "config-unknown-setting",
+    "config-bad-toml", "config-bad-value", "out-not-empty", "resume-not-a-run",
+    "resume-with-options", "batch-too-large", "mnist-missing", "mnist-truncated",
 ]  # fmt: skip
 
 
@@ -334,10 +428,16 @@ def test_error_case_list_is_complete(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ERROR_NAMES)
-def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+def test_bad_input_exits_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
     argv, message = error_cases(tmp_path)[name]
     try:
-        code = bnorm_main(["study", "--quiet", "--out", str(tmp_path / "out"), *argv] if name not in ("out-not-empty", "resume-not-a-run", "resume-with-options") else ["study", *argv])
+        code = bnorm_main(
+            ["study", "--quiet", "--out", str(tmp_path / "out"), *argv]
+            if name not in ("out-not-empty", "resume-not-a-run", "resume-with-options")
+            else ["study", *argv]
+        )
     except SystemExit as exit_:
         code = exit_.code  # argparse's own errors
     err = capsys.readouterr().err
@@ -379,12 +479,24 @@ def test_unknown_option_exits_2_without_traceback(capsys: pytest.CaptureFixture[
 def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path) -> None:
     config = write_json(
         tmp_path / "c.json",
-        {"experiments": ["curves"], "seeds": [0, 1], "steps": 200, "eval_every": 50, "curves": {"probe": False}},
+        {
+            "experiments": ["curves"],
+            "seeds": [0, 1],
+            "steps": 200,
+            "eval_every": 50,
+            "curves": {"probe": False},
+        },
     )
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
-    proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = out / "checkpoints" / "curves" / "bn-seed0.json"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -396,17 +508,27 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
     assert proc.returncode == 130, (proc.returncode, stdout, stderr)
     assert "Traceback" not in stderr, stderr
     interrupted = json.loads((out / "metrics.json").read_text())
-    assert interrupted["interrupted"] and 2 <= interrupted["runs_finished"] < 4, interrupted["runs_finished"]
+    assert interrupted["interrupted"] and 2 <= interrupted["runs_finished"] < 4, interrupted[
+        "runs_finished"
+    ]
     assert "Interrupted" in (out / "report.html").read_text()
     assert stdout.strip().endswith("report.html")
 
-    resumed = subprocess.run([*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cmd[:4], "--resume", str(out), "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     after = json.loads((out / "metrics.json").read_text())
     assert not after["interrupted"] and after["runs_finished"] == 4
 
     # Runs finished before Ctrl-C were not trained again.
-    done_before = {(r["norm"], r["seed"]): r["wall_s"] for r in interrupted["experiments"]["curves"]["runs"]}
+    done_before = {
+        (r["norm"], r["seed"]): r["wall_s"] for r in interrupted["experiments"]["curves"]["runs"]
+    }
     for r in after["experiments"]["curves"]["runs"]:
         if (r["norm"], r["seed"]) in done_before:
             assert r["wall_s"] == done_before[(r["norm"], r["seed"])]
@@ -422,10 +544,16 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
         for record in (got, straight):  # latencies are measurements, not results
             if record.get("inference"):
                 record["inference"].pop("latency")
-        assert got == straight, (r["norm"], r["seed"], {k for k in got if got[k] != straight.get(k)})
+        assert got == straight, (
+            r["norm"],
+            r["seed"],
+            {k for k in got if got[k] != straight.get(k)},
+        )
 
 
-def test_mlp_studies_run_bnorm_eagerly_and_leave_the_environment_as_found(tmp_path: Path, monkeypatch) -> None:
+def test_mlp_studies_run_bnorm_eagerly_and_leave_the_environment_as_found(
+    tmp_path: Path, monkeypatch
+) -> None:
     """Tiny MLPs: compiling the fused kernels would cost more than it saves, so the study
     runs them eagerly (BNORM_NO_COMPILE) for its duration only; convnets keep compiling,
     and a user's own BNORM_NO_COMPILE wins."""
@@ -444,6 +572,8 @@ def test_mlp_studies_run_bnorm_eagerly_and_leave_the_environment_as_found(tmp_pa
 
     monkeypatch.setattr(run_module, "load_dataset", spy)
     config = write_json(tmp_path / "t.json", {**TINY, "seeds": [0], "experiments": ["curves"]})
-    assert bnorm_main(["study", "--config", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert (
+        bnorm_main(["study", "--config", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    )
     assert seen == ["1"]  # set while the study ran
     assert "BNORM_NO_COMPILE" not in os.environ  # and removed afterwards

@@ -31,11 +31,15 @@ from bnorm.study.train import TrainSpec, train_run
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """The IDX encoding: 0x00 0x00, type 0x08 (ubyte), ndim, big-endian uint32 sizes, data."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
+        struct.pack(">I", n) for n in array.shape
+    )
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_mnist(directory: Path, n_train: int = 12, n_test: int = 5, gz: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+def write_mnist(
+    directory: Path, n_train: int = 12, n_test: int = 5, gz: bool = False, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
@@ -107,7 +111,12 @@ def test_real_fashion_mnist_is_found_without_a_data_dir_and_trains(
     monkeypatch.chdir(tmp_path)  # no ./data here: the system-wide copy must be found
     ds = load_dataset("fashion-mnist")
     assert ds.name == "fashion-mnist" and ds.num_classes == 10
-    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (10000, 1, 28, 28)
+    assert ds.train_images.shape == (60000, 1, 28, 28) and ds.test_images.shape == (
+        10000,
+        1,
+        28,
+        28,
+    )
     # The real set: balanced, 6,000 training and 1,000 test images per class.
     assert torch.bincount(ds.train_labels).tolist() == [6000] * 10
     assert torch.bincount(ds.test_labels).tolist() == [1000] * 10
@@ -146,7 +155,10 @@ def test_truncated_idx_file_names_the_file(tmp_path: Path) -> None:
     write_mnist(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated: .*12×28×28 = 9408 values \(got 9308 bytes\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte: truncated: .*12×28×28 = 9408 values \(got 9308 bytes\)",
+    ):
         load_mnist(tmp_path)
 
 
@@ -169,21 +181,27 @@ def test_images_file_given_for_labels_is_rejected_by_its_dimensions(tmp_path: Pa
     write_mnist(tmp_path)
     images = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(images)
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: expected a 1-dimensional IDX file \(got 3"):
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte: expected a 1-dimensional IDX file \(got 3"
+    ):
         load_mnist(tmp_path)
 
 
 def test_label_and_image_counts_must_match(tmp_path: Path) -> None:
     write_mnist(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(11, np.uint8)))
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: expected 12 labels .* \(got 11\)"):
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte: expected 12 labels .* \(got 11\)"
+    ):
         load_mnist(tmp_path)
 
 
 def test_missing_mnist_file_says_where_it_looked(tmp_path: Path) -> None:
     write_mnist(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte").unlink()
-    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte: file not found \(looked for .*\.gz in"):
+    with pytest.raises(
+        DataError, match=r"t10k-images-idx3-ubyte: file not found \(looked for .*\.gz in"
+    ):
         load_mnist(tmp_path)
 
 
@@ -200,7 +218,9 @@ def test_cifar10_record_layout_is_label_then_rgb_planes(tmp_path: Path) -> None:
     # Channel c of image i is bytes [1024c, 1024(c+1)) of its pixels, row-major.
     for i in range(3):
         for c in range(3):
-            np.testing.assert_array_equal(images[i, c], pixels[i, 1024 * c : 1024 * (c + 1)].reshape(32, 32))
+            np.testing.assert_array_equal(
+                images[i, c], pixels[i, 1024 * c : 1024 * (c + 1)].reshape(32, 32)
+            )
     # Pixel (row 5, column 7) of the green plane of image 1:
     assert images[1, 1, 5, 7] == pixels[1, 1024 + 5 * 32 + 7]
 
@@ -230,7 +250,11 @@ def test_cifar100_uses_the_fine_label(tmp_path: Path) -> None:
 def test_truncated_cifar_file_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "train.bin").write_bytes(cifar_records([(1, 2), (1, 2)])[0][:-1])
     (tmp_path / "test.bin").write_bytes(cifar_records([(1, 2)])[0])
-    with pytest.raises(DataError, match=r"train\.bin: truncated or not a CIFAR binary file: 6147 bytes is not a whole number of 3074-byte records"):
+    with pytest.raises(
+        DataError,
+        match=r"train\.bin: truncated or not a CIFAR binary file: "
+        r"6147 bytes is not a whole number of 3074-byte records",
+    ):
         load_cifar100(tmp_path)
 
 
@@ -293,7 +317,9 @@ def test_synthetic_set_is_deterministic_and_cifar_shaped() -> None:
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
     assert set(a.train_labels.tolist()) == set(range(10))
     # Not constant images: the classes differ in their mean colour pattern.
-    per_class = torch.stack([a.train_images[a.train_labels == c].float().mean(0) for c in range(10)])
+    per_class = torch.stack(
+        [a.train_images[a.train_labels == c].float().mean(0) for c in range(10)]
+    )
     assert float(per_class.std(0).mean()) > 5.0
 
 

@@ -18,7 +18,17 @@ import pytest
 from bnorm.cli import main as bnorm_main
 from bnorm.testing import free_port
 
-ARGS = ["--experiments", "curves", "--norm", "bn,syncbn", "--steps", "20", "--seeds", "0", "--quiet"]
+ARGS = [
+    "--experiments",
+    "curves",
+    "--norm",
+    "bn,syncbn",
+    "--steps",
+    "20",
+    "--seeds",
+    "0",
+    "--quiet",
+]
 
 
 def _runs(out: Path) -> dict[str, dict]:
@@ -39,7 +49,9 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_two_process_syncbn_trains_like_one_process_bn_on_the_global_batch(two_process_run, tmp_path):
+def test_two_process_syncbn_trains_like_one_process_bn_on_the_global_batch(
+    two_process_run, tmp_path
+):
     single = tmp_path / "single"
     assert bnorm_main(["study", *ARGS, "--out", str(single)]) == 0
     one = _runs(single)["bn"]["curve"]

@@ -42,7 +42,13 @@ def test_resnet20_has_the_papers_0_27m_parameters() -> None:
 
 
 # He et al. 2016, Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M parameters.
-PAPER_PARAMS = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85, "resnet110": 1.7}
+PAPER_PARAMS = {
+    "resnet20": 0.27,
+    "resnet32": 0.46,
+    "resnet44": 0.66,
+    "resnet56": 0.85,
+    "resnet110": 1.7,
+}
 
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS))
@@ -62,7 +68,10 @@ def test_paper_mlp_parameter_count() -> None:
     model = build_model("mlp", (1, 28, 28), 10, "none")
     assert count_parameters(model) == 784 * 100 + 100 + 2 * (100 * 100 + 100) + 100 * 10 + 10
     # With BN the hidden biases go (β replaces them) and γ, β come in: +100 per layer.
-    assert count_parameters(build_model("mlp", (1, 28, 28), 10, "bn")) == count_parameters(model) + 3 * 100
+    assert (
+        count_parameters(build_model("mlp", (1, 28, 28), 10, "bn"))
+        == count_parameters(model) + 3 * 100
+    )
 
 
 # Every model and norm on digits' 8×8 images; the MNIST and CIFAR shapes for one of each
@@ -107,7 +116,9 @@ def test_bn_arm_uses_bnorm_layers_and_bias_free_layers_before_them(name: str) ->
     assert bns, "the BN arm must contain bnorm layers"
     # Only bnorm's layers: no torch batch norm that is not one of bnorm's.
     torch_bns = [m for m in with_bn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert all(type(m).__module__ == "bnorm.modules" for m in torch_bns) and len(torch_bns) == len(bns)
+    assert all(type(m).__module__ == "bnorm.modules" for m in torch_bns) and len(torch_bns) == len(
+        bns
+    )
     # Every weight layer but the classifier is followed by a normalization: no bias.
     *hidden, head = with_bn.weight_layers
     assert all(layer.bias is None for layer in hidden)
@@ -155,7 +166,12 @@ def test_option_a_shortcut_subsamples_and_zero_pads() -> None:
 
 @pytest.mark.parametrize(
     ("scheme", "expected_std"),
-    [("normal", 0.05), ("kaiming", math.sqrt(2 / 400)), ("xavier", math.sqrt(2 / 700)), ("torch", 1 / math.sqrt(3 * 400))],
+    [
+        ("normal", 0.05),
+        ("kaiming", math.sqrt(2 / 400)),
+        ("xavier", math.sqrt(2 / 700)),
+        ("torch", 1 / math.sqrt(3 * 400)),
+    ],
 )
 def test_initialization_scale(scheme: str, expected_std: float) -> None:
     model = build_model("mlp", (1, 20, 20), 10, "none", hidden=[300], activation="relu")
@@ -191,5 +207,7 @@ def test_bad_resnet_depth_is_a_value_error() -> None:
 
 def test_unknown_init_scheme_is_a_value_error() -> None:
     model = build_model("mlp", (1, 8, 8), 10)
-    with pytest.raises(ValueError, match=r"expected init in normal, kaiming, xavier, torch \(got 'orthogonal'\)"):
+    with pytest.raises(
+        ValueError, match=r"expected init in normal, kaiming, xavier, torch \(got 'orthogonal'\)"
+    ):
         initialize(model, torch.Generator(), "orthogonal")

@@ -33,8 +33,9 @@ def digits() -> Dataset:
 
 
 def small_spec(**kw: Any) -> TrainSpec:
-    base = TrainSpec(model="mlp", hidden=[16, 16], activation="sigmoid", init="normal", init_std=0.3,
-                     batch_size=60, steps=100, lr=0.3, eval_every=10, keep_predictions=True)  # fmt: skip
+    base = TrainSpec(model="mlp", hidden=[16, 16], activation="sigmoid", init="normal",
+                     init_std=0.3, batch_size=60, steps=100, lr=0.3, eval_every=10,
+                     keep_predictions=True)  # fmt: skip
     return replace(base, **kw)
 
 
@@ -63,7 +64,9 @@ def test_epoch_batches_are_full_disjoint_and_seeded(digits: Dataset) -> None:
     for x, y in batches:
         for row, label in zip(x, y):
             k = key(row, label)
-            assert available.get(k, 0) > 0, "an image appeared twice in one epoch (or is not in the set)"
+            assert available.get(k, 0) > 0, (
+                "an image appeared twice in one epoch (or is not in the set)"
+            )
             available[k] -= 1
 
 
@@ -85,7 +88,9 @@ def test_augmentation_is_a_shifted_crop_or_its_mirror(digits: Dataset) -> None:
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_train_one_epoch_is_plain_sgd_on_the_cross_entropy(digits: Dataset, momentum: float) -> None:
+def test_train_one_epoch_is_plain_sgd_on_the_cross_entropy(
+    digits: Dataset, momentum: float
+) -> None:
     spec = small_spec(momentum=momentum, weight_decay=1e-3)
     model = build_model("mlp", digits.image_shape, 10, "bn", hidden=[16, 16])
     initialize(model, torch.Generator().manual_seed(0), "normal", 0.3)
@@ -94,7 +99,14 @@ def test_train_one_epoch_is_plain_sgd_on_the_cross_entropy(digits: Dataset, mome
     lrs = lambda step: 0.3 if step < 5 else 0.03  # noqa: E731
     batches = list(epoch_batches(digits, spec, seed=1, epoch=0))[:8]
     seen_steps: list[int] = []
-    result = train_one_epoch(model, batches, optimizer, step=0, lr_at=lrs, after_step=lambda s, loss: seen_steps.append(s))
+    result = train_one_epoch(
+        model,
+        batches,
+        optimizer,
+        step=0,
+        lr_at=lrs,
+        after_step=lambda s, loss: seen_steps.append(s),
+    )
     assert result.step == 8 and not result.diverged
     assert seen_steps == list(range(1, 9))
 
@@ -133,15 +145,21 @@ def test_evaluate_matches_a_direct_computation(digits: Dataset) -> None:
     initialize(model, torch.Generator().manual_seed(2), "normal", 0.3)
     model.train()
     model(digits.inputs(digits.train_images[:120]))  # move the running statistics
-    ev = evaluate(model, digits.test_images, digits.test_labels, digits, batch_size=100, probe_unit=3)
+    ev = evaluate(
+        model, digits.test_images, digits.test_labels, digits, batch_size=100, probe_unit=3
+    )
     assert model.training, "evaluate must restore the training mode"
     model.eval()
     with torch.no_grad():
         x = digits.inputs(digits.test_images)
         logits = model(x)
         hidden = model.body[:-2](x)  # up to the last BN: the probe's input... and output
-    assert ev.accuracy == pytest.approx(float((logits.argmax(1) == digits.test_labels).float().mean()))
-    assert ev.loss == pytest.approx(float(nn.functional.cross_entropy(logits, digits.test_labels)), rel=1e-5)
+    assert ev.accuracy == pytest.approx(
+        float((logits.argmax(1) == digits.test_labels).float().mean())
+    )
+    assert ev.loss == pytest.approx(
+        float(nn.functional.cross_entropy(logits, digits.test_labels)), rel=1e-5
+    )
     assert torch.equal(ev.predictions, logits.argmax(1))
     assert ev.probe is not None
     torch.testing.assert_close(ev.probe, hidden[:, 3])
@@ -296,7 +314,9 @@ def test_resumed_run_ends_with_the_same_metrics(digits: Dataset, tmp_path: Path,
     assert saved["config"] == config
 
     # Resume with a different runtime entry (threads): allowed, same numbers.
-    resumed_ckpt = Checkpointer(tmp_path, f"{norm}-run", {**config, "runtime": {"threads": 2}}, min_interval_s=0.0)
+    resumed_ckpt = Checkpointer(
+        tmp_path, f"{norm}-run", {**config, "runtime": {"threads": 2}}, min_interval_s=0.0
+    )
     resumed = train_run(spec, digits, norm=norm, seed=4, checkpointer=resumed_ckpt)
     for record in (straight, resumed):
         record.pop("wall_s")
@@ -337,7 +357,14 @@ def test_finished_run_is_not_trained_again(digits: Dataset, tmp_path: Path) -> N
     ckpt = Checkpointer(tmp_path, "r", {"a": 1})
     first = train_run(spec, digits, norm="bn", seed=0, checkpointer=ckpt)
     calls: list[int] = []
-    again = train_run(spec, digits, norm="bn", seed=0, checkpointer=ckpt, on_progress=lambda s, t, a: calls.append(s))
+    again = train_run(
+        spec,
+        digits,
+        norm="bn",
+        seed=0,
+        checkpointer=ckpt,
+        on_progress=lambda s, t, a: calls.append(s),
+    )
     assert again == json.loads(json.dumps(first)) and calls == []
 
 
@@ -345,13 +372,21 @@ def test_checkpoint_of_another_configuration_is_refused(digits: Dataset, tmp_pat
     spec = small_spec(steps=30)
     train_run(spec, digits, norm="bn", seed=0, checkpointer=Checkpointer(tmp_path, "r", {"lr": 1}))
     with pytest.raises(CheckpointError, match=r"r\.json: checkpoint of a different configuration"):
-        train_run(spec, digits, norm="bn", seed=0, checkpointer=Checkpointer(tmp_path, "r", {"lr": 2}))
+        train_run(
+            spec, digits, norm="bn", seed=0, checkpointer=Checkpointer(tmp_path, "r", {"lr": 2})
+        )
 
 
 def test_damaged_checkpoint_is_reported(digits: Dataset, tmp_path: Path) -> None:
     (tmp_path / "r.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"r\.json: damaged checkpoint"):
-        train_run(small_spec(steps=30), digits, norm="bn", seed=0, checkpointer=Checkpointer(tmp_path, "r", {}))
+        train_run(
+            small_spec(steps=30),
+            digits,
+            norm="bn",
+            seed=0,
+            checkpointer=Checkpointer(tmp_path, "r", {}),
+        )
 
 
 def test_checkpoint_round_trips_model_and_momentum(digits: Dataset, tmp_path: Path) -> None:
@@ -367,7 +402,9 @@ def test_checkpoint_round_trips_model_and_momentum(digits: Dataset, tmp_path: Pa
     for (k, v), w in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(v, w), k
     for p, q in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"])
+        assert torch.equal(
+            optimizer.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"]
+        )
 
 
 # --------------------------------------------------------------------- summaries

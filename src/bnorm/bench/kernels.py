@@ -283,7 +283,12 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
     x = torch.randn(n, 3, 32, 32)
-    resnets = (("torch", "relu"), ("bnorm", "relu"), ("torch", "leaky_relu"), ("bnorm-me", "leaky_relu"))
+    resnets = (
+        ("torch", "relu"),
+        ("bnorm", "relu"),
+        ("torch", "leaky_relu"),
+        ("bnorm-me", "leaky_relu"),
+    )
     for norm, act in resnets:
         model = ResNet20(RESNET20_NORM[norm], act)
 

@@ -116,7 +116,11 @@ def _forward_kernel(
     z = xs * _per_channel(scale) + _per_channel(shift)
     if r3 is not None:
         z = z + r3.to(sd)
-    update = () if running is None else running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
+    update = (
+        ()
+        if running is None
+        else running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
+    )
     return (act.forward(z).to(x3.dtype), mean, invstd, scale, shift, *update)
 
 
@@ -335,13 +339,28 @@ class _BatchNormAct(torch.autograd.Function):
         if ctx.memory_efficient:
             y3, r3, w, b, invstd = ctx.saved_tensors
             dx3, dw, db, dr3 = _run(
-                "bwd_out", _backward_from_output_kernel, ctx.key, *_split(layout, dy3, y3, r3), w, b, invstd, act
+                "bwd_out",
+                _backward_from_output_kernel,
+                ctx.key,
+                *_split(layout, dy3, y3, r3),
+                w,
+                b,
+                invstd,
+                act,
             )[:4]
         else:
             x3, r3, w, b, mean, invstd = ctx.saved_tensors
             if torch.compiler.is_compiling() or compile_enabled():
                 dx3, dw, db, dr3 = _run(
-                    "bwd", _backward_kernel, ctx.key, *_split(layout, dy3, x3, r3), w, b, mean, invstd, act
+                    "bwd",
+                    _backward_kernel,
+                    ctx.key,
+                    *_split(layout, dy3, x3, r3),
+                    w,
+                    b,
+                    mean,
+                    invstd,
+                    act,
                 )[:4]
             else:
                 dx3, dw, db, dr3 = _backward_eager(dy3, x3, r3, w, b, mean, invstd, act)
@@ -386,7 +405,16 @@ def _forward_recomputable(
         x4 = layout.split(x3)
         skey = (x3.dtype, inner is not None, skip_nonfinite)
         out = _run(
-            "stats", _statistics_kernel, skey, x4, w, b, eps, inner, skip_nonfinite, use_compiled=True
+            "stats",
+            _statistics_kernel,
+            skey,
+            x4,
+            w,
+            b,
+            eps,
+            inner,
+            skip_nonfinite,
+            use_compiled=True,
         )
         mean, invstd, scale, shift = out[:4]
         update = tuple(out[4:])
@@ -457,7 +485,8 @@ def batch_norm_act_train(
         )
     if residual is not None and residual.shape != x.shape:
         raise ValueError(
-            f"expected a residual of the input's shape {tuple(x.shape)} (got {tuple(residual.shape)})"
+            f"expected a residual of the input's shape {tuple(x.shape)} "
+            f"(got {tuple(residual.shape)})"
         )
     scope = None
     if not memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling():

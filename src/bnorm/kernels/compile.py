@@ -79,7 +79,10 @@ def _run(
         text = "_".join(str(k) for k in full_key).replace("torch.", "").replace(".", "p")
         name = "".join(ch if ch.isalnum() else "_" for ch in text)
         compiled = _COMPILED[full_key] = torch.compile(
-            _specialized(fn, f"bnorm_{name}"), dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
+            _specialized(fn, f"bnorm_{name}"),
+            dynamic=True,
+            fullgraph=True,
+            options=_INDUCTOR_OPTIONS,
         )
     try:
         return compiled(*args)

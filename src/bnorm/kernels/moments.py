@@ -114,7 +114,9 @@ def _coefficients(
     return invstd, scale, shift, r, d
 
 
-def _normalize(x5: Tensor, r5: Tensor | None, scale: Tensor, shift: Tensor, act: Activation) -> Tensor:
+def _normalize(
+    x5: Tensor, r5: Tensor | None, scale: Tensor, shift: Tensor, act: Activation
+) -> Tensor:
     """act(x·scale + shift + r) in x's dtype."""
     z = x5.to(scale.dtype) * _gc(scale) + _gc(shift)
     if r5 is not None:
@@ -136,7 +138,13 @@ def _grad_z(
 
 
 def _grad_sums(
-    dy5: Tensor, x5: Tensor, r5: Tensor | None, mean: Tensor, scale: Tensor, shift: Tensor, act: Activation
+    dy5: Tensor,
+    x5: Tensor,
+    r5: Tensor | None,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    act: Activation,
 ) -> tuple[Tensor, Tensor]:
     """(S1, S2) = (Σ dz, Σ dz·(x − μ)) per (group, channel), in float64."""
     dz = _grad_z(dy5, x5, r5, scale, shift, act)
@@ -208,7 +216,9 @@ def _forward_kernel(
     return (y, count, mean, invstd, scale, shift, r, d, *update)
 
 
-def _param_grads(s1: Tensor, s2: Tensor, invstd: Tensor, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+def _param_grads(
+    s1: Tensor, s2: Tensor, invstd: Tensor, r: Tensor, d: Tensor
+) -> tuple[Tensor, Tensor]:
     """(dγ, dβ) = (Σ_groups r·invstd·S2 + d·S1, Σ_groups S1)."""
     f64 = torch.float64
     dw = (r.to(f64) * invstd.to(f64) * s2 + d.to(f64) * s1).sum(0)
@@ -241,7 +251,11 @@ def _backward_kernel(
 
 def _view5(layout: _Layout, t: Tensor, groups: int, is_mask: bool = False) -> Tensor:
     """``t`` (x's logical shape; a mask: with channel size 1) as (G, K, I, C, B)."""
-    t3 = layout.to3d(t) if not is_mask else t.permute(layout.perm).contiguous().view(layout.a, 1, layout.b)
+    t3 = (
+        layout.to3d(t)
+        if not is_mask
+        else t.permute(layout.perm).contiguous().view(layout.a, 1, layout.b)
+    )
     return t3.view(groups, layout.a_outer // groups, layout.a_inner, t3.shape[1], layout.b)
 
 
@@ -274,11 +288,23 @@ class _MomentsBatchNorm(torch.autograd.Function):
             layout = _Layout.of(xk)
         x5 = _view5(layout, xk, o.groups)
         r5 = None if residual is None else _view5(layout, residual, o.groups)
-        v5 = None if mask is None else _view5(layout, mask.unsqueeze(1).to(sd), o.groups, is_mask=True)
+        v5 = (
+            None
+            if mask is None
+            else _view5(layout, mask.unsqueeze(1).to(sd), o.groups, is_mask=True)
+        )
         # Which of G, I, B are 1 (NCHW vs channels_last vs 2D input, ghost or not) is part of
         # the key: Dynamo specializes size 1, and each variant gets its own recompile budget.
         shape_kind = tuple(x5.shape[d] > 1 for d in (0, 2, 4))
-        key = (o.act.name, o.act.param, r5 is not None, v5 is not None, o.renorm is not None, x.dtype, shape_kind)
+        key = (
+            o.act.name,
+            o.act.param,
+            r5 is not None,
+            v5 is not None,
+            o.renorm is not None,
+            x.dtype,
+            shape_kind,
+        )
         # Empty tensors (a rank without samples) run eagerly: nothing to gain, and Dynamo
         # would specialize a recompile on the zero size.
         run = _run if x.numel() else _eager
@@ -293,7 +319,9 @@ class _MomentsBatchNorm(torch.autograd.Function):
         else:
             count, mean, m2 = run("mstats", _stats, key, x5, v5, sd)
             gathered = all_gather_tensor(torch.stack((count[0], mean[0], m2[0])), o.process_group)
-            count, mean, m2 = (t[None] for t in pool(gathered[:, 0], gathered[:, 1], gathered[:, 2]))
+            count, mean, m2 = (
+                t[None] for t in pool(gathered[:, 0], gathered[:, 1], gathered[:, 2])
+            )
             invstd, scale, shift, r, d = _coefficients(count, mean, m2, w, b, o.eps, o.renorm)
             y5 = run("mnorm", _normalize, key, x5, r5, scale, shift, o.act)
             update = () if running is None else _running(count, mean, m2, running, o.skip_nonfinite)
@@ -304,12 +332,16 @@ class _MomentsBatchNorm(torch.autograd.Function):
         ctx.key = key
         ctx.shape = xk.shape
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, residual))
-        ctx.save_for_backward(x, weight, bias, residual, mask, x5, r5, v5, count, mean, invstd, scale, shift, r, d)
+        ctx.save_for_backward(
+            x, weight, bias, residual, mask, x5, r5, v5, count, mean, invstd, scale, shift, r, d
+        )
         return layout.from3d(y5.view(layout.a, channels, layout.b))
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        x, weight, bias, residual, mask, x5, r5, v5, count, mean, invstd, scale, shift, r, d = ctx.saved_tensors
+        x, weight, bias, residual, mask, x5, r5, v5, count, mean, invstd, scale, shift, r, d = (
+            ctx.saved_tensors
+        )
         o: _Options = ctx.options
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the layer rebuilt from differentiable ops.
@@ -326,7 +358,9 @@ class _MomentsBatchNorm(torch.autograd.Function):
                     groups=None if o.groups == 1 else o.groups, act=o.act,
                     distributed=o.distributed, process_group=o.process_group,
                 )[0]  # fmt: skip
-                grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+                grads = iter(
+                    torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True)
+                )
             out = [next(grads) if t is not None and t.requires_grad else None for t in originals]
             return (*out, None, None, None)
         layout: _Layout = ctx.layout
@@ -334,13 +368,16 @@ class _MomentsBatchNorm(torch.autograd.Function):
         run = _run if x5.numel() else _eager
         if not o.distributed:
             dx5, dr5, dw, db = run(
-                "mbwd", _backward_kernel, ctx.key, dy5, x5, r5, v5, count, mean, invstd, scale, shift, r, d, o.act
-            )
+                "mbwd", _backward_kernel, ctx.key,
+                dy5, x5, r5, v5, count, mean, invstd, scale, shift, r, d, o.act,
+            )  # fmt: skip
         else:
             s1, s2 = run("mred", _grad_sums, ctx.key, dy5, x5, r5, mean, scale, shift, o.act)
             total = all_reduce_sum(torch.stack((s1, s2)), o.process_group)
             k, c = _grad_coefficients(total[0], total[1], count, invstd, scale)
-            dx5, dr5 = run("mdx", _grad_input, ctx.key, dy5, x5, r5, v5, mean, scale, shift, k, c, o.act)
+            dx5, dr5 = run(
+                "mdx", _grad_input, ctx.key, dy5, x5, r5, v5, mean, scale, shift, k, c, o.act
+            )
             dw, db = _param_grads(s1, s2, invstd, r, d)
         wdt, bdt, rdt = ctx.dtypes
         shape3 = (layout.a, ctx.shape[1], layout.b)
@@ -411,5 +448,7 @@ def batch_norm_moments_train(
         # Every rank must join the backward all_reduce, also one whose input (e.g. an
         # empty batch) needs no gradient: this makes the Function part of the graph.
         join = torch.zeros((), device=x.device, requires_grad=True)
-    options = _Options(eps, groups, act, renorm, running, skip_nonfinite, distributed, process_group)
+    options = _Options(
+        eps, groups, act, renorm, running, skip_nonfinite, distributed, process_group
+    )
     return _MomentsBatchNorm.apply(x, weight, bias, residual, mask, options, join)

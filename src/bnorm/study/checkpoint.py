@@ -66,7 +66,9 @@ class Checkpointer:
     directory. The JSON, written last, names the tensor file it belongs to, so a crash
     between the two writes leaves the previous consistent pair."""
 
-    def __init__(self, directory: Path, tag: str, config: dict[str, Any], min_interval_s: float = 1.0) -> None:
+    def __init__(
+        self, directory: Path, tag: str, config: dict[str, Any], min_interval_s: float = 1.0
+    ) -> None:
         self.directory = Path(directory)
         self.tag = tag
         self.config = config
@@ -83,7 +85,9 @@ class Checkpointer:
     def json_path(self) -> Path:
         return self.directory / f"{self.tag}.json"
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def save(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
         from safetensors.torch import save as save_tensors
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +138,9 @@ class Checkpointer:
         try:
             tensors = load_file(str(tensor_path))
         except (OSError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{tensor_path}: damaged or missing checkpoint tensors ({err})") from None
+            raise CheckpointError(
+                f"{tensor_path}: damaged or missing checkpoint tensors ({err})"
+            ) from None
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(model_state)
         optim_state = optimizer.state_dict()

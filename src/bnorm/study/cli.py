@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=S, metavar="NAME",
                         help=f"{' | '.join(DATASETS)} (default: digits, bundled with scikit-learn)")
     parser.add_argument("--data-dir", default=S, metavar="DIR",
-                        help="where the dataset files are: MNIST/Fashion-MNIST IDX files (.gz or not), "
+                        help="where the dataset files are: MNIST/Fashion-MNIST IDX files "
+                        "(.gz or not), "
                         "CIFAR-10/100 binary files (default: data; for fashion-mnist then "
                         "/usr/share/datasets/fashion-mnist, "
                         "from `apt-get install dataset-fashion-mnist`)")
@@ -43,9 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{' | '.join(MODELS)}: the network of the experiments 'curves' and "
                         "'lr_tolerance' (default: each experiment's own MLP; see below)")
     parser.add_argument("--preset", default=S, metavar="NAME",
-                        help=f"{' | '.join(PRESETS)}: a published training recipe for those experiments "
-                        "(resnet-paper: He et al. 2016 — SGD momentum 0.9, weight decay 1e-4, lr 0.1 ÷10 at "
-                        "50%% and 75%%, batch 128, 164 epochs, crop + flip; model resnet20 unless --model)")
+                        help=f"{' | '.join(PRESETS)}: a published training recipe for those "
+                        "experiments (resnet-paper: He et al. 2016 — SGD momentum 0.9, weight "
+                        "decay 1e-4, lr 0.1 ÷10 at 50%% and 75%%, batch 128, 164 epochs, "
+                        "crop + flip; model resnet20 unless --model)")
     parser.add_argument("--norm", default=S, metavar="LIST",
                         help=f"comma-separated normalizations to compare: {', '.join(NORM_LAYERS)} "
                         "(default: none,bn)")
@@ -53,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated experiments to run: {names} (default: all)")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--steps", default=S, metavar="N",
-                        help="training steps per run, for every experiment (default: each experiment's own)")
+                        help="training steps per run, for every experiment "
+                        "(default: each experiment's own)")
     length.add_argument("--epochs", default=S, metavar="N",
                         help="training epochs per run, instead of --steps")
     parser.add_argument("--batch-size", default=S, metavar="N",
@@ -62,17 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SGD learning rate for every experiment but the learning-rate sweep "
                         "(default: each experiment's own)")
     parser.add_argument("--eval-every", default=S, metavar="N",
-                        help="evaluate on the test set every N steps (default: each experiment's own)")
+                        help="evaluate on the test set every N steps "
+                        "(default: each experiment's own)")
     parser.add_argument("--seeds", default=S, metavar="LIST",
                         help="comma-separated seeds, or a range A-B (default: 0,1,2)")
     parser.add_argument("--device", default=S, metavar="DEV",
                         help="torch device to train on, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument("--threads", default=S, metavar="N",
-                        help="torch CPU threads (default: 1 when every network is an MLP — fastest for "
-                        "such small networks — else torch's default, one per core)")
+                        help="torch CPU threads (default: 1 when every network is an MLP — "
+                        "fastest for such small networks — else torch's default, one per core)")
     parser.add_argument("--config", default=S, metavar="FILE",
-                        help="TOML or JSON file with any of these options (keys with underscores) and "
-                        "per-experiment tables")
+                        help="TOML or JSON file with any of these options (keys with underscores) "
+                        "and per-experiment tables")
     parser.add_argument("--name", default=S, metavar="NAME",
                         help="name of the run, used in the output directory (default: study)")
     parser.add_argument("--out", default=S, metavar="DIR",

@@ -151,9 +151,13 @@ def _device(value: Any) -> str:
         "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available(),
     }.get(dev.type, False)
     if not available:
-        raise UsageError(f"expected an available device (got {value!r}, which this machine does not have)")
+        raise UsageError(
+            f"expected an available device (got {value!r}, which this machine does not have)"
+        )
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"expected a CUDA device index below {torch.cuda.device_count()} (got {value!r})")
+        raise UsageError(
+            f"expected a CUDA device index below {torch.cuda.device_count()} (got {value!r})"
+        )
     return str(dev)
 
 
@@ -179,9 +183,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         except (ValueError, UnicodeDecodeError) as err:
             raise UsageError(f"{path}: not valid JSON ({err})") from None
     else:
-        raise UsageError(f"{path}: expected a .toml or .json config file (got {path.suffix or 'no suffix'!r})")
+        raise UsageError(
+            f"{path}: expected a .toml or .json config file (got {path.suffix or 'no suffix'!r})"
+        )
     if not isinstance(loaded, dict):
-        raise UsageError(f"{path}: expected a table/object at the top level (got {type(loaded).__name__})")
+        raise UsageError(
+            f"{path}: expected a table/object at the top level (got {type(loaded).__name__})"
+        )
     return loaded
 
 
@@ -210,7 +218,9 @@ def _validate_top(options: dict[str, Any]) -> dict[str, Any]:
     if "device" in out:
         out["device"] = _device(out["device"])
     if "name" in out and not re.fullmatch(r"[A-Za-z0-9._-]+", str(out["name"])):
-        raise UsageError(f"expected a name of letters, digits, '.', '_' or '-' (got {out['name']!r})")
+        raise UsageError(
+            f"expected a name of letters, digits, '.', '_' or '-' (got {out['name']!r})"
+        )
     for key in ("data_dir", "out"):
         if out.get(key) is not None:
             out[key] = str(out[key])
@@ -279,12 +289,14 @@ def _options_for(exp: Experiment, table: dict[str, Any]) -> dict[str, Any]:
             continue
         if exp.kind != kind:
             raise UsageError(
-                f"experiment {exp.name!r} has no {sweep.label} grid ({sweep.option} is for {kind} experiments)"
+                f"experiment {exp.name!r} has no {sweep.label} grid "
+                f"({sweep.option} is for {kind} experiments)"
             )
         value = table[sweep.option]
         if not isinstance(value, list) or not value:
             raise UsageError(
-                f"expected {sweep.option} for {exp.name!r} to be a non-empty list of numbers (got {value!r})"
+                f"expected {sweep.option} for {exp.name!r} to be a non-empty list of numbers "
+                f"(got {value!r})"
             )
         check = _positive_float if sweep.cast is float else _positive_int
         options[sweep.option] = [check(sweep.option, v) for v in value]
@@ -321,7 +333,9 @@ def _experiment_entry(
     norms = list(options.get("norms", default_norms))
     for norm in norms:
         if norm not in NORM_LAYERS:
-            raise UsageError(f"experiment {exp.name!r} needs the norm {norm!r}, which is not available")
+            raise UsageError(
+                f"experiment {exp.name!r} needs the norm {norm!r}, which is not available"
+            )
     return {
         "kind": exp.kind,
         "title": exp.title,
@@ -353,7 +367,9 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
             continue
         source = exp.options.get("source")
         if source is not None and source not in top["experiments"]:
-            raise UsageError(f"experiment {exp.name!r} compares the runs of {source!r}: add it to --experiments")
+            raise UsageError(
+                f"experiment {exp.name!r} compares the runs of {source!r}: add it to --experiments"
+            )
         table = tables.get(exp.name, {})
         spec = _spec_for(exp, top, file_top, cli_top, table) if KINDS[exp.kind].trains else None
         entry = _experiment_entry(exp, spec, _options_for(exp, table), top["norm"])
@@ -386,17 +402,24 @@ def load_resume(cli: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     extra = [k for k in cli if k not in (*_RUNTIME_OPTIONS, "resume")]
     if extra:
         flag = "--" + extra[0].replace("_", "-")
-        raise UsageError(f"--resume takes the configuration from {out / 'config.json'}; drop {flag} (or start a new run)")
+        raise UsageError(
+            f"--resume takes the configuration from {out / 'config.json'}; "
+            f"drop {flag} (or start a new run)"
+        )
     path = out / "config.json"
     if not path.is_file():
-        raise UsageError(f"expected {path} to resume from (no such file: is {out} a run directory?)")
+        raise UsageError(
+            f"expected {path} to resume from (no such file: is {out} a run directory?)"
+        )
     try:
         config = json.loads(path.read_text())
     except ValueError as err:
         raise UsageError(f"{path}: not valid JSON ({err})") from None
     required = ("dataset", "data_dir", "seeds", "experiments", "norm")
     if not isinstance(config, dict) or any(k not in config for k in required):
-        raise UsageError(f"{path}: not a bnorm study configuration (expected the keys {', '.join(required)})")
+        raise UsageError(
+            f"{path}: not a bnorm study configuration (expected the keys {', '.join(required)})"
+        )
     runtime = dict(config.get(RUNTIME_KEY, {}))
     if "device" in cli:
         runtime["device"] = _device(cli["device"])
@@ -406,14 +429,23 @@ def load_resume(cli: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     return config, out
 
 
-def experiment_objects(config: dict[str, Any]) -> list[tuple[Experiment, TrainSpec | None, list[str]]]:
+def experiment_objects(
+    config: dict[str, Any],
+) -> list[tuple[Experiment, TrainSpec | None, list[str]]]:
     """(Experiment, spec, norms) for each experiment of a resolved configuration."""
     out = []
     try:
         for name, entry in config["experiments"].items():
             if entry["kind"] not in KINDS:
                 raise UsageError(f"config.json: unknown experiment kind {entry['kind']!r}")
-            exp = Experiment(name, entry["kind"], entry["title"], entry["spec"], entry["options"], about=entry.get("about", ""))
+            exp = Experiment(
+                name,
+                entry["kind"],
+                entry["title"],
+                entry["spec"],
+                entry["options"],
+                about=entry.get("about", ""),
+            )
             spec = TrainSpec(**entry["spec"]) if KINDS[entry["kind"]].trains else None
             if spec is not None:
                 spec.validate()

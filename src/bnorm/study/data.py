@@ -117,7 +117,9 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits as sk_load_digits  # pragma: no cover
 
     bunch = sk_load_digits()  # pragma: no cover
-    return np.asarray(bunch.images, dtype=np.uint8), np.asarray(bunch.target, dtype=np.int64)  # pragma: no cover
+    return np.asarray(bunch.images, dtype=np.uint8), np.asarray(
+        bunch.target, dtype=np.int64
+    )  # pragma: no cover
 
 
 def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
@@ -170,7 +172,9 @@ def read_idx(path: str | Path, expected_ndim: int) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes, expected a 4-byte magic number)")
+        raise DataError(
+            f"{path}: truncated IDX file ({len(raw)} bytes, expected a 4-byte magic number)"
+        )
     if raw[0] != 0 or raw[1] != 0:
         raise DataError(
             f"{path}: not an IDX file (expected magic number 0x0000080{expected_ndim} "
@@ -178,9 +182,13 @@ def read_idx(path: str | Path, expected_ndim: int) -> np.ndarray:
         )
     type_code, ndim = raw[2], raw[3]
     if type_code not in _IDX_DTYPES:
-        raise DataError(f"{path}: unsupported IDX value type 0x{type_code:02x} (expected 0x08, unsigned bytes)")
+        raise DataError(
+            f"{path}: unsupported IDX value type 0x{type_code:02x} (expected 0x08, unsigned bytes)"
+        )
     if ndim != expected_ndim:
-        raise DataError(f"{path}: expected a {expected_ndim}-dimensional IDX file (got {ndim} dimensions)")
+        raise DataError(
+            f"{path}: expected a {expected_ndim}-dimensional IDX file (got {ndim} dimensions)"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, expected {header})")
@@ -263,7 +271,9 @@ def load_mnist(data_dir: str | Path | None, name: str = "mnist") -> Dataset:
             )
         labels = arrays[f"{split}_labels"]
         if labels.size and labels.max() > 9:
-            raise DataError(f"{paths[f'{split}_labels']}: expected labels 0–9 (got {int(labels.max())})")
+            raise DataError(
+                f"{paths[f'{split}_labels']}: expected labels 0–9 (got {int(labels.max())})"
+            )
 
     def images(key: str) -> Tensor:
         return torch.from_numpy(arrays[key].copy()).unsqueeze(1)
@@ -287,7 +297,9 @@ def load_mnist(data_dir: str | Path | None, name: str = "mnist") -> Dataset:
 _CIFAR_PIXELS = 3 * 32 * 32
 
 
-def read_cifar_binary(path: str | Path, label_bytes: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_binary(
+    path: str | Path, label_bytes: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR binary file → (images uint8 (N, 3, 32, 32), labels int64 (N,)).
 
     Each record is ``label_bytes`` label bytes (CIFAR-10: the label; CIFAR-100: coarse
@@ -319,10 +331,19 @@ def read_cifar_binary(path: str | Path, label_bytes: int, num_classes: int) -> t
 
 
 def _load_cifar(
-    data_dir: Path, name: str, train_files: Sequence[str], test_file: str, subdir: str, label_bytes: int, num_classes: int
+    data_dir: Path,
+    name: str,
+    train_files: Sequence[str],
+    test_file: str,
+    subdir: str,
+    label_bytes: int,
+    num_classes: int,
 ) -> Dataset:
     def read(files: Sequence[str]) -> tuple[Tensor, Tensor]:
-        parts = [read_cifar_binary(_find(data_dir, (f, f + ".gz"), (subdir,)), label_bytes, num_classes) for f in files]
+        parts = [
+            read_cifar_binary(_find(data_dir, (f, f + ".gz"), (subdir,)), label_bytes, num_classes)
+            for f in files
+        ]
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         return torch.from_numpy(images), torch.from_numpy(labels)
@@ -336,13 +357,17 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     """CIFAR-10 from ``data_batch_1.bin`` … ``data_batch_5.bin`` and ``test_batch.bin``
     in ``data_dir`` (or ``data_dir/cifar-10-batches-bin``)."""
     files = [f"data_batch_{i}.bin" for i in range(1, 6)]
-    return _load_cifar(Path(data_dir), "cifar10", files, "test_batch.bin", "cifar-10-batches-bin", 1, 10)
+    return _load_cifar(
+        Path(data_dir), "cifar10", files, "test_batch.bin", "cifar-10-batches-bin", 1, 10
+    )
 
 
 def load_cifar100(data_dir: str | Path) -> Dataset:
     """CIFAR-100 (fine labels) from ``train.bin`` and ``test.bin`` in ``data_dir`` (or
     ``data_dir/cifar-100-binary``)."""
-    return _load_cifar(Path(data_dir), "cifar100", ["train.bin"], "test.bin", "cifar-100-binary", 2, 100)
+    return _load_cifar(
+        Path(data_dir), "cifar100", ["train.bin"], "test.bin", "cifar-100-binary", 2, 100
+    )
 
 
 # -------------------------------------------------------------------------- synthetic
@@ -357,7 +382,9 @@ def make_synthetic(num_train: int = 2000, num_test: int = 500, seed: int = 0) ->
     """
     gen = torch.Generator().manual_seed(seed)
     coarse = torch.rand(10, 3, 4, 4, generator=gen)
-    templates = torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)
+    templates = torch.nn.functional.interpolate(
+        coarse, size=(40, 40), mode="bilinear", align_corners=False
+    )
 
     def draw(n: int) -> tuple[Tensor, Tensor]:
         labels = torch.randint(0, 10, (n,), generator=gen)

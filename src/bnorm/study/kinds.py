@@ -94,7 +94,9 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": statistics.fmean(finite), "std": std, "n": len(finite)}
 
 
-def steps_to_reach(steps: Sequence[int], accuracy: Sequence[float | None], target: float) -> int | None:
+def steps_to_reach(
+    steps: Sequence[int], accuracy: Sequence[float | None], target: float
+) -> int | None:
     """First evaluated step whose accuracy is ≥ ``target`` (None if never)."""
     for s, a in zip(steps, accuracy):
         if a is not None and a >= target:
@@ -126,7 +128,9 @@ def speedup(
         "reason": None,
     }
     if target < 2 * chance:
-        out["reason"] = f"the baseline never learned (best {100 * target:.1f}%, chance {100 * chance:.0f}%)"
+        out["reason"] = (
+            f"the baseline never learned (best {100 * target:.1f}%, chance {100 * chance:.0f}%)"
+        )
     elif other_steps is None:
         out["reason"] = f"never reached the baseline's best {100 * target:.1f}%"
     elif other_steps == 0 or base_steps is None:
@@ -152,7 +156,9 @@ def _final_accuracy(run: dict[str, Any]) -> float | None:
 # -------------------------------------------------------------------------- planning
 
 
-def plan_curves(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+def plan_curves(
+    exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]
+) -> list[PlannedRun]:
     """Seeds outer, norms inner: an interrupted study has complete pairs."""
     return [PlannedRun(f"{norm}-seed{seed}", norm, seed, spec) for seed in seeds for norm in norms]
 
@@ -175,17 +181,26 @@ SWEEPS: dict[str, Sweep] = {
 }
 
 
-def plan_sweep(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+def plan_sweep(
+    exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]
+) -> list[PlannedRun]:
     sweep = SWEEPS[exp.kind]
     return [
-        PlannedRun(f"{norm}-{sweep.field}{v:g}-seed{seed}", norm, seed, replace(spec, **{sweep.field: sweep.cast(v)}))
+        PlannedRun(
+            f"{norm}-{sweep.field}{v:g}-seed{seed}",
+            norm,
+            seed,
+            replace(spec, **{sweep.field: sweep.cast(v)}),
+        )
         for v in exp.options.get(sweep.option, [])
         for seed in seeds
         for norm in norms
     ]
 
 
-def plan_nothing(exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
+def plan_nothing(
+    exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]
+) -> list[PlannedRun]:
     return []
 
 
@@ -201,8 +216,15 @@ def summarize_curves(
         mine = [r for r in runs if r["norm"] == norm]
         per_norm[norm] = {
             "final_accuracy": mean_std([_final_accuracy(r) for r in mine]),
-            "best_accuracy": mean_std([max((a for a in r["curve"]["test_accuracy"] if a is not None), default=None) for r in mine]),
-            "final_loss": mean_std([r["curve"]["test_loss"][-1] if r["curve"]["test_loss"] else None for r in mine]),
+            "best_accuracy": mean_std(
+                [
+                    max((a for a in r["curve"]["test_accuracy"] if a is not None), default=None)
+                    for r in mine
+                ]
+            ),
+            "final_loss": mean_std(
+                [r["curve"]["test_loss"][-1] if r["curve"]["test_loss"] else None for r in mine]
+            ),
             "diverged": sum(r["diverged_at"] is not None for r in mine),
             "runs": len(mine),
         }
@@ -228,13 +250,18 @@ def summarize_curves(
                 "fold_max_abs_logit_diff": max(c["fold_max_abs_logit_diff"] for c in checks),
                 "folded_layers": checks[0]["folded_layers"],
                 "latency_ratio": {
-                    k: mean_std([c["latency"][k]["ratio"] for c in checks]) for k in checks[0]["latency"]
+                    k: mean_std([c["latency"][k]["ratio"] for c in checks])
+                    for k in checks[0]["latency"]
                 },
             }
     notes = [_speedup_note(speedups, base)]
     gradients = []
     for norm in norms:
-        grads = [r["grad_norms"]["init"] for r in runs if r["norm"] == norm and r.get("grad_norms", {}).get("init")]
+        grads = [
+            r["grad_norms"]["init"]
+            for r in runs
+            if r["norm"] == norm and r.get("grad_norms", {}).get("init")
+        ]
         if grads:
             first = _geometric_mean([g[0] for g in grads])
             last = _geometric_mean([g[-1] for g in grads])
@@ -243,7 +270,11 @@ def summarize_curves(
             if first is not None and last is not None:
                 gradients.append(f"{_label(norm)} {first:.1e} → {last:.1e}")
     if gradients:
-        notes.append("Gradient norm at initialization, first layer → classifier: " + ", ".join(gradients) + ".")
+        notes.append(
+            "Gradient norm at initialization, first layer → classifier: "
+            + ", ".join(gradients)
+            + "."
+        )
     headline = {
         "measure": "final test accuracy",
         "short": "final test acc",
@@ -262,11 +293,14 @@ def _geometric_mean(values: Sequence[float | None]) -> float | None:
 def _speedup_note(speedups: dict[str, Any], base: str) -> str:
     notes = []
     for norm, s in speedups.items():
-        reasons = sorted({p["reason"] for p in s["per_seed"] if p["factor"] is None and p["reason"]})
+        reasons = sorted(
+            {p["reason"] for p in s["per_seed"] if p["factor"] is None and p["reason"]}
+        )
         if reasons:
             undefined = len(s["per_seed"]) - s["n"]
             notes.append(
-                f"{_label(norm)} vs {_label(base)}: no speed-up for {undefined} of {len(s['per_seed'])} seed(s): "
+                f"{_label(norm)} vs {_label(base)}: no speed-up for {undefined} of "
+                f"{len(s['per_seed'])} seed(s): "
                 + "; ".join(reasons)
                 + "."
             )
@@ -299,21 +333,29 @@ def summarize_sweep(
             accs = [_final_accuracy(r) for r in runs if r["norm"] == norm and r["seed"] == seed]
             finite = [a for a in accs if a is not None]
             per_seed.append(sum(finite) / len(finite) if finite else None)
-        trains = [row[sweep.field] for row in table if row[norm]["mean"] is not None and row[norm]["mean"] >= 0.9 * best]
+        trains = [
+            row[sweep.field]
+            for row in table
+            if row[norm]["mean"] is not None and row[norm]["mean"] >= 0.9 * best
+        ]
         per_norm[norm] = {"mean_over_values": mean_std(per_seed), "values_that_train": trains}
     if sweep.field == "batch_size" and table:
         # Where small batches hurt: the accuracy of each norm at the smallest batch.
         smallest = table[int(min(range(len(values)), key=lambda i: values[i]))]
         note = f"final accuracy at batch size {smallest['batch_size']:g}: " + ", ".join(
-            f"{_label(norm)} {100 * smallest[norm]['mean']:.1f}%" for norm in norms if smallest[norm]["mean"] is not None
+            f"{_label(norm)} {100 * smallest[norm]['mean']:.1f}%"
+            for norm in norms
+            if smallest[norm]["mean"] is not None
         )
     else:
         note = "trains (final accuracy ≥ 90% of the best) at " + ", ".join(
-            f"{len(per_norm[norm]['values_that_train'])} of {len(values)} {sweep.label}s with {_label(norm)}"
+            f"{len(per_norm[norm]['values_that_train'])} of {len(values)} {sweep.label}s "
+            f"with {_label(norm)}"
             for norm in norms
         )
     headline = {
-        "measure": f"final accuracy, mean over {len(values)} {sweep.label}s ({min(values, default=0):g}–{max(values, default=0):g})",
+        "measure": f"final accuracy, mean over {len(values)} {sweep.label}s "
+        f"({min(values, default=0):g}–{max(values, default=0):g})",
         "short": f"mean final acc, {len(values)} {sweep.option.replace('_', ' ')}",
         "values": {n: per_norm[n]["mean_over_values"] for n in norms},
         "speedup": {},
@@ -373,7 +415,9 @@ def summarize_disagreement(
     return {"source": source_name, "baseline": base, "pairs": pairs, "headline": headline}
 
 
-def _disagreement(pred_base: Sequence[int], pred_other: Sequence[int], labels: Sequence[int], seed: int) -> dict[str, Any]:
+def _disagreement(
+    pred_base: Sequence[int], pred_other: Sequence[int], labels: Sequence[int], seed: int
+) -> dict[str, Any]:
     n = len(labels)
     where = [i for i in range(n) if pred_base[i] != pred_other[i]]
     k = len(where)
@@ -428,7 +472,9 @@ def summarize_shift(
             )
         table.append(row)
     shifted = [
-        c["name"] for c in corruptions if c["name"] != "clean" and c.get("adaptation_should_help", True)
+        c["name"]
+        for c in corruptions
+        if c["name"] != "clean" and c.get("adaptation_should_help", True)
     ]
     means: dict[str, Any] = {}
     for key, norm, method in columns:
@@ -576,7 +622,9 @@ def summarize_accumulation(
 @dataclass(frozen=True)
 class Kind:
     plan: Callable[[Experiment, TrainSpec, Sequence[str], Sequence[int]], list[PlannedRun]]
-    summarize: Callable[[Experiment, list[dict[str, Any]], Sequence[str], SummaryInputs], dict[str, Any]]
+    summarize: Callable[
+        [Experiment, list[dict[str, Any]], Sequence[str], SummaryInputs], dict[str, Any]
+    ]
     trains: bool = True
 
 

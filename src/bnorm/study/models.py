@@ -55,11 +55,18 @@ __all__ = [
 NormFactory = Callable[[int, int], nn.Module]
 
 
-_BN_BY_DIMS: dict[int, type[nn.Module]] = {0: bnorm.BatchNorm1d, 1: bnorm.BatchNorm1d, 2: bnorm.BatchNorm2d, 3: bnorm.BatchNorm3d}
+_BN_BY_DIMS: dict[int, type[nn.Module]] = {
+    0: bnorm.BatchNorm1d,
+    1: bnorm.BatchNorm1d,
+    2: bnorm.BatchNorm2d,
+    3: bnorm.BatchNorm3d,
+}
 
 # The paper's Batch Renorm schedule (r_max 3, d_max 5; 5k warm-up, ramps of 35k and 20k
 # steps) scaled by 1/100 to the study's runs of hundreds to thousands of steps.
-STUDY_RENORM = bnorm.Renorm(r_max=3.0, d_max=5.0, warmup_steps=50, r_ramp_steps=350, d_ramp_steps=200)
+STUDY_RENORM = bnorm.Renorm(
+    r_max=3.0, d_max=5.0, warmup_steps=50, r_ramp_steps=350, d_ramp_steps=200
+)
 # Ghost batches of 8 samples (a batch of at most 8 is a single group).
 STUDY_VIRTUAL_BATCH = 8
 
@@ -130,7 +137,9 @@ class MLP(nn.Module):
         if not hidden:
             raise ValueError("expected at least one hidden layer (got hidden=[])")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {activation!r})")
+            raise ValueError(
+                f"expected activation in {', '.join(ACTIVATIONS)} (got {activation!r})"
+            )
         layers: list[nn.Module] = [nn.Flatten()]
         self.weight_layers: list[nn.Module] = []
         width = in_features
@@ -222,7 +231,9 @@ class CifarResNet(nn.Module):
         input: (N, C, H, W); output: (N, num_classes).
     """
 
-    def __init__(self, depth: int, in_channels: int, num_classes: int, norm: NormFactory | None = None) -> None:
+    def __init__(
+        self, depth: int, in_channels: int, num_classes: int, norm: NormFactory | None = None
+    ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"expected a ResNet depth 6n + 2 with n ≥ 1 (got {depth})")
@@ -286,7 +297,9 @@ def build_model(
     raise ValueError(f"expected a model in {', '.join(MODELS)} (got {name!r})")
 
 
-def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "kaiming", std: float = 0.1) -> None:
+def initialize(
+    model: nn.Module, generator: torch.Generator, scheme: str = "kaiming", std: float = 0.1
+) -> None:
     """Draw every weight layer's weights (in ``model.weight_layers`` order) from
     ``generator``; biases to zero. (Normalization layers keep their fresh γ = 1, β = 0.)
 
@@ -308,11 +321,15 @@ def initialize(model: nn.Module, generator: torch.Generator, scheme: str = "kaim
             elif scheme == "kaiming":
                 w = torch.randn(weight.shape, generator=generator) * math.sqrt(2.0 / fan_in)
             elif scheme == "xavier":
-                w = torch.randn(weight.shape, generator=generator) * math.sqrt(2.0 / (fan_in + fan_out))
+                w = torch.randn(weight.shape, generator=generator) * math.sqrt(
+                    2.0 / (fan_in + fan_out)
+                )
             elif scheme == "torch":
                 w = (torch.rand(weight.shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
             else:
-                raise ValueError(f"expected init in normal, kaiming, xavier, torch (got {scheme!r})")
+                raise ValueError(
+                    f"expected init in normal, kaiming, xavier, torch (got {scheme!r})"
+                )
             weight.copy_(w.to(weight.dtype))
             if layer.bias is not None:
                 layer.bias.zero_()

@@ -50,7 +50,9 @@ class Progress:
         if self.progress is None:
             return
         self._last = 0
-        self.progress.reset(self.current, total=total, description=description, status="", visible=True)
+        self.progress.reset(
+            self.current, total=total, description=description, status="", visible=True
+        )
 
     def step(self, step: int, total: int, accuracy: float | None) -> None:
         if self.progress is None or (step % 10 and step != total):

@@ -20,7 +20,13 @@ from typing import Any
 
 __all__ = ["format_accuracy", "format_speedup", "summary_rows", "write_report"]
 
-_COLOURS = {"none": "#d9730d", "bn": "#1f6fb2", "renorm": "#2e9e4f", "ghost": "#8e44ad", "syncbn": "#16a085"}
+_COLOURS = {
+    "none": "#d9730d",
+    "bn": "#1f6fb2",
+    "renorm": "#2e9e4f",
+    "ghost": "#8e44ad",
+    "syncbn": "#16a085",
+}
 _FALLBACK = ["#c0392b", "#16a085", "#7f8c8d", "#b7950b"]
 
 
@@ -102,7 +108,9 @@ class Figure:
 Block = Heading | Para | Table | Figure
 
 
-def summary_rows(metrics: dict[str, Any], compact: bool = False) -> tuple[list[str], list[list[str]]]:
+def summary_rows(
+    metrics: dict[str, Any], compact: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """The summary table: one row per experiment (the experiment's headline). ``compact``
     (for a terminal): experiment names, short measures, no note column."""
     norms: list[str] = list(metrics.get("norms", []))
@@ -170,7 +178,13 @@ def plot_curves(runs: list[dict[str, Any]], norms: Sequence[str], path: Path, ti
             acc = [100 * a for a in _nan(r["curve"]["test_accuracy"])]
             acc_ax.plot(r["curve"]["step"], acc, color=colour, alpha=0.25, lw=0.8)
         steps, acc_mean = _mean_curve(mine, "test_accuracy")
-        acc_ax.plot(steps, [100 * a for a in acc_mean], color=colour, lw=2, label=f"{_label(norm)} (mean of {len(mine)})")
+        acc_ax.plot(
+            steps,
+            [100 * a for a in acc_mean],
+            color=colour,
+            lw=2,
+            label=f"{_label(norm)} (mean of {len(mine)})",
+        )
         steps, loss_mean = _mean_curve(mine, "train_loss")
         loss_ax.plot(steps, loss_mean, color=colour, lw=2, label=_label(norm))
     acc_ax.set_xlabel("training step")
@@ -204,7 +218,9 @@ def plot_percentiles(runs: list[dict[str, Any]], norms: Sequence[str], path: Pat
         ax.set_xlabel("training step")
     axes[0].legend(loc="best", framealpha=0.9)
     axes[0].set_ylabel("input to a last-hidden-layer unit")
-    fig.suptitle("Distribution over the test set of one last-hidden-layer unit's input (percentiles)")
+    fig.suptitle(
+        "Distribution over the test set of one last-hidden-layer unit's input (percentiles)"
+    )
     return _save(fig, path)
 
 
@@ -223,7 +239,16 @@ def plot_grad_norms(runs: list[dict[str, Any]], norms: Sequence[str], path: Path
             geo = _geo_mean(vectors)
             layers = len(geo)
             label = f"{_label(norm)}, {'at initialization' if when == 'init' else 'after training'}"
-            ax.plot(range(1, layers + 1), geo, style, color=colour, marker="o", ms=3, lw=1.8, label=label)
+            ax.plot(
+                range(1, layers + 1),
+                geo,
+                style,
+                color=colour,
+                marker="o",
+                ms=3,
+                lw=1.8,
+                label=label,
+            )
     ax.set_yscale("log")
     ax.set_xlabel("layer (1 = first hidden layer, last = classifier)")
     ax.set_ylabel("‖∂L/∂W‖ (geometric mean over seeds)")
@@ -255,8 +280,15 @@ def plot_sweep(summary: dict[str, Any], norms: Sequence[str], path: Path) -> Pat
         )
         bad = [(lr, st) for lr, st in pts if st["diverged"]]
         if bad:
-            ax.scatter([lr for lr, _ in bad], [100 * st["mean"] for _, st in bad], s=110, marker="x",
-                       color="#c0392b", zorder=5, label=f"{_label(norm)}: some seeds diverged (loss not finite)")
+            ax.scatter(
+                [lr for lr, _ in bad],
+                [100 * st["mean"] for _, st in bad],
+                s=110,
+                marker="x",
+                color="#c0392b",
+                zorder=5,
+                label=f"{_label(norm)}: some seeds diverged (loss not finite)",
+            )
     ax.set_xscale("log", base=summary["log_base"])
     ax.set_xticks(summary["values"], [f"{v:g}" for v in summary["values"]])
     ax.set_xlabel(label)
@@ -278,17 +310,37 @@ def plot_disagreement(summary: dict[str, Any], norms: Sequence[str], path: Path)
         total = sum(p["disagreements"] for p in ps)
         rate = 100 * total / max(sum(p["test_examples"] for p in ps), 1)
         parts = [
-            (f"{_label(base)} right", sum(p["disagreements"] * (p["baseline_accuracy_on_disagreements"] or 0) for p in ps), _colour(base, norms)),
-            (f"{_label(norm)} right", sum(p["disagreements"] * (p["accuracy_on_disagreements"] or 0) for p in ps), _colour(norm, norms)),
+            (
+                f"{_label(base)} right",
+                sum(
+                    p["disagreements"] * (p["baseline_accuracy_on_disagreements"] or 0) for p in ps
+                ),
+                _colour(base, norms),
+            ),
+            (
+                f"{_label(norm)} right",
+                sum(p["disagreements"] * (p["accuracy_on_disagreements"] or 0) for p in ps),
+                _colour(norm, norms),
+            ),
             ("both wrong", sum(p["both_wrong"] for p in ps), "#9a9a9a"),
         ]
         for j, (label, count, colour) in enumerate(parts):
             share = 100 * count / total if total else 0.0
             x = i + (j - 1) * width
             ax.bar(x, share, width * 0.92, color=colour, label=label if i == 0 else None)
-            ax.annotate(f"{share:.0f}%", (x, share), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+            ax.annotate(
+                f"{share:.0f}%",
+                (x, share),
+                textcoords="offset points",
+                xytext=(0, 3),
+                ha="center",
+                fontsize=8,
+            )
         n_total = sum(p["test_examples"] for p in ps)
-        ticks.append(f"{_label(norm)} vs {_label(base)}: {total} of {n_total} test predictions differ\n({rate:.1f}%, {len(ps)} seeds)")
+        ticks.append(
+            f"{_label(norm)} vs {_label(base)}: {total} of {n_total} test predictions differ\n"
+            f"({rate:.1f}%, {len(ps)} seeds)"
+        )
     ax.set_xticks(range(len(pairs)), ticks, fontsize=8)
     ax.set_ylabel("% of the examples where they disagree")
     ax.set_ylim(0, 105)
@@ -338,20 +390,33 @@ def _spec_text(spec: dict[str, Any], options: dict[str, Any] | None = None) -> s
         widths = "×".join(str(h) for h in hidden) if hidden else "default"
         model = f"{model} (hidden {widths}, {act or 'default'} units)"
     epochs = spec.get("epochs")
-    length = f"{spec['steps']} steps" if spec.get("steps") else f"{epochs} epoch{'' if epochs == 1 else 's'}"
-    init = "N(0, {:g}²)".format(spec["init_std"]) if spec.get("init") == "normal" else spec.get("init")
+    length = (
+        f"{spec['steps']} steps"
+        if spec.get("steps")
+        else f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    )
+    init = (
+        "N(0, {:g}²)".format(spec["init_std"]) if spec.get("init") == "normal" else spec.get("init")
+    )
     parts = [
         f"model {model}",
         f"init {init}",
         _batch_text(spec, options),
         length,
-        ("SGD at each learning rate of the grid" if options.get("lrs") else f"SGD lr {spec.get('lr'):g}")
+        (
+            "SGD at each learning rate of the grid"
+            if options.get("lrs")
+            else f"SGD lr {spec.get('lr'):g}"
+        )
         + (f", momentum {spec['momentum']:g}" if spec.get("momentum") else ""),
     ]
     if spec.get("weight_decay"):
         parts.append(f"weight decay {spec['weight_decay']:g}")
     if spec.get("lr_milestones"):
-        parts.append(f"lr ×{spec['lr_gamma']:g} at {', '.join(f'{m:g}' for m in spec['lr_milestones'])} of training")
+        parts.append(
+            f"lr ×{spec['lr_gamma']:g} at "
+            f"{', '.join(f'{m:g}' for m in spec['lr_milestones'])} of training"
+        )
     if spec.get("augment"):
         parts.append("crop + flip augmentation")
     return "; ".join(parts) + "."
@@ -374,10 +439,19 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
     blocks: list[Block] = []
     headers = ["", *(_label(n) for n in norms)]
     rows = [
-        ["final test accuracy", *(format_accuracy(summ["per_norm"][n]["final_accuracy"]) for n in norms)],
-        ["best test accuracy", *(format_accuracy(summ["per_norm"][n]["best_accuracy"]) for n in norms)],
+        [
+            "final test accuracy",
+            *(format_accuracy(summ["per_norm"][n]["final_accuracy"]) for n in norms),
+        ],
+        [
+            "best test accuracy",
+            *(format_accuracy(summ["per_norm"][n]["best_accuracy"]) for n in norms),
+        ],
         ["final test loss", *(_loss(summ["per_norm"][n]["final_loss"]) for n in norms)],
-        ["runs finished (diverged)", *(f"{summ['per_norm'][n]['runs']} ({summ['per_norm'][n]['diverged']})" for n in norms)],
+        [
+            "runs finished (diverged)",
+            *(f"{summ['per_norm'][n]['runs']} ({summ['per_norm'][n]['diverged']})" for n in norms),
+        ],
     ]
     blocks.append(Table(headers, rows))
     base = summ["baseline"]
@@ -386,9 +460,10 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
             continue
         blocks.append(
             Para(
-                f"Speed-up of {_label(norm)} over {_label(base)}, as the BN paper measures it: the steps "
-                f"{_label(base)} needed to reach its best test accuracy, divided by the steps {_label(norm)} "
-                f"needed to reach that same accuracy (evaluated every {exp['spec'].get('eval_every')} steps)."
+                f"Speed-up of {_label(norm)} over {_label(base)}, as the BN paper measures it: "
+                f"the steps {_label(base)} needed to reach its best test accuracy, divided by the "
+                f"steps {_label(norm)} needed to reach that same accuracy (evaluated every "
+                f"{exp['spec'].get('eval_every')} steps)."
             )
         )
         rows = [
@@ -401,7 +476,18 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
             ]
             for p in s["per_seed"]
         ]
-        blocks.append(Table(["seed", f"{_label(base)} best accuracy", f"{_label(base)} steps", f"{_label(norm)} steps", "speed-up"], rows))
+        blocks.append(
+            Table(
+                [
+                    "seed",
+                    f"{_label(base)} best accuracy",
+                    f"{_label(base)} steps",
+                    f"{_label(norm)} steps",
+                    "speed-up",
+                ],
+                rows,
+            )
+        )
     fig = plot_curves(runs, norms, out / f"{name}-accuracy.png", exp["title"])
     blocks.append(Figure(fig, "Test accuracy and training loss against training steps."))
     pct = plot_percentiles(runs, norms, out / f"{name}-percentiles.png")
@@ -410,7 +496,8 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
             Figure(
                 pct,
                 "15th, 50th and 85th percentiles over the test set of the input to one unit's "
-                "nonlinearity in the last hidden layer (after the normalization, when there is one), "
+                "nonlinearity in the last hidden layer (after the normalization, "
+                "when there is one), "
                 "as training goes on — the BN paper's Fig. 1(b, c).",
             )
         )
@@ -436,14 +523,29 @@ def _inference_blocks(summ: dict[str, Any], norms: list[str]) -> list[Block]:
     inf = {n: summ["per_norm"][n]["inference"] for n in checked}
     sizes = list(inf[checked[0]]["latency_ratio"])
     rows = [
-        ["test accuracy, running (EMA) statistics", *(format_accuracy(inf[n]["ema_accuracy"]) for n in checked)],
-        ["test accuracy after bnorm.recalibrate", *(format_accuracy(inf[n]["recalibrated_accuracy"]) for n in checked)],
-        ["batch-norm layers folded by bnorm.fold", *(str(inf[n]["folded_layers"]) for n in checked)],
-        ["largest change of a test logit after folding", *(f"{inf[n]['fold_max_abs_logit_diff']:.1e}" for n in checked)],
+        [
+            "test accuracy, running (EMA) statistics",
+            *(format_accuracy(inf[n]["ema_accuracy"]) for n in checked),
+        ],
+        [
+            "test accuracy after bnorm.recalibrate",
+            *(format_accuracy(inf[n]["recalibrated_accuracy"]) for n in checked),
+        ],
+        [
+            "batch-norm layers folded by bnorm.fold",
+            *(str(inf[n]["folded_layers"]) for n in checked),
+        ],
+        [
+            "largest change of a test logit after folding",
+            *(f"{inf[n]['fold_max_abs_logit_diff']:.1e}" for n in checked),
+        ],
     ]
     for size in sizes:
         rows.append(
-            [f"folded / unfolded latency, {size.replace('_', ' ')}", *(f"{inf[n]['latency_ratio'][size]['mean']:.2f}×" for n in checked)]
+            [
+                f"folded / unfolded latency, {size.replace('_', ' ')}",
+                *(f"{inf[n]['latency_ratio'][size]['mean']:.2f}×" for n in checked),
+            ]
         )
     return [
         Para(
@@ -476,7 +578,10 @@ def _grad_table(runs: list[dict[str, Any]], norms: list[str]) -> Table:
             columns.append(_geo_mean(vecs))
     layers = max((len(c) for c in columns), default=0)
     rows = [
-        [str(i + 1), *(f"{c[i]:.2e}" if i < len(c) and math.isfinite(c[i]) else "—" for c in columns)]
+        [
+            str(i + 1),
+            *(f"{c[i]:.2e}" if i < len(c) and math.isfinite(c[i]) else "—" for c in columns),
+        ]
         for i in range(layers)
     ]
     return Table(headers, rows)
@@ -497,11 +602,15 @@ def _sweep_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -
     blocks: list[Block] = [Table(headers, rows)]
     fig = plot_sweep(summ, norms, out / f"{name}.png")
     if fig is not None:
-        blocks.append(Figure(fig, f"Final test accuracy per {summ['label']} (mean ± std over seeds)."))
+        blocks.append(
+            Figure(fig, f"Final test accuracy per {summ['label']} (mean ± std over seeds).")
+        )
     return blocks
 
 
-def _disagreement_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
+def _disagreement_blocks(
+    name: str, exp: dict[str, Any], norms: list[str], out: Path
+) -> list[Block]:
     summ = exp["summary"]
     base = summ["baseline"]
     blocks: list[Block] = []
@@ -520,13 +629,23 @@ def _disagreement_blocks(name: str, exp: dict[str, Any], norms: list[str], out: 
         ]
         blocks.append(
             Table(
-                ["seed", "disagreements", f"{_label(base)} right", f"{_label(norm)} right", "both wrong"],
+                [
+                    "seed",
+                    "disagreements",
+                    f"{_label(base)} right",
+                    f"{_label(norm)} right",
+                    "both wrong",
+                ],
                 rows,
             )
         )
     fig = plot_disagreement(summ, norms, out / f"{name}.png")
     if fig is not None:
-        blocks.append(Figure(fig, "How often the final networks disagree on the test set, and who is right then."))
+        blocks.append(
+            Figure(
+                fig, "How often the final networks disagree on the test set, and who is right then."
+            )
+        )
     if not blocks:
         blocks.append(Para(summ["headline"]["note"]))
     return blocks
@@ -684,14 +803,18 @@ def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -
         f"{'×'.join(map(str, ds['shape']))}, {ds['classes']} classes); seeds "
         f"{', '.join(map(str, metrics['seeds']))}; every network trained with and without "
         "normalization from the same initial weights on the same batches. "
-        f"Wall time {metrics['wall_s']:.0f} s on {metrics['device']} ({metrics['threads']} thread(s))."
+        f"Wall time {metrics['wall_s']:.0f} s on {metrics['device']} "
+        f"({metrics['threads']} thread(s))."
     )
     blocks.append(Para(intro))
     if metrics.get("interrupted"):
         blocks.append(
             Para(
-                f"Interrupted: {metrics['runs_finished']} of {metrics['runs_planned']} runs finished; "
-                "this report covers those. Resume with `bnorm study --resume " + str(metrics.get("out_dir", "DIR")) + "`.",
+                f"Interrupted: {metrics['runs_finished']} of {metrics['runs_planned']} "
+                "runs finished; "
+                "this report covers those. Resume with `bnorm study --resume "
+                + str(metrics.get("out_dir", "DIR"))
+                + "`.",
                 "warn",
             )
         )
@@ -727,7 +850,8 @@ figure { margin: 1.2em 0; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 p.warn { background: #fff4e5; border-left: 4px solid #d9730d; padding: 0.6em 0.9em; }
-details { margin-top: 2em; } pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
+details { margin-top: 2em; } \
+pre { background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 """
 
 

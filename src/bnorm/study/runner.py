@@ -28,7 +28,14 @@ from .kinds import KINDS, SWEEPS, Experiment, PlannedRun, SummaryInputs
 from .progress import Progress
 from .train import TrainSpec, process_rank, train_run
 
-__all__ = ["Study", "build_metrics", "prepare_study", "runtime_restored", "train_all", "write_results"]
+__all__ = [
+    "Study",
+    "build_metrics",
+    "prepare_study",
+    "runtime_restored",
+    "train_all",
+    "write_results",
+]
 
 # Set while a study of MLPs runs: bnorm's kernels then run eagerly (see resolve_config).
 _NO_COMPILE = "BNORM_NO_COMPILE"
@@ -86,8 +93,10 @@ def _new_out_dir(config: dict[str, Any]) -> Path:
     if config["out"]:
         out = Path(config["out"])
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"expected --out to be a new or empty directory (got {out}, which has files; "
-                             f"use --resume {out} to continue it)")
+            raise UsageError(
+                f"expected --out to be a new or empty directory (got {out}, which has files; "
+                f"use --resume {out} to continue it)"
+            )
         return out
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path("runs") / f"{stamp}-{config['name']}"

@@ -19,7 +19,9 @@ def print_summary(metrics: dict[str, Any], out: Path, paths: list[Path]) -> None
     if not console.is_terminal:  # piped or logged (e.g. `make study | tee`): room for the table
         console = Console(width=160)
     headers, rows = summary_rows(metrics, compact=True)
-    table = Table(title="bnorm study: accuracy is mean ± std over seeds; speed-up as in the BN paper")
+    table = Table(
+        title="bnorm study: accuracy is mean ± std over seeds; speed-up as in the BN paper"
+    )
     for h in headers:
         table.add_column(h, no_wrap=h in ("Experiment",))
     for row in rows:
@@ -30,11 +32,15 @@ def print_summary(metrics: dict[str, Any], out: Path, paths: list[Path]) -> None
             console.print(f"  [dim]{row['experiment']}:[/] {row['note']}", highlight=False)
     if metrics["interrupted"]:
         console.print(
-            f"[bold yellow]Interrupted[/]: {metrics['runs_finished']} of {metrics['runs_planned']} runs "
+            f"[bold yellow]Interrupted[/]: {metrics['runs_finished']} of "
+            f"{metrics['runs_planned']} runs "
             f"finished; the report covers them. Continue with: bnorm study --resume {out}"
         )
     console.print(
-        f"Wall time {metrics['wall_s']:.1f} s · {metrics['runs_finished']} runs · {len(paths) - 2} figures",
+        f"Wall time {metrics['wall_s']:.1f} s · {metrics['runs_finished']} runs · "
+        f"{len(paths) - 2} figures",
         highlight=False,
     )
-    console.print(f"Report: [bold]{out / 'report.html'}[/]  (also report.md, metrics.json, config.json)")
+    console.print(
+        f"Report: [bold]{out / 'report.html'}[/]  (also report.md, metrics.json, config.json)"
+    )

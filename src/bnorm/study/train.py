@@ -55,7 +55,9 @@ class TrainSpec:
     lr: float = 0.5
     momentum: float = 0.0
     weight_decay: float = 0.0
-    lr_milestones: list[float] = field(default_factory=list)  # fractions of training: lr ×= lr_gamma
+    lr_milestones: list[float] = field(
+        default_factory=list
+    )  # fractions of training: lr ×= lr_gamma
     lr_gamma: float = 0.1
     augment: bool = False  # random 4-pixel-padded crop and horizontal flip
     standardize: bool = False  # per-channel (x − mean)/std with the training set's statistics
@@ -78,19 +80,28 @@ class TrainSpec:
         if self.model not in MODELS:
             raise ValueError(f"expected model in {', '.join(MODELS)} (got {self.model!r})")
         if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ValueError(f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})")
+            raise ValueError(
+                f"expected activation in {', '.join(ACTIVATIONS)} (got {self.activation!r})"
+            )
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"expected init in {', '.join(INIT_SCHEMES)} (got {self.init!r})")
         for name in ("augment", "standardize", "probe", "grad_norms", "keep_predictions",
                      "inference_check", "shift_check", "accumulate_stats", "stats_check"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"expected {name} to be true or false (got {getattr(self, name)!r})")
+                raise ValueError(
+                    f"expected {name} to be true or false (got {getattr(self, name)!r})"
+                )
         if not isinstance(self.lr_milestones, list) or any(
             isinstance(m, bool) or not isinstance(m, (int, float)) for m in self.lr_milestones
         ):
-            raise ValueError(f"expected lr_milestones to be a list of fractions (got {self.lr_milestones!r})")
+            raise ValueError(
+                f"expected lr_milestones to be a list of fractions (got {self.lr_milestones!r})"
+            )
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError(f"expected exactly one of steps and epochs (got steps={self.steps}, epochs={self.epochs})")
+            raise ValueError(
+                "expected exactly one of steps and epochs "
+                f"(got steps={self.steps}, epochs={self.epochs})"
+            )
         for name in ("batch_size", "eval_every", "micro_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,20 +111,34 @@ class TrainSpec:
             raise ValueError(f"expected a positive integer number of steps/epochs (got {length!r})")
         for name in ("lr", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise ValueError(f"expected {name} to be a positive number (got {value!r})")
         for name in ("momentum", "weight_decay", "lr_gamma"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"expected {name} to be a number ≥ 0 (got {value!r})")
         if any(not 0 < m < 1 for m in self.lr_milestones):
-            raise ValueError(f"expected lr_milestones as fractions in (0, 1) (got {self.lr_milestones})")
+            raise ValueError(
+                f"expected lr_milestones as fractions in (0, 1) (got {self.lr_milestones})"
+            )
         if self.hidden is not None and (
             not isinstance(self.hidden, list)
             or not self.hidden
             or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden)
         ):
-            raise ValueError(f"expected hidden to be a list of positive widths (got {self.hidden!r})")
+            raise ValueError(
+                f"expected hidden to be a list of positive widths (got {self.hidden!r})"
+            )
 
     def steps_per_epoch(self, num_train: int) -> int:
         """Optimizer steps per epoch: each takes ``micro_batches`` batches of ``batch_size``."""
@@ -147,7 +172,9 @@ def _augment(images: Tensor, gen: torch.Generator) -> Tensor:
     flip = torch.rand(n, generator=gen) < 0.5
     rows = dy.view(n, 1, 1) + torch.arange(h).view(1, h, 1)
     cols = dx.view(n, 1, 1) + torch.arange(w).view(1, 1, w)
-    cols = torch.where(flip.view(n, 1, 1), dx.view(n, 1, 1) + (w - 1 - torch.arange(w)).view(1, 1, w), cols)
+    cols = torch.where(
+        flip.view(n, 1, 1), dx.view(n, 1, 1) + (w - 1 - torch.arange(w)).view(1, 1, w), cols
+    )
     out = padded.permute(0, 2, 3, 1)[torch.arange(n).view(n, 1, 1), rows, cols]
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -194,7 +221,9 @@ def _global_mean(loss: Tensor, count: int) -> float:
     same value and takes the same decisions (divergence, logging)."""
     import torch.distributed as dist
 
-    both = torch.stack([loss.detach().double() * count, torch.tensor(float(count), dtype=torch.float64)])
+    both = torch.stack(
+        [loss.detach().double() * count, torch.tensor(float(count), dtype=torch.float64)]
+    )
     dist.all_reduce(both)
     return float(both[0] / both[1])
 
@@ -202,7 +231,9 @@ def _global_mean(loss: Tensor, count: int) -> float:
 # ------------------------------------------------------------------- train / evaluate
 
 
-def _start_step(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float] | None, step: int) -> None:
+def _start_step(
+    optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float] | None, step: int
+) -> None:
     """Set the learning rate of step ``step`` (if ``lr_at`` is given) and clear the gradients."""
     if lr_at is not None:
         lr = lr_at(step)
@@ -401,7 +432,11 @@ def evaluate(
 
 
 def inference_check(
-    model: nn.Module, data: Dataset, spec: TrainSpec, device: torch.device | str = "cpu", repeats: int = 25
+    model: nn.Module,
+    data: Dataset,
+    spec: TrainSpec,
+    device: torch.device | str = "cpu",
+    repeats: int = 25,
 ) -> dict[str, Any] | None:
     """From training to inference, for a trained network with batch-norm layers (None
     without): test accuracy with the running (EMA) statistics vs after
@@ -414,7 +449,9 @@ def inference_check(
 
     if not has_batch_norm(model):
         return None
-    test = lambda m: evaluate(m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device)  # noqa: E731
+    test = lambda m: evaluate(  # noqa: E731
+        m, data.test_images, data.test_labels, data, standardize=spec.standardize, device=device
+    )
     ema = test(model)
     calibrated = copy.deepcopy(model).eval()
     n = int(data.train_labels.shape[0])
@@ -435,8 +472,14 @@ def inference_check(
     with torch.no_grad():
         diff = float((folded(x_all) - unfolded(x_all)).abs().max())
         for name, x in (("batch_1", x_one), (f"batch_{x_all.shape[0]}", x_all)):
-            t = time_alternated({"unfolded": call(unfolded, x), "folded": call(folded, x)}, repeats, warmup=3)
-            latency[name] = {"unfolded_us": 1e6 * t["unfolded"], "folded_us": 1e6 * t["folded"], "ratio": t["folded"] / t["unfolded"]}
+            t = time_alternated(
+                {"unfolded": call(unfolded, x), "folded": call(folded, x)}, repeats, warmup=3
+            )
+            latency[name] = {
+                "unfolded_us": 1e6 * t["unfolded"],
+                "folded_us": 1e6 * t["folded"],
+                "ratio": t["folded"] / t["unfolded"],
+            }
     return {
         "ema_accuracy": ema.accuracy,
         "recalibrated_accuracy": recal.accuracy,
@@ -525,7 +568,12 @@ def _new_model(
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The run's network, initialized from ``Generator(seed)``, and its SGD optimizer."""
     model = build_model(
-        spec.model, data.image_shape, data.num_classes, norm, hidden=spec.hidden, activation=spec.activation
+        spec.model,
+        data.image_shape,
+        data.num_classes,
+        norm,
+        hidden=spec.hidden,
+        activation=spec.activation,
     )
     initialize(model, torch.Generator().manual_seed(seed), spec.init, spec.init_std)
     model.to(device)
@@ -535,7 +583,9 @@ def _new_model(
     return model, optimizer
 
 
-def _new_record(spec: TrainSpec, model: nn.Module, norm: str, seed: int, total: int) -> dict[str, Any]:
+def _new_record(
+    spec: TrainSpec, model: nn.Module, norm: str, seed: int, total: int
+) -> dict[str, Any]:
     """A run's record before its first step (the JSON-ready dict of metrics.json)."""
     record: dict[str, Any] = {
         "norm": norm,
@@ -556,7 +606,11 @@ def _new_record(spec: TrainSpec, model: nn.Module, norm: str, seed: int, total: 
         record["probe"] = {"unit": 0, "step": [], "p15": [], "p50": [], "p85": []}
     if spec.grad_norms:
         layers: list[nn.Module] = getattr(model, "weight_layers")  # noqa: B009
-        record["grad_norms"] = {"layers": [type(m).__name__ for m in layers], "init": None, "final": None}
+        record["grad_norms"] = {
+            "layers": [type(m).__name__ for m in layers],
+            "init": None,
+            "final": None,
+        }
     return record
 
 
@@ -585,7 +639,9 @@ def _record_evaluation(
     curve["test_accuracy"].append(ev.accuracy)
     # JSON-ready: None, not NaN, where there is no number (no step yet; diverged).
     curve["test_loss"].append(ev.loss if math.isfinite(ev.loss) else None)
-    curve["train_loss"].append(sum(pending_losses) / len(pending_losses) if pending_losses else None)
+    curve["train_loss"].append(
+        sum(pending_losses) / len(pending_losses) if pending_losses else None
+    )
     pending_losses.clear()
     if spec.probe and ev.probe is not None:
         p = record["probe"]
@@ -610,7 +666,9 @@ def _record_final_checks(
     """The measurements of a trained network that its spec asks for (gradient norms;
     unless it diverged, the inference, shift and running-statistics checks)."""
     if spec.grad_norms:
-        record["grad_norms"]["final"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
+        record["grad_norms"]["final"] = [
+            _finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)
+        ]
     if spec.inference_check and not diverged:
         record["inference"] = inference_check(model, data, spec, device)
     if spec.shift_check and not diverged:
@@ -672,7 +730,9 @@ def train_run(
 
     if step == 0 and not record["curve"]["step"]:
         if spec.grad_norms:
-            record["grad_norms"]["init"] = [_finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)]
+            record["grad_norms"]["init"] = [
+                _finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)
+            ]
         log_eval(0)
 
     def after_step(at_step: int, loss: float) -> None:
@@ -680,14 +740,21 @@ def train_run(
         if at_step % spec.eval_every == 0 or at_step == total:
             log_eval(at_step)
         if on_progress is not None:
-            accuracy = record["curve"]["test_accuracy"][-1] if record["curve"]["test_accuracy"] else None
+            accuracy = (
+                record["curve"]["test_accuracy"][-1] if record["curve"]["test_accuracy"] else None
+            )
             on_progress(at_step, total, accuracy)
 
     def save(epoch_done: int, final: bool = False) -> None:
         record["steps_done"] = step
         record["wall_s"] = time.perf_counter() - started
         if checkpointer is not None and rank == 0 and (final or checkpointer.due()):
-            state = {"epoch": epoch_done, "step": step, "pending_losses": pending_losses, "record": record}
+            state = {
+                "epoch": epoch_done,
+                "step": step,
+                "pending_losses": pending_losses,
+                "record": record,
+            }
             checkpointer.save(model, optimizer, state)
 
     diverged = False
@@ -715,7 +782,14 @@ def train_run(
     if record["curve"]["step"][-1] != step:
         log_eval(step)  # the final point (diverged runs stop between evaluations)
     _record_final_checks(
-        record, model, data, spec, seed=seed, device=device, grad_batch=grad_batch, diverged=diverged
+        record,
+        model,
+        data,
+        spec,
+        seed=seed,
+        device=device,
+        grad_batch=grad_batch,
+        diverged=diverged,
     )
     record["done"] = True
     save(epoch - 1, final=True)

@@ -57,7 +57,14 @@ _RANK_OF: dict[type[nn.Module], int | None] = {
     BatchNormAct: None,
 }
 # BatchNormAct options carried over when converting among BatchNormAct layers.
-_ACT_OPTIONS = ("activation", "negative_slope", "alpha", "memory_efficient", "sync", "process_group")
+_ACT_OPTIONS = (
+    "activation",
+    "negative_slope",
+    "alpha",
+    "memory_efficient",
+    "sync",
+    "process_group",
+)
 
 
 @dataclass
@@ -148,7 +155,9 @@ _TRAINING_ONLY = ("renorm", "virtual_batch_size")
 def _training_only_options(m: nn.Module) -> list[str]:
     """``name=value`` of each training-only option ``m`` sets."""
     return [
-        f"{name}={getattr(m, name)}" for name in _TRAINING_ONLY if getattr(m, name, None) is not None
+        f"{name}={getattr(m, name)}"
+        for name in _TRAINING_ONLY
+        if getattr(m, name, None) is not None
     ]
 
 

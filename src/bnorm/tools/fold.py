@@ -700,7 +700,10 @@ class _Finder:
             if not _owned(parent, source_target):
                 return f"{source.target} is not a sibling in {parent_name or 'the model'}"
             if not _is_producer(layer):
-                return f"its input comes from a {type(layer).__name__} (not a Conv/ConvTranspose/Linear)"
+                return (
+                    f"its input comes from a {type(layer).__name__} "
+                    "(not a Conv/ConvTranspose/Linear)"
+                )
             if len(source.users) > 1 or _flat_args(node).count(source) > 1:
                 consumers = ", ".join(
                     "the output" if u.op == "output" else u.name for u in source.users
@@ -848,8 +851,8 @@ def fold(
 
     The folded layer gets new weight and bias Parameters (same dtype and device; a bias
     is added if it had none) and the batch norm is replaced by :class:`Folded` (an
-    identity that accepts a ``mask``); the model keeps its class and its forward. Outputs stay those of the original up to
-    rounding (the folded weights are computed in float64).
+    identity that accepts a ``mask``); the model keeps its class and its forward. Outputs
+    stay those of the original up to rounding (the folded weights are computed in float64).
 
     Safety: a pair folds only if the neighbour's output goes to the batch norm alone (or
     the batch norm's output to the neighbour alone) — folding into a layer whose output
