@@ -94,9 +94,14 @@ def update_running_stats(
     ``num_batches_skipped`` instead. The decision is a select on the tensors' device: no
     host synchronization.
     """
-    state = _running_state(True, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+    state = _running_state(
+        True, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
+    )
     if state is not None:  # (always: both buffers are given)
-        store_running(state, *running_update(running_mean, running_var, mean, var, count, state[2], skip_nonfinite))
+        new = running_update(
+            running_mean, running_var, mean, var, count, state[2], skip_nonfinite
+        )
+        store_running(state, *new)
 
 
 def _check_vector(name: str, v: Tensor | None, channels: int) -> None:
@@ -139,7 +144,9 @@ def check_input(
         _check_vector(name, v, channels)
     if mask is not None:
         if not isinstance(mask, Tensor):
-            raise TypeError(f"expected mask to be a bool Tensor or None (got {type(mask).__name__})")
+            raise TypeError(
+                f"expected mask to be a bool Tensor or None (got {type(mask).__name__})"
+            )
         if mask.dtype != torch.bool:
             raise TypeError(f"expected a bool mask (got dtype {mask.dtype})")
         expected = tuple(s for d, s in enumerate(input.shape) if d != ax)
@@ -383,9 +390,12 @@ def run_plan(
     renorm_args = None
     if limits is not None and running_mean is not None and running_var is not None:
         renorm_args = (_snapshot(running_mean), _snapshot(running_var), *limits)
-    running = _running_state(update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+    running = _running_state(
+        update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
+    )
     composite = functools.partial(
-        _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed, process_group=process_group
+        _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed,
+        process_group=process_group,
     )
     if torch.compiler.is_compiling():
         # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
@@ -393,7 +403,9 @@ def run_plan(
         if running is not None:
             total = pool_moments(batch) if groups is not None else batch
             var = total.m2 / total.count.clamp_min(1)
-            new = running_update(running[0], running[1], total.mean, var, total.count, running[2], skip_nonfinite)
+            new = running_update(
+                running[0], running[1], total.mean, var, total.count, running[2], skip_nonfinite
+            )
             if mask is not None:
                 # The eager host check (fewer than 2 valid values raises) as a select:
                 # such a batch leaves the running statistics unchanged and counts as skipped.
@@ -534,9 +546,12 @@ def _native_training(
     tail = residual is not None or (activation is not None and activation.name != "identity")
     if memory_efficient or (tail and not torch.compiler.is_compiling()):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
-        running = _running_state(update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+        running = _running_state(
+            update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
+        )
         out = batch_norm_act_train(
-            x, weight, bias, res, eps, activation, memory_efficient, running=running, skip_nonfinite=skip_nonfinite
+            x, weight, bias, res, eps, activation, memory_efficient, running=running,
+            skip_nonfinite=skip_nonfinite,
         )[0]
         return out.movedim(1, ax) if ax != 1 else out
     elif not tail and (
@@ -553,7 +568,9 @@ def _native_training(
         )  # fmt: skip
         return out.movedim(1, ax) if ax != 1 else out
     else:
-        out, mean, invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, None, None, True, 0.0, eps
+        )
     out = out.movedim(1, ax) if ax != 1 else out
     if tail:
         out = activation_tail(out, residual, activation)
