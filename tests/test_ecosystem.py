@@ -440,3 +440,23 @@ def test_thop_and_ptflops_count_like_torchs_after_converting_for_inference():
         )
         counts.append((macs, params, flops))
     assert counts[1] == counts[0]
+
+
+def test_parametrized_weight_is_read_through_its_parametrization_like_torchs():
+    """torch.nn.utils.parametrize moves ``weight`` out of the parameter registry; the
+    layer must still normalize with the parametrized value."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    theirs, ours = _pair()
+    for model in (theirs, ours):
+        parametrize.register_parametrization(model[1], "weight", Doubled())
+    x = torch.randn(5, 3, 6, 6)
+    for mode in (True, False):
+        theirs.train(mode)
+        ours.train(mode)
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours[1].weight, 2 * ours[1].parametrizations.weight.original)
