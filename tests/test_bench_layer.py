@@ -23,5 +23,10 @@ def test_bench_layer_quick_run_writes_valid_json(tmp_path, capsys):
         assert row["torch_ms"] > 0 and row["bnorm_ms"] > 0
         assert abs(row["bnorm/torch"] - row["bnorm_ms"] / row["torch_ms"]) < 1e-9
     assert layer["worst_ratio"] == max(row["bnorm/torch"] for row in layer["rows"])
+    assert [row["options"] for row in layer["per_call"]] == ["default", "skip_nonfinite=False"]
+    for row in layer["per_call"]:
+        assert row["shape"] == "8x16x4x4" and row["torch_us"] > 0 and row["bnorm_us"] > 0
+        assert abs(row["extra_us"] - (row["bnorm_us"] - row["torch_us"])) < 1e-9
     assert "machine" in result and result["machine"]["torch"]
-    assert "overall (geometric mean)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "overall (geometric mean)" in printed and "fixed cost per call" in printed

@@ -639,6 +639,58 @@ def test_skipped_batch_does_not_enter_the_cumulative_average():
     torch.testing.assert_close(ours.running_var, torch.stack([b.var(0) for b in batches]).mean(0))
 
 
+def _rule_expectation(layer, x):
+    """What skip_nonfinite must do, from NumPy: the batch counts iff its mean and unbiased
+    variance are finite in the statistics' dtype (float32); else nothing moves."""
+    xs = x.double().transpose(0, 1).reshape(x.shape[1], -1).numpy()
+    m = xs.shape[1]
+    with np.errstate(all="ignore"):
+        mean, var = xs.mean(1), xs.var(1) * m / (m - 1)
+        ok = all(np.isfinite(v.astype(np.float32)).all() for v in (mean, var))
+        a = 1.0 if layer.momentum is None else layer.momentum
+        rm = layer.running_mean.double().numpy()
+        rv = layer.running_var.double().numpy()
+        new = ((1 - a) * rm + a * mean, (1 - a) * rv + a * var) if ok else (rm, rv)
+    tracked = int(layer.num_batches_tracked) + ok
+    skipped = int(layer.num_batches_skipped) + (not ok)
+    return ok, new, tracked, skipped
+
+
+def _huge_variance():
+    x = torch.randn(6, 4, 3, 3)
+    x[:, 2] = 3e19 * torch.tensor([1.0, -1.0]).repeat(27)[:54].reshape(6, 3, 3)
+    return x
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nan", "inf", "variance beyond float32", "finite after nan state", "momentum 0", "finite"],
+)
+def test_skip_decision_on_the_cpu_path_follows_the_rule(case):
+    # The CPU path decides with a host test on the updated statistics; this pins it to the
+    # rule (finite mean and unbiased variance in float32) in the cases where the two could
+    # part: a variance that overflows float32 only, a state that was already NaN, α = 0.
+    layer = bnorm.BatchNorm2d(4, momentum=0.0 if case == "momentum 0" else 0.1)
+    _trained(layer)
+    x = torch.randn(6, 4, 3, 3)
+    if case in ("nan", "momentum 0"):
+        x = _poisoned(float("nan"))
+    elif case == "inf":
+        x = _poisoned(float("inf"))
+    elif case == "variance beyond float32":
+        x = _huge_variance()
+    elif case == "finite after nan state":
+        with torch.no_grad():
+            layer.running_mean[0] = float("nan")
+    ok, (rm, rv), tracked, skipped = _rule_expectation(layer, x)
+    assert ok == (case in ("finite", "finite after nan state"))
+    layer(x)
+    assert int(layer.num_batches_tracked) == tracked
+    assert int(layer.num_batches_skipped) == skipped
+    np.testing.assert_allclose(layer.running_mean.double().numpy(), rm, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.running_var.double().numpy(), rv, rtol=1e-6, atol=1e-7)
+
+
 def test_nan_only_in_masked_out_positions_is_not_skipped():
     ours = bnorm.BatchNorm1d(2)
     x = torch.randn(4, 2, 5)

@@ -36,6 +36,13 @@ def pool(count: Tensor, mean: Tensor, m2: Tensor, dim: int = 0) -> tuple[Tensor,
     return total, mu, (m2 + spread).sum(dim)
 
 
+def finite_stats(mean: Tensor, unbiased_var: Tensor) -> Tensor:
+    """The rule of ``skip_nonfinite``: a batch counts (True, a bool scalar on the device)
+    iff its mean and unbiased variance are finite in every channel, in the running
+    statistics' dtype."""
+    return torch.isfinite(mean).all() & torch.isfinite(unbiased_var).all()
+
+
 def running_update(
     running_mean: Tensor,
     running_var: Tensor,
@@ -65,7 +72,7 @@ def running_update(
     new_var = torch.lerp(running_var, unbiased, alpha)
     if not skip_nonfinite:
         return new_mean, new_var, torch.ones((), dtype=torch.bool, device=mean.device)
-    ok = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()
+    ok = finite_stats(mean, unbiased)
     return torch.where(ok, new_mean, running_mean), torch.where(ok, new_var, running_var), ok
 
 

@@ -31,10 +31,11 @@ import functools
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._math import Moments, running_update
+from ._math import Moments, finite_stats, running_update
 from .distributed import world_size
 from .kernels import (
     RunningState,
@@ -292,6 +293,13 @@ def run_plan(
     """:func:`batch_norm` with its options resolved into ``plan``: check the input,
     decide what depends on it (the path), run that one path. A layer calls this with the
     plan it keeps."""
+    if training and plan.plain and mask is None and residual is None and type(input) is Tensor:
+        out = _plain_training(
+            plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
+            num_batches_skipped,
+        )  # fmt: skip
+        if out is not None:
+            return out
     momentum, eps, skip_nonfinite = plan.momentum, plan.eps, plan.skip_nonfinite
     renorm, sync, process_group = plan.renorm, plan.sync, plan.process_group
     act, memory_efficient = plan.activation, plan.memory_efficient
@@ -422,6 +430,54 @@ def run_plan(
         x, weight, bias, eps, groups=groups or 1, mask=mask, residual=res,
         activation=act, renorm=renorm_args, running=running, skip_nonfinite=skip_nonfinite,
         process_group=process_group, distributed=distributed,
+    )  # fmt: skip
+    return out.movedim(1, ax) if ax != 1 else out
+
+
+def _plain_training(
+    plan: Plan,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> Tensor | None:
+    """The common call — plain batch norm training on CPU with running statistics of the
+    input's dtype — straight to ATen's kernel, when the input and state make every check
+    of :func:`run_plan` pass by construction; None otherwise (the general path then
+    checks, and raises its own errors). Checks here only compare shapes and numbers."""
+    if (
+        running_mean is None
+        or running_var is None
+        or not input.is_cpu
+        or input.dtype not in (torch.float32, torch.float64)
+        or running_mean.dtype != input.dtype
+        or running_var.dtype != input.dtype
+        or plan.eps <= 0
+        or (plan.momentum is None and num_batches_tracked is None)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    ndim = input.dim()
+    ax = plan.axis if plan.axis >= 0 else plan.axis + ndim
+    if ndim < 2 or not 0 <= ax < ndim:
+        return None
+    channels = input.shape[ax]
+    shape = (channels,)
+    if (
+        running_mean.shape != shape
+        or running_var.shape != shape
+        or (weight is not None and weight.shape != shape)
+        or (bias is not None and bias.shape != shape)
+        or input.numel() <= channels  # (one value per channel, or none)
+    ):
+        return None
+    x = input.movedim(ax, 1) if ax != 1 else input
+    out = _native_training_cpu_update(
+        x, weight, bias, running_mean, running_var, plan.momentum, plan.eps,
+        num_batches_tracked, num_batches_skipped, plan.skip_nonfinite,
     )  # fmt: skip
     return out.movedim(1, ax) if ax != 1 else out
 
@@ -606,22 +662,43 @@ def _native_training_cpu_update(
     itself (torch's exact numbers, no extra pass over small tensors), and a batch whose
     statistics are not finite is undone from a copy. Reading a CPU scalar costs no device
     synchronization, so the check is a host branch here; elsewhere (CUDA, torch.compile)
-    :func:`update_running_stats` decides with a select on the device."""
+    :func:`update_running_stats` decides with a select on the device (the same rule,
+    :func:`bnorm._math.finite_stats`)."""
     if momentum is None:  # cumulative average: this batch gets weight 1/t
         alpha = 1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 1.0
     else:
         alpha = momentum
-    saved = torch.stack((running_mean, running_var)) if skip_nonfinite else None
-    out, mean, invstd = torch.ops.aten.native_batch_norm(
+    if skip_nonfinite and (running_mean.requires_grad or running_var.requires_grad):
+        skip_nonfinite = False  # (ATen refuses to update them in place anyway)
+    if skip_nonfinite:
+        # The guard runs on every step, so it is kept to what costs least per call on
+        # CPU: NumPy views of the two C-vectors (no tensor op, no autograd dispatch).
+        rm_np, rv_np = running_mean.numpy(), running_var.numpy()
+        saved = (rm_np.tobytes(), rv_np.tobytes())
+    out, mean, invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, True, alpha, eps
     )
-    # Σ_c μ_c·σ_c is NaN/inf iff some mean or variance is (an infinite variance gives
-    # invstd = 0, so 1/invstd = inf).
-    if saved is not None and not math.isfinite(float(torch.dot(mean, invstd.reciprocal()))):
-        running_mean.copy_(saved[0])
-        running_var.copy_(saved[1])
+    # A cheap test that never passes a batch the rule would skip: with α ≥ 1e-18, a
+    # non-finite μ_B makes the updated mean non-finite, and an unbiased σ²_B beyond the
+    # dtype's range makes the updated variance ≥ α·σ²_B > √max, so that Σ v² overflows.
+    # Only when it fails (or α is tinier) does the rule itself decide.
+    if (
+        skip_nonfinite
+        and (alpha < 1e-18 or not math.isfinite(rm_np.dot(rm_np) + rv_np.dot(rv_np)))
+        and not _batch_finite(mean, invstd, eps, x.numel() // x.shape[1], running_mean.dtype)
+    ):
+        dtype = rm_np.dtype
+        running_mean.copy_(torch.from_numpy(np.frombuffer(saved[0], dtype=dtype).copy()))
+        running_var.copy_(torch.from_numpy(np.frombuffer(saved[1], dtype=dtype).copy()))
         if num_batches_skipped is not None:
             num_batches_skipped.add_(1)
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return out
+
+
+def _batch_finite(mean: Tensor, invstd: Tensor, eps: float, count: int, dtype: torch.dtype) -> bool:
+    """:func:`bnorm._math.finite_stats` of ATen's saved statistics (μ_B, 1/√(σ²_B + ε))."""
+    with torch.no_grad():
+        var = invstd.to(dtype).pow(-2) - eps
+        return bool(finite_stats(mean.to(dtype), var * (count / max(count - 1, 1))))

@@ -319,20 +319,29 @@ class _BatchNormBase(_Planned, _BatchNorm):
         """What a call normalizes with and updates, for the current mode: (running_mean,
         running_var, weight, bias, use batch statistics, num_batches_tracked,
         num_batches_skipped) — the running tensors only where they are used."""
+        # Read from the module's dicts (a Module.__getattr__ costs ~0.6 µs, per call);
+        # weight and bias by attribute when parametrized (torch.nn.utils.parametrize
+        # moves them out of _parameters and serves them through a property).
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         training = self.training
-        track = self.track_running_stats
-        running_mean, running_var = self.running_mean, self.running_var
-        if training and not track:
-            running_mean = running_var = None
-        update = training and track
+        if training and not self.track_running_stats:
+            return (None, None, weight, bias, True, None, None)
+        try:
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        except KeyError:  # (a parametrized buffer)
+            running_mean, running_var = self.running_mean, self.running_var
+        if not training:
+            return (running_mean, running_var, weight, bias, running_mean is None, None, None)
         return (
             running_mean,
             running_var,
-            self.weight,
-            self.bias,
-            training or running_mean is None,
-            self.num_batches_tracked if update else None,
-            self.num_batches_skipped if update else None,
+            weight,
+            bias,
+            True,
+            buffers.get("num_batches_tracked"),
+            buffers.get("num_batches_skipped"),
         )
 
 

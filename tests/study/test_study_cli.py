@@ -476,20 +476,9 @@ def test_unknown_option_exits_2_without_traceback(capsys: pytest.CaptureFixture[
 # ------------------------------------------------------------ Ctrl-C and --resume
 
 
-def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path) -> None:
-    config = write_json(
-        tmp_path / "c.json",
-        {
-            "experiments": ["curves"],
-            "seeds": [0, 1],
-            "steps": 200,
-            "eval_every": 50,
-            "curves": {"probe": False},
-        },
-    )
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
+def _interrupt_after_first_run(cmd: list[str], out: Path, env: dict[str, str]) -> tuple:
+    """Start the study, wait until its first run is checkpointed as done, send SIGINT.
+    Returns (process, stdout, stderr, whether the study was still running at the signal)."""
     proc = subprocess.Popen(
         [*cmd, "--out", str(out)],
         env=env,
@@ -503,8 +492,33 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
         if first.is_file() and json.loads(first.read_text())["record"]["done"]:
             break
         time.sleep(0.01)
+    running = proc.poll() is None
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
+    return proc, stdout, stderr, running
+
+
+def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    # On a busy machine the runs after the first may all finish before this process gets
+    # to send the signal: then the same study is tried again with longer runs.
+    for steps in (200, 800, 3200):
+        config = write_json(
+            tmp_path / f"c{steps}.json",
+            {
+                "experiments": ["curves"],
+                "seeds": [0, 1],
+                "steps": steps,
+                "eval_every": steps // 4,
+                "curves": {"probe": False},
+            },
+        )
+        out = tmp_path / f"run{steps}"
+        cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
+        proc, stdout, stderr, running = _interrupt_after_first_run(cmd, out, env)
+        if running:
+            break
+    assert running, "the study finished before it could be interrupted, even with long runs"
     assert proc.returncode == 130, (proc.returncode, stdout, stderr)
     assert "Traceback" not in stderr, stderr
     interrupted = json.loads((out / "metrics.json").read_text())
