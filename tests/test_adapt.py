@@ -237,6 +237,16 @@ def affine_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in batch_norm_layers(model) for p in (m.weight, m.bias)]
 
 
+def reference_sgd_step(model: nn.Module, x: torch.Tensor, lr: float) -> torch.Tensor:
+    """One plain SGD step on γ, β of ``model`` against the entropy of its output on ``x``
+    (gradients from :func:`reference_entropy_grads`); returns the logits before it."""
+    grads, logits = reference_entropy_grads(model, x)
+    with torch.no_grad():
+        for p, g in zip(affine_params(model), grads):
+            p -= lr * g
+    return logits
+
+
 @pytest.mark.parametrize("make", [mlp, lambda: mlp(nn.BatchNorm1d), conv_model])
 def test_tent_takes_one_sgd_step_on_the_entropy_gradient_of_gamma_and_beta(make: Any) -> None:
     model = make()
@@ -274,17 +284,11 @@ def test_tent_adapts_across_batches_and_predicts_each_with_the_parameters_so_far
     a, b = shifted_batches(7, (12, 12), (5,))
     lr = 0.1
     ref = copy.deepcopy(model)
-    grads, _ = reference_entropy_grads(ref, a)
-    with torch.no_grad():
-        for p, g in zip(affine_params(ref), grads):
-            p -= lr * g
-    grads_b, logits_b = reference_entropy_grads(ref, b)
+    reference_sgd_step(ref, a, lr)
+    logits_b = reference_sgd_step(ref, b, lr)
     report = bnorm.adapt(model, [a, b], "tent", lr=lr, momentum=0.0, progress=False)
     assert report.outputs is not None
     torch.testing.assert_close(report.outputs[1], logits_b, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        for p, g in zip(affine_params(ref), grads_b):
-            p -= lr * g
     for p, q in zip(affine_params(model), affine_params(ref)):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
 
@@ -315,10 +319,7 @@ def test_tent_episodic_resets_gamma_beta_and_the_optimizer_after_each_batch() ->
         # Each batch from the source model: one SGD step (momentum buffer fresh), then
         # the second forward's output.
         ref = copy.deepcopy(model)
-        grads, _ = reference_entropy_grads(ref, x)
-        with torch.no_grad():
-            for p, g in zip(affine_params(ref), grads):
-                p -= lr * g
+        reference_sgd_step(ref, x, lr)
         _, logits = reference_entropy_grads(ref, x)
         torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-6)
     assert all(e.weight_change == 0 and e.bias_change == 0 for e in report.layers)

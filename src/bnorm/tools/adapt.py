@@ -46,22 +46,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Moments, moments
+from ..functional import Moments
 from ._inputs import (
     Forward,
     Progress,
-    call_input,
     check_run_arguments,
     collect_input_moments,
     format_table,
-    mask_position,
+    input_moments_hook,
     resolve_progress,
 )
 from ._state import SavedState
 from .calibrate import recalibrate, sort_by_model_order, statistics_shift
 from .layers import (
     batch_norm_layers,
-    channel_axis,
     check_module,
     has_running_stats,
     is_frozen_batch_norm,
@@ -534,21 +532,14 @@ def _detach(out: Any) -> Any:
 def _prior_hook(layer: Any, strength: float, source: tuple[Tensor, Tensor]) -> Callable[..., None]:
     """A forward pre-hook that sets the (eval-mode) layer's running statistics to the
     prior mix of the source statistics and the current batch's (mean, biased variance)."""
-    axis = channel_axis(layer)
-    mask_index = mask_position(layer)
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        call = call_input(args, kwargs, mask_index)
-        if call is None:
-            return
-        x, mask = call
-        batch = moments(x, axis, mask)
-        count = batch.count.double()
+    def mix(x: Tensor, batch: Moments) -> None:
+        # (mean, biased variance), as a training-mode layer normalizes with
         mean = batch.mean.double()
-        var = batch.m2.double() / count.clamp_min(1)  # biased, as training mode normalizes
+        var = batch.m2.double() / batch.count.double().clamp_min(1)
         _set_prior_mix(layer, strength, source, float(x.shape[0]), mean, var)
 
-    return hook
+    return input_moments_hook(layer, mix)
 
 
 def _adapt_online(
