@@ -54,11 +54,18 @@ def _values(x: Tensor, axis: int, mask: Tensor | None) -> Tensor:
 
 Case = tuple[Callable[[], nn.Module], tuple[int, ...], int, bool, str]
 # (factory, per-sample shape, channel axis, masked, forward kind)
+
+
+def _plain(factory: Callable[[], nn.Module], shape: tuple[int, ...] = (3, 4, 5)) -> Case:
+    """A case run on unmasked input of per-sample ``shape``, channels on axis 1."""
+    return (factory, shape, 1, False, "plain")
+
+
 CASES: dict[str, Case] = {
-    "bn1d_2d_input": (lambda: bnorm.BatchNorm1d(3, dtype=F64), (3,), 1, False, "plain"),
-    "bn1d_3d_input": (lambda: bnorm.BatchNorm1d(3, dtype=F64), (3, 5), 1, False, "plain"),
-    "bn2d": (lambda: bnorm.BatchNorm2d(3, dtype=F64), (3, 4, 5), 1, False, "plain"),
-    "bn3d": (lambda: bnorm.BatchNorm3d(3, dtype=F64), (3, 2, 3, 2), 1, False, "plain"),
+    "bn1d_2d_input": _plain(lambda: bnorm.BatchNorm1d(3, dtype=F64), (3,)),
+    "bn1d_3d_input": _plain(lambda: bnorm.BatchNorm1d(3, dtype=F64), (3, 5)),
+    "bn2d": _plain(lambda: bnorm.BatchNorm2d(3, dtype=F64)),
+    "bn3d": _plain(lambda: bnorm.BatchNorm3d(3, dtype=F64), (3, 2, 3, 2)),
     "axis_last": (lambda: bnorm.BatchNorm(3, axis=-1, dtype=F64), (4, 5, 3), -1, False, "plain"),
     "act_fused": (
         lambda: bnorm.BatchNormAct2d(3, activation="relu", dtype=F64),
@@ -67,19 +74,9 @@ CASES: dict[str, Case] = {
         False,
         "residual",
     ),
-    "ghost": (
-        lambda: bnorm.BatchNorm2d(3, virtual_batch_size=2, dtype=F64),
-        (3, 4, 5),
-        1,
-        False,
-        "plain",
-    ),
-    "renorm": (
-        lambda: bnorm.BatchNorm2d(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0), dtype=F64),
-        (3, 4, 5),
-        1,
-        False,
-        "plain",
+    "ghost": _plain(lambda: bnorm.BatchNorm2d(3, virtual_batch_size=2, dtype=F64)),
+    "renorm": _plain(
+        lambda: bnorm.BatchNorm2d(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0), dtype=F64)
     ),
     "masked": (lambda: bnorm.BatchNorm1d(3, dtype=F64), (3, 6), 1, True, "plain"),
     "masked_act": (
@@ -89,28 +86,10 @@ CASES: dict[str, Case] = {
         True,
         "mask_kw",
     ),
-    "momentum_none": (
-        lambda: bnorm.BatchNorm2d(3, momentum=None, dtype=F64),
-        (3, 4, 5),
-        1,
-        False,
-        "plain",
-    ),
-    "momentum_0.3": (
-        lambda: bnorm.BatchNorm2d(3, momentum=0.3, dtype=F64),
-        (3, 4, 5),
-        1,
-        False,
-        "plain",
-    ),
-    "torch_bn2d": (lambda: nn.BatchNorm2d(3, dtype=F64), (3, 4, 5), 1, False, "plain"),
-    "torch_bn1d_momentum_none": (
-        lambda: nn.BatchNorm1d(3, momentum=None, dtype=F64),
-        (3, 5),
-        1,
-        False,
-        "plain",
-    ),
+    "momentum_none": _plain(lambda: bnorm.BatchNorm2d(3, momentum=None, dtype=F64)),
+    "momentum_0.3": _plain(lambda: bnorm.BatchNorm2d(3, momentum=0.3, dtype=F64)),
+    "torch_bn2d": _plain(lambda: nn.BatchNorm2d(3, dtype=F64)),
+    "torch_bn1d_momentum_none": _plain(lambda: nn.BatchNorm1d(3, momentum=None, dtype=F64), (3, 5)),
 }
 
 # Unequal micro-batch sizes (even, so that ghost batches of 2 divide them).

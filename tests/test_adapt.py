@@ -19,6 +19,7 @@ from torch import nn
 import bnorm
 from bnorm.tools import batch_norm_layers
 from bnorm.tools.adapt import entropy
+from tool_models import conv_bn_model, reference_inputs
 
 MEAN_ATOL = 1e-6
 VAR_RTOL = 1e-5
@@ -36,29 +37,20 @@ def shifted_batches(
 
 def conv_model() -> nn.Sequential:
     """bnorm's BatchNorm2d then torch's, with non-trivial source statistics and affine."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3),
-        bnorm.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 5, 1),
-        nn.BatchNorm2d(5),
-        nn.Flatten(),
-        nn.LazyLinear(4),
-    )
+    model = nn.Sequential(*conv_bn_model(), nn.Flatten(), nn.LazyLinear(4))
     model(torch.randn(2, 3, 6, 6))  # materialize the lazy layer
-    with torch.no_grad():
-        for bn in (model[1], model[4]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.3, 0.3)
-    return model.eval()
+    return with_source_statistics(model)
 
 
 def mlp(norm: type[nn.Module] = bnorm.BatchNorm1d) -> nn.Sequential:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 7), norm(7), nn.Tanh(), nn.Linear(7, 4), norm(4))
+    return with_source_statistics(model)
+
+
+def with_source_statistics(model: nn.Sequential) -> nn.Sequential:
+    """``model`` in eval mode, its batch norms (modules 1 and 4) given non-trivial source
+    statistics and affine parameters (from the global generator)."""
     with torch.no_grad():
         for bn in (model[1], model[4]):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -103,14 +95,7 @@ def np_stats(values: list[np.ndarray], axes: tuple[int, ...]) -> tuple[np.ndarra
 def test_bn_sets_running_statistics_to_those_of_the_concatenated_test_inputs() -> None:
     model = conv_model()
     batches = shifted_batches(0, (7, 3, 12), (3, 6, 6))
-    first, second = [], []
-    with torch.no_grad():  # the inputs of each layer, computed with torch's functional only
-        for x in batches:
-            a = model[0](x)
-            bn = model[1]
-            h = F.batch_norm(a, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-            first.append(a.double().numpy())
-            second.append(model[3](F.relu(h)).double().numpy())
+    first, second = reference_inputs(model, batches)  # torch's functional only
     source = [model[1].running_var.clone(), model[4].running_var.clone()]
     report = bnorm.adapt(model, batches, "bn", progress=False)
     pairs = (("1", first, source[0]), ("4", second, source[1]))
@@ -252,6 +237,16 @@ def affine_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in batch_norm_layers(model) for p in (m.weight, m.bias)]
 
 
+def reference_sgd_step(model: nn.Module, x: torch.Tensor, lr: float) -> torch.Tensor:
+    """One plain SGD step on γ, β of ``model`` against the entropy of its output on ``x``
+    (gradients from :func:`reference_entropy_grads`); returns the logits before it."""
+    grads, logits = reference_entropy_grads(model, x)
+    with torch.no_grad():
+        for p, g in zip(affine_params(model), grads):
+            p -= lr * g
+    return logits
+
+
 @pytest.mark.parametrize("make", [mlp, lambda: mlp(nn.BatchNorm1d), conv_model])
 def test_tent_takes_one_sgd_step_on_the_entropy_gradient_of_gamma_and_beta(make: Any) -> None:
     model = make()
@@ -289,17 +284,11 @@ def test_tent_adapts_across_batches_and_predicts_each_with_the_parameters_so_far
     a, b = shifted_batches(7, (12, 12), (5,))
     lr = 0.1
     ref = copy.deepcopy(model)
-    grads, _ = reference_entropy_grads(ref, a)
-    with torch.no_grad():
-        for p, g in zip(affine_params(ref), grads):
-            p -= lr * g
-    grads_b, logits_b = reference_entropy_grads(ref, b)
+    reference_sgd_step(ref, a, lr)
+    logits_b = reference_sgd_step(ref, b, lr)
     report = bnorm.adapt(model, [a, b], "tent", lr=lr, momentum=0.0, progress=False)
     assert report.outputs is not None
     torch.testing.assert_close(report.outputs[1], logits_b, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        for p, g in zip(affine_params(ref), grads_b):
-            p -= lr * g
     for p, q in zip(affine_params(model), affine_params(ref)):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)
 
@@ -330,10 +319,7 @@ def test_tent_episodic_resets_gamma_beta_and_the_optimizer_after_each_batch() ->
         # Each batch from the source model: one SGD step (momentum buffer fresh), then
         # the second forward's output.
         ref = copy.deepcopy(model)
-        grads, _ = reference_entropy_grads(ref, x)
-        with torch.no_grad():
-            for p, g in zip(affine_params(ref), grads):
-                p -= lr * g
+        reference_sgd_step(ref, x, lr)
         _, logits = reference_entropy_grads(ref, x)
         torch.testing.assert_close(out, logits, rtol=1e-5, atol=1e-6)
     assert all(e.weight_change == 0 and e.bias_change == 0 for e in report.layers)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bnorm
 from bnorm import reference
 from bnorm.testing import spawn_gloo
+from tool_models import conv_bn_model, reference_inputs
 
 MEAN_ATOL = 1e-6
 VAR_RTOL = 1e-5
@@ -26,35 +26,8 @@ def uneven_batches(seed: int, sizes: tuple[int, ...], shape: tuple[int, ...]) ->
     ]
 
 
-def two_layer_model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3),
-        bnorm.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 5, 1),
-        nn.BatchNorm2d(5),
-    )
-
-
-def reference_inputs(
-    model: nn.Sequential, batches: list[torch.Tensor]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The inputs each batch norm sees, batch by batch, computed without bnorm: the first
-    layer normalizes with its batch statistics (training mode) via torch's functional."""
-    first, second = [], []
-    with torch.no_grad():
-        for x in batches:
-            a = model[0](x)
-            bn = model[1]
-            normalized = F.batch_norm(a, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-            first.append(a.double().numpy())
-            second.append(model[3](F.relu(normalized)).double().numpy())
-    return first, second
-
-
 def test_recalibrate_equals_statistics_of_the_concatenated_inputs_with_uneven_batches() -> None:
-    model = two_layer_model().eval()
+    model = conv_bn_model().eval()
     batches = uneven_batches(0, (5, 1, 8, 3), (3, 6, 6))
     first, second = reference_inputs(model, batches)
     report = bnorm.recalibrate(model, batches, progress=False)
@@ -146,7 +119,7 @@ def test_recalibrate_keeps_unreached_layers_and_skips_frozen_ones() -> None:
 
 
 def test_recalibrate_leaves_flags_momentum_counters_and_computes_no_gradients() -> None:
-    model = two_layer_model()
+    model = conv_bn_model()
     model.train()
     model[4].momentum = None
     model[2].train(False)
@@ -165,7 +138,7 @@ def test_recalibrate_leaves_flags_momentum_counters_and_computes_no_gradients() 
 
 
 def test_recalibrate_restores_the_model_when_an_exception_interrupts_it() -> None:
-    model = two_layer_model().eval()
+    model = conv_bn_model().eval()
     model[1].momentum = None
     user_hook = model[4].register_forward_pre_hook(lambda *_: None)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -227,7 +200,7 @@ def _rank_batches(rank: int) -> list[torch.Tensor]:
 
 
 def _recalibrate_worker(rank: int, world: int) -> dict[str, object]:
-    model = two_layer_model().eval()
+    model = conv_bn_model().eval()
     report = bnorm.recalibrate(model, _rank_batches(rank), progress=False)
     return {
         "mean0": model[1].running_mean,
@@ -245,7 +218,7 @@ def test_recalibrate_across_two_gloo_ranks_gives_every_rank_the_global_statistic
     for key in ("mean0", "var0", "mean1", "var1"):
         assert torch.equal(results[0][key], results[1][key]), key  # bit-identical
     assert results[0]["world"] == 2 and results[0]["count"] == 14 * 16
-    model = two_layer_model().eval()
+    model = conv_bn_model().eval()
     first, second = reference_inputs(model, _rank_batches(0) + _rank_batches(1))
     for inputs, mean_key, var_key in ((first, "mean0", "var0"), (second, "mean1", "var1")):
         values = np.concatenate(inputs)

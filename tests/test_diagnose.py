@@ -16,6 +16,7 @@ from torch.distributions import Normal, kl_divergence
 
 import bnorm
 from bnorm.tools.diagnose import percentiles
+from tool_models import conv_bn_model
 
 
 def data(seed: int = 0, sizes: tuple[int, ...] = (8, 5, 11)) -> list[torch.Tensor]:
@@ -26,14 +27,7 @@ def data(seed: int = 0, sizes: tuple[int, ...] = (8, 5, 11)) -> list[torch.Tenso
 def calibrated_model() -> nn.Sequential:
     """conv → BN → ReLU → conv → BN, with exact statistics for eval-mode inference: the
     first layer's from the data, then the second's with the first already in eval mode."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3),
-        bnorm.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 4, 1),
-        nn.BatchNorm2d(4),
-    ).eval()
+    model = conv_bn_model(4).eval()
     with torch.no_grad():
         for index in (1, 4):
             inputs = torch.cat([model[:index](x) for x in data()]).double()

@@ -346,6 +346,18 @@ def test_fold_report_prints_and_serializes() -> None:
 # Pure functions against float64 conv + batch norm
 
 
+def random_bn_state(
+    channels: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 running mean, running variance (> 0.1), γ and β of a batch norm."""
+    f64 = torch.float64
+    mean = torch.randn(channels, generator=g, dtype=f64)
+    var = torch.rand(channels, generator=g, dtype=f64) + 0.1
+    gamma = torch.randn(channels, generator=g, dtype=f64)
+    beta = torch.randn(channels, generator=g, dtype=f64)
+    return mean, var, gamma, beta
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_fold_conv_bn_weights_transposed_grouped_matches_convtranspose_then_batch_norm(
     groups: int,
@@ -354,14 +366,7 @@ def test_fold_conv_bn_weights_transposed_grouped_matches_convtranspose_then_batc
     cin, cout = 4, 8
     w = torch.randn(cin, cout // groups, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(cout, generator=g, dtype=torch.float64)
-    mean, var = (
-        torch.randn(cout, generator=g, dtype=torch.float64),
-        torch.rand(cout, generator=g, dtype=torch.float64) + 0.1,
-    )
-    gamma, beta = (
-        torch.randn(cout, generator=g, dtype=torch.float64),
-        torch.randn(cout, generator=g, dtype=torch.float64),
-    )
+    mean, var, gamma, beta = random_bn_state(cout, g)
     x = torch.randn(2, cin, 5, 5, generator=g, dtype=torch.float64)
     expected = F.batch_norm(
         F.conv_transpose2d(x, w, b, stride=2, groups=groups),
@@ -384,14 +389,7 @@ def test_fold_bn_conv_weights_grouped_matches_batch_norm_then_conv(groups: int) 
     g = torch.Generator().manual_seed(groups)
     cin, cout = 6, 9
     w = torch.randn(cout, cin // groups, 3, 3, generator=g, dtype=torch.float64)
-    mean, var = (
-        torch.randn(cin, generator=g, dtype=torch.float64),
-        torch.rand(cin, generator=g, dtype=torch.float64) + 0.1,
-    )
-    gamma, beta = (
-        torch.randn(cin, generator=g, dtype=torch.float64),
-        torch.randn(cin, generator=g, dtype=torch.float64),
-    )
+    mean, var, gamma, beta = random_bn_state(cin, g)
     x = torch.randn(2, cin, 5, 5, generator=g, dtype=torch.float64)
     expected = F.conv2d(
         F.batch_norm(x, mean, var, gamma, beta, False, 0.0, 1e-5), w, None, groups=groups

@@ -490,35 +490,37 @@ def test_one_value_per_channel_is_fine_in_eval():
     torch.testing.assert_close(ours(x), theirs(x))
 
 
-def test_mask_with_one_valid_value_in_training_raises_and_changes_nothing():
+def _one_valid_value_mask():
     mask = torch.zeros(4, 3, 3, dtype=torch.bool)
     mask[0, 0, 0] = True
-    _rejects(
-        _trained(bnorm.BatchNorm2d(4)),
-        (torch.randn(4, 4, 3, 3), mask),
-        ValueError,
-        r"expected more than 1 value per channel when training \(got 1 .* with its mask\)",
-    )
+    return mask
 
 
-def test_mask_of_the_wrong_shape_raises_value_error_and_changes_nothing():
-    mask = torch.ones(4, 4, 3, 3, dtype=torch.bool)
-    _rejects(
-        _trained(bnorm.BatchNorm2d(4)),
-        (torch.randn(4, 4, 3, 3), mask),
-        ValueError,
-        r"expected a mask of shape \(4, 3, 3\) .* \(got \(4, 4, 3, 3\)\)",
-    )
-
-
-def test_mask_of_the_wrong_dtype_raises_type_error_and_changes_nothing():
-    mask = torch.ones(4, 3, 3)
-    _rejects(
-        _trained(bnorm.BatchNorm2d(4)),
-        (torch.randn(4, 4, 3, 3), mask),
-        TypeError,
-        r"expected a bool mask \(got dtype torch.float32\)",
-    )
+@pytest.mark.parametrize(
+    "mask, error, message",
+    [
+        pytest.param(
+            _one_valid_value_mask(),
+            ValueError,
+            r"expected more than 1 value per channel when training \(got 1 .* with its mask\)",
+            id="one-valid-value-in-training",
+        ),
+        pytest.param(
+            torch.ones(4, 4, 3, 3, dtype=torch.bool),
+            ValueError,
+            r"expected a mask of shape \(4, 3, 3\) .* \(got \(4, 4, 3, 3\)\)",
+            id="wrong-shape",
+        ),
+        pytest.param(
+            torch.ones(4, 3, 3),
+            TypeError,
+            r"expected a bool mask \(got dtype torch.float32\)",
+            id="wrong-dtype",
+        ),
+    ],
+)
+def test_a_bad_mask_raises_and_changes_nothing(mask, error, message):
+    _rejects(_trained(bnorm.BatchNorm2d(4)), (torch.randn(4, 4, 3, 3), mask), error, message)
 
 
 def test_axis_out_of_range_for_the_input_raises():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,18 +149,24 @@ def test_networks_without_batch_norm_get_their_accuracy_as_trained_only(digits: 
     assert all(set(entry) == {"source"} for entry in result["accuracy"].values())
 
 
-def test_shift_experiment_end_to_end(tmp_path: Path) -> None:
-    config = {
-        "seeds": [0, 1],
-        "experiments": ["curves", "shift"],
-        "curves": {"steps": 30, "eval_every": 30},
-    }
+def run_study(tmp_path: Path, config: dict[str, Any]) -> Path:
+    """``bnorm study --quiet`` with ``config`` as its config file; the run directory."""
     (tmp_path / "c.json").write_text(json.dumps(config))
     out = tmp_path / "run"
     assert (
         bnorm_main(["study", "--config", str(tmp_path / "c.json"), "--out", str(out), "--quiet"])
         == 0
     )
+    return out
+
+
+def test_shift_experiment_end_to_end(tmp_path: Path) -> None:
+    config = {
+        "seeds": [0, 1],
+        "experiments": ["curves", "shift"],
+        "curves": {"steps": 30, "eval_every": 30},
+    }
+    out = run_study(tmp_path, config)
     assert (out / "shift.png").stat().st_size > 1000
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["experiments"]["curves"]["spec"]["shift_check"] is True
@@ -211,12 +218,7 @@ def test_curves_alone_measures_no_shift(tmp_path: Path) -> None:
         "experiments": ["curves"],
         "curves": {"steps": 5, "eval_every": 5},
     }
-    (tmp_path / "c.json").write_text(json.dumps(config))
-    out = tmp_path / "run"
-    assert (
-        bnorm_main(["study", "--config", str(tmp_path / "c.json"), "--out", str(out), "--quiet"])
-        == 0
-    )
+    out = run_study(tmp_path, config)
     metrics = json.loads((out / "metrics.json").read_text())
     assert all("shift" not in r for r in metrics["experiments"]["curves"]["runs"])
     assert not (out / "shift.png").exists()

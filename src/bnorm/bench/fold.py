@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from torch.fx.experimental.optimization import fuse
@@ -30,32 +31,8 @@ def fold_suite(args: argparse.Namespace) -> dict[str, object]:
     Second table: one conv of each ResNet-20 shape, with bias (what folding produces)
     against bias-free conv followed by an eval batch norm (what it replaces).
     """
-    try:
-        import resource
-
-        def minor_faults() -> int:
-            return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
-    except ImportError:  # not on Unix: no page-fault counts
-
-        def minor_faults() -> int:
-            return 0
-
-    faults: dict[str, list[int]] = {}  # name -> [page faults, forwards]
-
-    def forward(model: torch.nn.Module, x: torch.Tensor, loops: int, name: str = ""):
-        tally = faults.setdefault(name, [0, 0])
-
-        def run() -> None:
-            before = minor_faults()
-            with torch.no_grad():
-                for _ in range(loops):
-                    model(x)
-            tally[0] += minor_faults() - before
-            tally[1] += loops
-
-        return run
-
     batches = (1, 8) if args.quick else FOLD_BATCHES
+    faults = _PageFaults()
     rows: list[dict[str, object]] = []
     summary: list[str] = []
     checks: list[bool] = []
@@ -66,78 +43,149 @@ def fold_suite(args: argparse.Namespace) -> dict[str, object]:
         if norm == "torch":
             variants["fx fuse"] = fuse(model)
         for batch in batches:
-            x = torch.randn(batch, 3, 32, 32)
-            loops = 20 if batch == 1 else 1
-            with torch.no_grad():
-                reference = model(x)
-                for name, variant in variants.items():
-                    err = float((variant(x) - reference).abs().max() / reference.abs().max())
-                    if err > 1e-5:
-                        raise RuntimeError(f"{name} changed the outputs (relative error {err:.2e})")
-            faults.clear()
-            t = time_alternated(
-                {name: forward(v, x, loops, name) for name, v in variants.items()},
-                args.repeats,
-                args.warmup,
-            )
-            per_forward = {name: f // max(n, 1) for name, (f, n) in faults.items()}
-            row: dict[str, object] = {
-                "model": f"ResNet-20 ({norm} BN)",
-                "batch": batch,
-                "unfolded_ms": 1e3 * t["unfolded"] / loops,
-                "folded_ms": 1e3 * t["bnorm.fold"] / loops,
-                "fx_fuse_ms": 1e3 * t["fx fuse"] / loops if "fx fuse" in t else None,
-                "folded/unfolded": t["bnorm.fold"] / t["unfolded"],
-                "fx/unfolded": t["fx fuse"] / t["unfolded"] if "fx fuse" in t else None,
-                "page_faults/forward": "/".join(str(per_forward[name]) for name in variants),
-            }
+            row, line, met = _model_row(args, faults, norm, variants, batch)
             rows.append(row)
-            target = FOLD_TARGET_BATCH1 if batch == 1 else FOLD_TARGET_BATCH64
-            ratio = t["bnorm.fold"] / t["unfolded"]
-            checks.append(ratio <= target)
-            summary.append(
-                f"{row['model']}, batch {batch}: folded {ratio:.3f}x unfolded "
-                f"(goal <= {target:.2f}x: {'met' if ratio <= target else 'missed'})"
-                + (f"; fx fuse {t['fx fuse'] / t['unfolded']:.3f}x" if "fx fuse" in t else "")
-            )
-
-    # Is a conv with bias slower than a bias-free conv + batch norm here?
-    conv_rows: list[dict[str, object]] = []
-    for batch in batches:
-        for channels, side in ((16, 32), (32, 16), (64, 8)):
-            torch.manual_seed(0)
-            x = torch.randn(batch, channels, side, side)
-            with_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=True).eval()
-            no_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=False).eval()
-            norm_layer = randomize_statistics(torch.nn.BatchNorm2d(channels))
-            loops = 20 if batch == 1 else 1
-
-            def conv_bn(x: torch.Tensor = x, c=no_bias, b=norm_layer) -> torch.Tensor:
-                return b(c(x))
-
-            wrapped = torch.nn.Module()
-            wrapped.forward = conv_bn  # type: ignore[method-assign]
-            t = time_alternated(
-                {
-                    "bias": forward(with_bias, x, loops),
-                    "conv+bn": forward(wrapped, x, loops),
-                    "no bias": forward(no_bias, x, loops),
-                },
-                args.repeats,
-                args.warmup,
-            )
-            conv_rows.append(
-                {
-                    "conv": f"{channels}->{channels} 3x3 @{side}x{side}",
-                    "batch": batch,
-                    "bias_us": 1e6 * t["bias"] / loops,
-                    "conv+bn_us": 1e6 * t["conv+bn"] / loops,
-                    "no_bias_us": 1e6 * t["no bias"] / loops,
-                    "bias/(conv+bn)": t["bias"] / t["conv+bn"],
-                }
-            )
-    slower = [r for r in conv_rows if float(r["bias/(conv+bn)"]) > 1.0]  # type: ignore[arg-type]
+            summary.append(line)
+            checks.append(met)
+    conv_rows = [row for batch in batches for row in _conv_rows(args, faults, batch)]
+    summary.append(_conv_summary(conv_rows))
     summary.append(
+        "all goals met"
+        if all(checks)
+        else "some goals missed (timings on a shared machine are noisy)"
+    )
+    return {"rows": rows, "conv_rows": conv_rows, "summary": summary}
+
+
+try:
+    import resource
+
+    def _minor_faults() -> int:
+        """Minor page faults of this process so far."""
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+except ImportError:  # not on Unix: no page-fault counts
+
+    def _minor_faults() -> int:
+        return 0
+
+
+class _PageFaults:
+    """Timed forwards that also count the minor page faults they cause, by name."""
+
+    def __init__(self) -> None:
+        self.tally: dict[str, list[int]] = {}  # name -> [page faults, forwards]
+
+    def forward(
+        self, model: torch.nn.Module, x: torch.Tensor, loops: int, name: str = ""
+    ) -> Callable[[], None]:
+        """A case for time_alternated: ``loops`` forwards of ``model`` on ``x``."""
+        tally = self.tally.setdefault(name, [0, 0])
+
+        def run() -> None:
+            before = _minor_faults()
+            with torch.no_grad():
+                for _ in range(loops):
+                    model(x)
+            tally[0] += _minor_faults() - before
+            tally[1] += loops
+
+        return run
+
+    def per_forward(self) -> dict[str, int]:
+        return {name: f // max(n, 1) for name, (f, n) in self.tally.items()}
+
+
+def _check_outputs(variants: dict[str, torch.nn.Module], x: torch.Tensor) -> None:
+    """Every variant gives the unfolded model's outputs (relative error <= 1e-5)."""
+    with torch.no_grad():
+        reference = variants["unfolded"](x)
+        for name, variant in variants.items():
+            err = float((variant(x) - reference).abs().max() / reference.abs().max())
+            if err > 1e-5:
+                raise RuntimeError(f"{name} changed the outputs (relative error {err:.2e})")
+
+
+def _model_row(
+    args: argparse.Namespace,
+    faults: _PageFaults,
+    norm: str,
+    variants: dict[str, torch.nn.Module],
+    batch: int,
+) -> tuple[dict[str, object], str, bool]:
+    """Time the model's variants at one batch size: the row, its summary line, and
+    whether the folded model met its goal."""
+    x = torch.randn(batch, 3, 32, 32)
+    loops = 20 if batch == 1 else 1
+    _check_outputs(variants, x)
+    faults.tally.clear()
+    t = time_alternated(
+        {name: faults.forward(v, x, loops, name) for name, v in variants.items()},
+        args.repeats,
+        args.warmup,
+    )
+    per_forward = faults.per_forward()
+    fx = "fx fuse" in t
+    row: dict[str, object] = {
+        "model": f"ResNet-20 ({norm} BN)",
+        "batch": batch,
+        "unfolded_ms": 1e3 * t["unfolded"] / loops,
+        "folded_ms": 1e3 * t["bnorm.fold"] / loops,
+        "fx_fuse_ms": 1e3 * t["fx fuse"] / loops if fx else None,
+        "folded/unfolded": t["bnorm.fold"] / t["unfolded"],
+        "fx/unfolded": t["fx fuse"] / t["unfolded"] if fx else None,
+        "page_faults/forward": "/".join(str(per_forward[name]) for name in variants),
+    }
+    target = FOLD_TARGET_BATCH1 if batch == 1 else FOLD_TARGET_BATCH64
+    ratio = t["bnorm.fold"] / t["unfolded"]
+    line = (
+        f"{row['model']}, batch {batch}: folded {ratio:.3f}x unfolded "
+        f"(goal <= {target:.2f}x: {'met' if ratio <= target else 'missed'})"
+        + (f"; fx fuse {t['fx fuse'] / t['unfolded']:.3f}x" if fx else "")
+    )
+    return row, line, ratio <= target
+
+
+def _conv_rows(
+    args: argparse.Namespace, faults: _PageFaults, batch: int
+) -> list[dict[str, object]]:
+    """Is a conv with bias slower than a bias-free conv + batch norm here? One row per
+    ResNet-20 conv shape."""
+    rows: list[dict[str, object]] = []
+    for channels, side in ((16, 32), (32, 16), (64, 8)):
+        torch.manual_seed(0)
+        x = torch.randn(batch, channels, side, side)
+        with_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=True).eval()
+        no_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=False).eval()
+        conv_bn = torch.nn.Sequential(
+            no_bias, randomize_statistics(torch.nn.BatchNorm2d(channels))
+        )
+        loops = 20 if batch == 1 else 1
+        t = time_alternated(
+            {
+                "bias": faults.forward(with_bias, x, loops),
+                "conv+bn": faults.forward(conv_bn, x, loops),
+                "no bias": faults.forward(no_bias, x, loops),
+            },
+            args.repeats,
+            args.warmup,
+        )
+        rows.append(
+            {
+                "conv": f"{channels}->{channels} 3x3 @{side}x{side}",
+                "batch": batch,
+                "bias_us": 1e6 * t["bias"] / loops,
+                "conv+bn_us": 1e6 * t["conv+bn"] / loops,
+                "no_bias_us": 1e6 * t["no bias"] / loops,
+                "bias/(conv+bn)": t["bias"] / t["conv+bn"],
+            }
+        )
+    return rows
+
+
+def _conv_summary(conv_rows: list[dict[str, object]]) -> str:
+    slower = [r for r in conv_rows if float(r["bias/(conv+bn)"]) > 1.0]  # type: ignore[arg-type]
+    return (
         "conv with bias vs bias-free conv + BN, per ResNet-20 shape:\n"
         + format_table(conv_rows)
         + (
@@ -146,9 +194,3 @@ def fold_suite(args: argparse.Namespace) -> dict[str, object]:
             else f"\n=> conv with bias is slower in {len(slower)} case(s): see rows"
         )
     )
-    summary.append(
-        "all goals met"
-        if all(checks)
-        else "some goals missed (timings on a shared machine are noisy)"
-    )
-    return {"rows": rows, "conv_rows": conv_rows, "summary": summary}

@@ -436,58 +436,8 @@ def _batch_text(spec: dict[str, Any], options: dict[str, Any]) -> str:
 def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) -> list[Block]:
     runs = exp["runs"]
     summ = exp["summary"]
-    blocks: list[Block] = []
-    headers = ["", *(_label(n) for n in norms)]
-    rows = [
-        [
-            "final test accuracy",
-            *(format_accuracy(summ["per_norm"][n]["final_accuracy"]) for n in norms),
-        ],
-        [
-            "best test accuracy",
-            *(format_accuracy(summ["per_norm"][n]["best_accuracy"]) for n in norms),
-        ],
-        ["final test loss", *(_loss(summ["per_norm"][n]["final_loss"]) for n in norms)],
-        [
-            "runs finished (diverged)",
-            *(f"{summ['per_norm'][n]['runs']} ({summ['per_norm'][n]['diverged']})" for n in norms),
-        ],
-    ]
-    blocks.append(Table(headers, rows))
-    base = summ["baseline"]
-    for norm, s in summ["speedup"].items():
-        if not s["per_seed"]:
-            continue
-        blocks.append(
-            Para(
-                f"Speed-up of {_label(norm)} over {_label(base)}, as the BN paper measures it: "
-                f"the steps {_label(base)} needed to reach its best test accuracy, divided by the "
-                f"steps {_label(norm)} needed to reach that same accuracy (evaluated every "
-                f"{exp['spec'].get('eval_every')} steps)."
-            )
-        )
-        rows = [
-            [
-                str(p["seed"]),
-                format_accuracy({"mean": p["target_accuracy"], "std": 0}).split(" ±")[0] + "%",
-                _num(p["baseline_steps"]),
-                _num(p["steps"]),
-                f"{p['factor']:.1f}×" if p["factor"] is not None else f"— ({p['reason']})",
-            ]
-            for p in s["per_seed"]
-        ]
-        blocks.append(
-            Table(
-                [
-                    "seed",
-                    f"{_label(base)} best accuracy",
-                    f"{_label(base)} steps",
-                    f"{_label(norm)} steps",
-                    "speed-up",
-                ],
-                rows,
-            )
-        )
+    blocks: list[Block] = [_curves_table(summ, norms)]
+    blocks += _speedup_blocks(summ, exp["spec"].get("eval_every"))
     fig = plot_curves(runs, norms, out / f"{name}-accuracy.png", exp["title"])
     blocks.append(Figure(fig, "Test accuracy and training loss against training steps."))
     pct = plot_percentiles(runs, norms, out / f"{name}-percentiles.png")
@@ -510,6 +460,68 @@ def _curves_blocks(name: str, exp: dict[str, Any], norms: list[str], out: Path) 
                 grads,
                 "Gradient norm of each layer's weights for one batch of 500 training examples, at "
                 "initialization (dashed) and after training (solid).",
+            )
+        )
+    return blocks
+
+
+def _curves_table(summ: dict[str, Any], norms: list[str]) -> Table:
+    """Final and best accuracy, final loss and finished runs, per normalization."""
+    per_norm = summ["per_norm"]
+    headers = ["", *(_label(n) for n in norms)]
+    rows = [
+        [
+            "final test accuracy",
+            *(format_accuracy(per_norm[n]["final_accuracy"]) for n in norms),
+        ],
+        [
+            "best test accuracy",
+            *(format_accuracy(per_norm[n]["best_accuracy"]) for n in norms),
+        ],
+        ["final test loss", *(_loss(per_norm[n]["final_loss"]) for n in norms)],
+        [
+            "runs finished (diverged)",
+            *(f"{per_norm[n]['runs']} ({per_norm[n]['diverged']})" for n in norms),
+        ],
+    ]
+    return Table(headers, rows)
+
+
+def _speedup_blocks(summ: dict[str, Any], eval_every: Any) -> list[Block]:
+    """Per normalization, the BN paper's speed-up over the baseline, seed by seed."""
+    blocks: list[Block] = []
+    base = summ["baseline"]
+    for norm, s in summ["speedup"].items():
+        if not s["per_seed"]:
+            continue
+        blocks.append(
+            Para(
+                f"Speed-up of {_label(norm)} over {_label(base)}, as the BN paper measures it: "
+                f"the steps {_label(base)} needed to reach its best test accuracy, divided by the "
+                f"steps {_label(norm)} needed to reach that same accuracy (evaluated every "
+                f"{eval_every} steps)."
+            )
+        )
+        rows = [
+            [
+                str(p["seed"]),
+                format_accuracy({"mean": p["target_accuracy"], "std": 0}).split(" ±")[0] + "%",
+                _num(p["baseline_steps"]),
+                _num(p["steps"]),
+                f"{p['factor']:.1f}×" if p["factor"] is not None else f"— ({p['reason']})",
+            ]
+            for p in s["per_seed"]
+        ]
+        blocks.append(
+            Table(
+                [
+                    "seed",
+                    f"{_label(base)} best accuracy",
+                    f"{_label(base)} steps",
+                    f"{_label(norm)} steps",
+                    "speed-up",
+                ],
+                rows,
             )
         )
     return blocks

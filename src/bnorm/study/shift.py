@@ -47,6 +47,12 @@ PRIOR_STRENGTH = 16.0  # N, in samples: the source statistics weigh as much as 1
 TENT_LR = 0.01
 TENT_MOMENTUM = 0.9
 METHODS = ("source", "bn", "bn_online", "prior", "tent")
+# The online methods: record key -> bnorm.adapt's method and options (outputs per batch).
+ONLINE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "bn_online": ("bn", {"online": True}),
+    "prior": ("prior", {"online": True, "prior_strength": PRIOR_STRENGTH}),
+    "tent": ("tent", {"lr": TENT_LR, "momentum": TENT_MOMENTUM}),
+}
 
 
 def corrupted_inputs(
@@ -99,28 +105,11 @@ def shift_check(
                 adapted = copy.deepcopy(model)
                 bnorm.adapt(adapted, batches, "bn", progress=False)
                 entry["bn"] = _accuracy(_predict(adapted, x), labels)
-                report = bnorm.adapt(
-                    copy.deepcopy(model), batches, "bn", online=True, progress=False
-                )
-                entry["bn_online"] = _accuracy(torch.cat(report.outputs or []), labels)
-                report = bnorm.adapt(
-                    copy.deepcopy(model),
-                    batches,
-                    "prior",
-                    online=True,
-                    prior_strength=PRIOR_STRENGTH,
-                    progress=False,
-                )
-                entry["prior"] = _accuracy(torch.cat(report.outputs or []), labels)
-                report = bnorm.adapt(
-                    copy.deepcopy(model),
-                    batches,
-                    "tent",
-                    lr=TENT_LR,
-                    momentum=TENT_MOMENTUM,
-                    progress=False,
-                )
-                entry["tent"] = _accuracy(torch.cat(report.outputs or []), labels)
+                for key, (method, options) in ONLINE_METHODS.items():
+                    report = bnorm.adapt(
+                        copy.deepcopy(model), batches, method, progress=False, **options
+                    )
+                    entry[key] = _accuracy(torch.cat(report.outputs or []), labels)
             accuracy[corruption.name] = entry
     finally:
         model.train(was_training)

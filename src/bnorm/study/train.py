@@ -698,89 +698,27 @@ def train_run(
     spec.validate()
     total = spec.total_steps(int(data.train_labels.shape[0]))
     rank, world = process_rank()
-    if spec.batch_size < world:
-        raise ValueError(f"expected batch_size ≥ the {world} processes (got {spec.batch_size})")
-    if spec.steps_per_epoch(int(data.train_labels.shape[0])) < 1:
-        raise ValueError(
-            f"expected batch_size ≤ the {int(data.train_labels.shape[0])} training samples "
-            f"(got {spec.batch_size})"
-        )
+    _check_batch_size(spec, int(data.train_labels.shape[0]), world)
     model, optimizer = _new_model(spec, data, norm, seed, device)
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     grad_batch = (
         data.inputs(data.train_images[:500], spec.standardize).to(device),
         data.train_labels[:500].to(device),
     )
-    record = _new_record(spec, model, norm, seed, total)
-    # Training losses since the last evaluation (their mean is the next train_loss point).
-    pending_losses: list[float] = []
-    saved = checkpointer.load(model, optimizer) if checkpointer is not None else None
-    if saved is not None:
-        record = saved["record"]
-        if record["done"]:
-            return record
-        epoch, step = int(saved["epoch"]) + 1, int(saved["step"])
-        pending_losses = [float(v) for v in saved.get("pending_losses", [])]
-    else:
-        epoch, step = 0, 0
-    started = time.perf_counter() - float(record["wall_s"])
-
-    def log_eval(at_step: int) -> None:
-        _record_evaluation(record, at_step, model, data, spec, device, pending_losses)
-
-    if step == 0 and not record["curve"]["step"]:
+    run = _Run(spec, data, model, optimizer, device, total, rank, world)
+    run.start(_new_record(spec, model, norm, seed, total), checkpointer, on_progress)
+    record = run.record
+    if record["done"]:
+        return record
+    if run.step == 0 and not record["curve"]["step"]:
         if spec.grad_norms:
             record["grad_norms"]["init"] = [
                 _finite_or_none(v) for v in layer_grad_norms(model, *grad_batch)
             ]
-        log_eval(0)
-
-    def after_step(at_step: int, loss: float) -> None:
-        pending_losses.append(loss)
-        if at_step % spec.eval_every == 0 or at_step == total:
-            log_eval(at_step)
-        if on_progress is not None:
-            accuracy = (
-                record["curve"]["test_accuracy"][-1] if record["curve"]["test_accuracy"] else None
-            )
-            on_progress(at_step, total, accuracy)
-
-    def save(epoch_done: int, final: bool = False) -> None:
-        record["steps_done"] = step
-        record["wall_s"] = time.perf_counter() - started
-        if checkpointer is not None and rank == 0 and (final or checkpointer.due()):
-            state = {
-                "epoch": epoch_done,
-                "step": step,
-                "pending_losses": pending_losses,
-                "record": record,
-            }
-            checkpointer.save(model, optimizer, state)
-
-    diverged = False
-    while step < total and not diverged:
-        batches = epoch_batches(data, spec, seed, epoch, device)
-        result = train_one_epoch(
-            net,
-            shard_batches(batches, rank, world) if world > 1 else batches,
-            optimizer,
-            step=step,
-            max_steps=total,
-            lr_at=lambda s: spec.lr_at(s, total),
-            after_step=after_step,
-            distributed=world > 1,
-            micro_batches=spec.micro_batches,
-            accumulate_stats=spec.accumulate_stats,
-        )
-        step, diverged = result.step, result.diverged
-        if diverged:
-            record["diverged_at"] = step
-        elif step < total:
-            save(epoch)
-        epoch += 1
-
-    if record["curve"]["step"][-1] != step:
-        log_eval(step)  # the final point (diverged runs stop between evaluations)
+        run.log_eval(0)
+    diverged = run.train(net, seed)
+    if record["curve"]["step"][-1] != run.step:
+        run.log_eval(run.step)  # the final point (diverged runs stop between evaluations)
     _record_final_checks(
         record,
         model,
@@ -792,5 +730,114 @@ def train_run(
         diverged=diverged,
     )
     record["done"] = True
-    save(epoch - 1, final=True)
+    run.save(run.epoch - 1, final=True)
     return record
+
+
+def _check_batch_size(spec: TrainSpec, train_samples: int, world: int) -> None:
+    if spec.batch_size < world:
+        raise ValueError(f"expected batch_size ≥ the {world} processes (got {spec.batch_size})")
+    if spec.steps_per_epoch(train_samples) < 1:
+        raise ValueError(
+            f"expected batch_size ≤ the {train_samples} training samples "
+            f"(got {spec.batch_size})"
+        )
+
+
+class _Run:
+    """One :func:`train_run` in progress: its record, the epoch and step reached, the
+    training losses since the last evaluation, and where they are checkpointed."""
+
+    def __init__(
+        self,
+        spec: TrainSpec,
+        data: Dataset,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device | str,
+        total: int,
+        rank: int,
+        world: int,
+    ) -> None:
+        self.spec, self.data, self.model, self.optimizer = spec, data, model, optimizer
+        self.device, self.total, self.rank, self.world = device, total, rank, world
+        self.record: dict[str, Any] = {}
+        self.epoch = self.step = 0
+        # Training losses since the last evaluation (their mean is the next train_loss point).
+        self.pending_losses: list[float] = []
+        self.checkpointer: Checkpointer | None = None
+        self.on_progress: Callable[[int, int, float | None], None] | None = None
+        self.started = 0.0
+
+    def start(
+        self,
+        record: dict[str, Any],
+        checkpointer: Checkpointer | None,
+        on_progress: Callable[[int, int, float | None], None] | None,
+    ) -> None:
+        """Start with ``record``, or where the checkpointer's last save left off."""
+        self.record, self.checkpointer, self.on_progress = record, checkpointer, on_progress
+        saved = checkpointer.load(self.model, self.optimizer) if checkpointer is not None else None
+        if saved is not None:
+            self.record = saved["record"]
+            if self.record["done"]:
+                return
+            self.epoch, self.step = int(saved["epoch"]) + 1, int(saved["step"])
+            self.pending_losses = [float(v) for v in saved.get("pending_losses", [])]
+        self.started = time.perf_counter() - float(self.record["wall_s"])
+
+    def log_eval(self, at_step: int) -> None:
+        _record_evaluation(
+            self.record, at_step, self.model, self.data, self.spec, self.device, self.pending_losses
+        )
+
+    def after_step(self, at_step: int, loss: float) -> None:
+        self.pending_losses.append(loss)
+        if at_step % self.spec.eval_every == 0 or at_step == self.total:
+            self.log_eval(at_step)
+        if self.on_progress is not None:
+            accuracies = self.record["curve"]["test_accuracy"]
+            self.on_progress(at_step, self.total, accuracies[-1] if accuracies else None)
+
+    def save(self, epoch_done: int, final: bool = False) -> None:
+        """Note the progress in the record, and checkpoint it on rank 0 when due (always
+        when ``final``)."""
+        self.record["steps_done"] = self.step
+        self.record["wall_s"] = time.perf_counter() - self.started
+        checkpointer = self.checkpointer
+        if checkpointer is not None and self.rank == 0 and (final or checkpointer.due()):
+            state = {
+                "epoch": epoch_done,
+                "step": self.step,
+                "pending_losses": self.pending_losses,
+                "record": self.record,
+            }
+            checkpointer.save(self.model, self.optimizer, state)
+
+    def train(self, net: nn.Module, seed: int) -> bool:
+        """Train ``net`` (the model, or its DistributedDataParallel wrapper) epoch by epoch
+        up to the last step, saving after each epoch, or until the loss diverges; returns
+        whether it did."""
+        distributed = self.world > 1
+        diverged = False
+        while self.step < self.total and not diverged:
+            batches = epoch_batches(self.data, self.spec, seed, self.epoch, self.device)
+            result = train_one_epoch(
+                net,
+                shard_batches(batches, self.rank, self.world) if distributed else batches,
+                self.optimizer,
+                step=self.step,
+                max_steps=self.total,
+                lr_at=lambda s: self.spec.lr_at(s, self.total),
+                after_step=self.after_step,
+                distributed=distributed,
+                micro_batches=self.spec.micro_batches,
+                accumulate_stats=self.spec.accumulate_stats,
+            )
+            self.step, diverged = result.step, result.diverged
+            if diverged:
+                self.record["diverged_at"] = self.step
+            elif self.step < self.total:
+                self.save(self.epoch)
+            self.epoch += 1
+        return diverged

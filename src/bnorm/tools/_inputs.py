@@ -32,6 +32,7 @@ __all__ = [
     "collect_input_moments",
     "first_tensor",
     "format_table",
+    "input_moments_hook",
     "mask_position",
     "module_device",
     "resolve_progress",
@@ -267,20 +268,32 @@ class InputMoments:
         self.handles.clear()
 
     def _hook(self, name: str, layer: nn.Module) -> Callable[..., None]:
-        axis = channel_axis(layer)
-        mask_index = mask_position(layer)
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            call = call_input(args, kwargs, mask_index)
-            if call is None:
-                return
-            batch = moments(call[0], axis, call[1])
+        def merge(x: Tensor, batch: Moments) -> None:
             batch = Moments(*(t.to(torch.float64) for t in batch))
             # An all-masked batch has count 0 (and mean 0): merge_moments ignores it.
             seen = self.moments[name]
             self.moments[name] = batch if seen is None else merge_moments(seen, batch)
 
-        return hook
+        return input_moments_hook(layer, merge)
+
+
+def input_moments_hook(
+    layer: nn.Module, receive: Callable[[Tensor, Moments], None]
+) -> Callable[..., None]:
+    """A forward pre-hook (``with_kwargs=True``) for ``layer`` that hands each call's input
+    and the per-channel moments of its values (masked positions excluded) to
+    ``receive(input, moments)``; calls without a non-empty input tensor are passed over
+    (:func:`call_input`)."""
+    axis = channel_axis(layer)
+    mask_index = mask_position(layer)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = call_input(args, kwargs, mask_index)
+        if call is not None:
+            x, mask = call
+            receive(x, moments(x, axis, mask))
+
+    return hook
 
 
 def collect_input_moments(

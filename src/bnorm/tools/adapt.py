@@ -46,23 +46,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import moments
+from ..functional import Moments
 from ._inputs import (
     Forward,
-    InputMoments,
     Progress,
-    call_input,
     check_run_arguments,
+    collect_input_moments,
     format_table,
-    mask_position,
+    input_moments_hook,
     resolve_progress,
-    run_batches,
 )
 from ._state import SavedState
-from .calibrate import recalibrate
+from .calibrate import recalibrate, sort_by_model_order, statistics_shift
 from .layers import (
     batch_norm_layers,
-    channel_axis,
     check_module,
     has_running_stats,
     is_frozen_batch_norm,
@@ -286,60 +283,19 @@ def adapt(
             left as found). An exception while adapting leaves the model as found.
     """
     check_module(model, "model")
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(
-            f"expected method to be one of {', '.join(map(repr, METHODS))} (got {method!r})"
-        )
-    if online is None:
-        online = method == "tent"
-    _check_flag("online", online)
-    if method == "tent" and not online:
-        raise ValueError(
-            "expected online=True or None for method 'tent' (it adapts batch by batch)"
-        )
+    online = _check_method(method, online)
     strength = _check_number("prior_strength", prior_strength, positive=False)
-    lr = _check_number("lr", lr, positive=True)
-    momentum = _check_number("momentum", momentum, positive=False)
-    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
-        raise ValueError(f"expected optimizer to be 'sgd' or 'adam' (got {optimizer!r})")
-    if method == "tent" and optimizer == "adam" and momentum >= 1:
-        raise ValueError(f"expected momentum < 1 for Adam's first beta (got {momentum})")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"expected steps to be an int (got {type(steps).__name__})")
-    if steps < 1:
-        raise ValueError(f"expected steps >= 1 (got {steps})")
-    _check_flag("episodic", episodic)
+    tent = _check_tent(method, lr, optimizer, momentum, steps, episodic)
     num_batches, num_samples = check_run_arguments(
         data, num_batches, num_samples, forward, nonempty=True
     )
     show = resolve_progress(progress)
-
     all_layers = batch_norm_layers(model, frozen=True)
-    if not all_layers:
-        raise ValueError(
-            "expected a model with at least one batch-norm layer "
-            f"(got none in {type(model).__name__})"
-        )
+    layers = _layers_to_adapt(model, all_layers, method)
+
     report = AdaptationReport(
         method, online, prior_strength=strength if method == "prior" else None
     )
-    if method == "tent":
-        layers = [(n, m) for n, m in all_layers if not is_frozen_batch_norm(m) and _affine(m)]
-        if not layers:
-            raise ValueError(
-                "expected a model with at least one batch-norm layer with affine parameters "
-                f"(weight and bias) for 'tent' (got none in {type(model).__name__})"
-            )
-    else:
-        layers = [
-            (n, m) for n, m in all_layers if not is_frozen_batch_norm(m) and has_running_stats(m)
-        ]
-        if not layers:
-            raise ValueError(
-                "expected a model with at least one batch-norm layer that keeps running "
-                f"statistics (got none in {type(model).__name__})"
-            )
-
     if not online:
         _adapt_pooled(
             model, data, report, layers, strength, num_batches, num_samples, forward, show
@@ -351,29 +307,93 @@ def adapt(
             report,
             layers,
             strength=strength,
-            tent=_TentSettings(lr, optimizer, momentum, steps, episodic)
-            if method == "tent"
-            else None,
+            tent=tent,
             num_batches=num_batches,
             num_samples=num_samples,
             forward=forward,
             show=show,
         )
-    statuses = {layer.name for layer in report.layers}
+    _add_skipped(report, all_layers)
+    sort_by_model_order(report.layers, all_layers)
+    return report
+
+
+def _check_method(method: Any, online: Any) -> bool:
+    """Check ``method`` and ``online``; returns ``online`` resolved (None: True for
+    ``"tent"`` only)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(
+            f"expected method to be one of {', '.join(map(repr, METHODS))} (got {method!r})"
+        )
+    if online is None:
+        online = method == "tent"
+    _check_flag("online", online)
+    if method == "tent" and not online:
+        raise ValueError(
+            "expected online=True or None for method 'tent' (it adapts batch by batch)"
+        )
+    return bool(online)
+
+
+def _check_tent(
+    method: str, lr: Any, optimizer: Any, momentum: Any, steps: Any, episodic: Any
+) -> _TentSettings | None:
+    """Check Tent's settings (whatever the method); returns them for ``"tent"``."""
+    lr = _check_number("lr", lr, positive=True)
+    momentum = _check_number("momentum", momentum, positive=False)
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+        raise ValueError(f"expected optimizer to be 'sgd' or 'adam' (got {optimizer!r})")
+    if method == "tent" and optimizer == "adam" and momentum >= 1:
+        raise ValueError(f"expected momentum < 1 for Adam's first beta (got {momentum})")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"expected steps to be an int (got {type(steps).__name__})")
+    if steps < 1:
+        raise ValueError(f"expected steps >= 1 (got {steps})")
+    _check_flag("episodic", episodic)
+    return _TentSettings(lr, optimizer, momentum, steps, episodic) if method == "tent" else None
+
+
+def _layers_to_adapt(
+    model: nn.Module, all_layers: list[tuple[str, nn.Module]], method: str
+) -> list[tuple[str, Any]]:
+    """The layers ``method`` adapts: not frozen, and with affine parameters for
+    ``"tent"``, with running statistics for the others. Raises when there is none."""
+    got = f"(got none in {type(model).__name__})"
+    if not all_layers:
+        raise ValueError(f"expected a model with at least one batch-norm layer {got}")
+    if method == "tent":
+        layers = [(n, m) for n, m in all_layers if not is_frozen_batch_norm(m) and _affine(m)]
+        if not layers:
+            raise ValueError(
+                "expected a model with at least one batch-norm layer with affine parameters "
+                f"(weight and bias) for 'tent' {got}"
+            )
+        return layers
+    layers = [
+        (n, m) for n, m in all_layers if not is_frozen_batch_norm(m) and has_running_stats(m)
+    ]
+    if not layers:
+        raise ValueError(
+            "expected a model with at least one batch-norm layer that keeps running "
+            f"statistics {got}"
+        )
+    return layers
+
+
+def _add_skipped(report: AdaptationReport, all_layers: list[tuple[str, nn.Module]]) -> None:
+    """An entry, with the reason, for each layer the method left alone."""
+    entered = {layer.name for layer in report.layers}
     for name, layer in all_layers:
-        if name in statuses:
+        if name in entered:
             continue
         reason = (
             "skipped: frozen"
             if is_frozen_batch_norm(layer)
             else "skipped: no affine parameters"
-            if method == "tent"
+            if report.method == "tent"
             else "skipped: no running statistics"
         )
         report.layers.append(LayerAdaptation(name, type(layer).__name__, reason))
-    order = {name: i for i, (name, _) in enumerate(all_layers)}
-    report.layers.sort(key=lambda entry: order[entry.name])
-    return report
 
 
 def _affine(layer: nn.Module) -> bool:
@@ -382,13 +402,17 @@ def _affine(layer: nn.Module) -> bool:
     )
 
 
-def _shift(
-    layer: Any, mean: Tensor, var: Tensor, src_mean: Tensor, src_var: Tensor
-) -> tuple[float, float, float]:
-    eps = float(getattr(layer, "eps", 0.0))
-    shift = ((mean - src_mean).abs() / (src_var + eps).sqrt()).max()
-    ratio = var / src_var
-    return float(shift), float(ratio.min()), float(ratio.max())
+def _source_statistics(layers: list[tuple[str, Any]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """A float64 copy of the running (source) mean and variance of each layer that keeps
+    them, by name."""
+    return {
+        name: (
+            layer.running_mean.detach().double().clone(),
+            layer.running_var.detach().double().clone(),
+        )
+        for name, layer in layers
+        if has_running_stats(layer)
+    }
 
 
 def _no_batches(report: AdaptationReport) -> None:
@@ -411,13 +435,7 @@ def _adapt_pooled(
     forward: Forward | None,
     show: bool,
 ) -> None:
-    source = {
-        name: (
-            layer.running_mean.detach().double().clone(),
-            layer.running_var.detach().double().clone(),
-        )
-        for name, layer in layers
-    }
+    source = _source_statistics(layers)
     calibration = recalibrate(
         model,
         data,
@@ -430,7 +448,6 @@ def _adapt_pooled(
     n = float(calibration.num_samples)
     weight = n / (strength + n) if report.method == "prior" and n > 0 else 1.0
     report.test_weight = weight
-    by_name = dict(layers)
     entries = {entry.name: entry for entry in calibration.layers}
     if report.num_batches == 0:
         _no_batches(report)  # nothing was changed: every layer kept its statistics
@@ -440,18 +457,30 @@ def _adapt_pooled(
             if entry.status != "updated":
                 report.layers.append(LayerAdaptation(name, entry.kind, entry.status, entry.count))
                 continue
-            src_mean, src_var = source[name]
-            test_mean = by_name[name].running_mean.double()
-            test_var = by_name[name].running_var.double()
+            test_mean, test_var = layer.running_mean.double(), layer.running_var.double()
             if report.method == "prior":
-                mixed_mean = (strength * src_mean + n * test_mean) / (strength + n)
-                mixed_var = (strength * src_var + n * test_var) / (strength + n)
-                layer.running_mean.copy_(mixed_mean.to(layer.running_mean.dtype))
-                layer.running_var.copy_(mixed_var.to(layer.running_var.dtype))
-            shift, lo, hi = _shift(layer, test_mean, test_var, src_mean, src_var)
+                _set_prior_mix(layer, strength, source[name], n, test_mean, test_var)
+            shift, lo, hi = statistics_shift(layer, test_mean, test_var, *source[name])
             report.layers.append(
                 LayerAdaptation(name, entry.kind, "adapted", entry.count, shift, lo, hi)
             )
+
+
+def _set_prior_mix(
+    layer: Any,
+    strength: float,
+    source: tuple[Tensor, Tensor],
+    n: float,
+    mean: Tensor,
+    var: Tensor,
+) -> None:
+    """Set the layer's running statistics to the prior rule's mix of the ``source``
+    statistics (worth ``strength`` samples) and the test statistics of ``n`` samples."""
+    src_mean, src_var = source
+    mixed_mean = (strength * src_mean + n * mean) / (strength + n)
+    mixed_var = (strength * src_var + n * var) / (strength + n)
+    layer.running_mean.copy_(mixed_mean.to(layer.running_mean.dtype))
+    layer.running_var.copy_(mixed_var.to(layer.running_var.dtype))
 
 
 # --------------------------------------------------------------------------------------
@@ -503,26 +532,14 @@ def _detach(out: Any) -> Any:
 def _prior_hook(layer: Any, strength: float, source: tuple[Tensor, Tensor]) -> Callable[..., None]:
     """A forward pre-hook that sets the (eval-mode) layer's running statistics to the
     prior mix of the source statistics and the current batch's (mean, biased variance)."""
-    axis = channel_axis(layer)
-    mask_index = mask_position(layer)
-    src_mean, src_var = source
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        call = call_input(args, kwargs, mask_index)
-        if call is None:
-            return
-        x, mask = call
-        batch = moments(x, axis, mask)
-        count = batch.count.double()
+    def mix(x: Tensor, batch: Moments) -> None:
+        # (mean, biased variance), as a training-mode layer normalizes with
         mean = batch.mean.double()
-        var = batch.m2.double() / count.clamp_min(1)  # biased, as training mode normalizes
-        n = float(x.shape[0])
-        mixed_mean = (strength * src_mean + n * mean) / (strength + n)
-        mixed_var = (strength * src_var + n * var) / (strength + n)
-        layer.running_mean.copy_(mixed_mean.to(layer.running_mean.dtype))
-        layer.running_var.copy_(mixed_var.to(layer.running_var.dtype))
+        var = batch.m2.double() / batch.count.double().clamp_min(1)
+        _set_prior_mix(layer, strength, source, float(x.shape[0]), mean, var)
 
-    return hook
+    return input_moments_hook(layer, mix)
 
 
 def _adapt_online(
@@ -538,76 +555,68 @@ def _adapt_online(
     forward: Forward | None,
     show: bool,
 ) -> None:
-    bn_layers: list[tuple[str, Any]] = [
-        (n, m) for n, m in batch_norm_layers(model) if not is_frozen_batch_norm(m)
-    ]
-    source = {
-        name: (
-            layer.running_mean.detach().double().clone(),
-            layer.running_var.detach().double().clone(),
-        )
-        for name, layer in layers
-        if has_running_stats(layer)
-    }
+    source = _source_statistics(layers)
     params = list(model.parameters())
     affine = [(layer.weight, layer.bias) for _, layer in layers] if tent is not None else []
-    # Everything that may change, saved first; γ, β are put back if an exception leaves
-    # the block, or after every batch when episodic.
-    state = SavedState(
-        model,
-        [layer for _, layer in bn_layers],
-        parameters=params,
-        values=[p for pair in affine for p in pair],
-    )
     start = [(w.detach().clone(), b.detach().clone()) for w, b in affine]
-    step: Callable[[Any], None] | None = None
+    # What Tent trains and freezes, and the prior's hooks, are put back by this state (γ, β
+    # only if an exception leaves the block, or after every batch when episodic); the
+    # layers' modes, momenta and buffers by collect_input_moments.
+    state = SavedState(parameters=params, values=[p for pair in affine for p in pair])
     with state:
-        if report.method == "prior":
+        if report.method == "prior":  # eval mode, running statistics set by the hooks
             for name, layer in layers:
-                layer.training = False
                 state.add_hook(
                     layer.register_forward_pre_hook(
                         _prior_hook(layer, strength, source[name]), with_kwargs=True
                     )
                 )
+            changed, training = [layer for _, layer in layers], False
         else:  # "bn" and "tent": training-mode normalization, running statistics kept
-            for _, layer in bn_layers:
-                layer.training = True
-                layer.momentum = 0.0
-        if tent is not None:
-            step = _tent_step(params, affine, start, tent)
+            changed = [m for _, m in batch_norm_layers(model) if not is_frozen_batch_norm(m)]
+            training = True
+        step = _tent_step(params, affine, start, tent) if tent is not None else None
         runner = _Runner(model, step, tent.steps if tent is not None else 1)
-        with InputMoments(layers) as collector:
-            batches, samples = run_batches(
-                runner,
-                data,
-                num_batches=num_batches,
-                num_samples=num_samples,
-                forward=forward,
-                progress=Progress(f"adapt {report.method}", show, num_batches),
-            )
-        report.num_batches, report.num_samples = batches, samples
+        gathered, report.num_batches, report.num_samples = collect_input_moments(
+            runner,
+            layers,
+            changed,
+            data,
+            training=training,
+            num_batches=num_batches,
+            num_samples=num_samples,
+            forward=forward,
+            progress=Progress(f"adapt {report.method}", show, num_batches),
+        )
         _no_batches(report)
         report.outputs = runner.outputs
         if tent is not None and tent.episodic:
             state.restore_values()
 
-    for (name, layer), index in zip(layers, range(len(layers))):
-        mom = collector.moments[name]
-        count = 0 if mom is None else int(mom.count[0])
-        entry = LayerAdaptation(name, type(layer).__name__, "adapted", count)
-        if mom is not None and count > 1 and name in source:
-            var = mom.m2 / (mom.count - 1)
-            entry.mean_shift, entry.var_ratio_min, entry.var_ratio_max = _shift(
-                layer, mom.mean, var, *source[name]
-            )
-        if count == 0:
-            entry.status = "kept: not reached by the data"
+    for index, (name, layer) in enumerate(layers):
+        entry = _online_entry(name, layer, gathered[name], source.get(name))
         if tent is not None:
             w0, b0 = start[index]
             entry.weight_change = float((layer.weight.detach() - w0).abs().max())
             entry.bias_change = float((layer.bias.detach() - b0).abs().max())
         report.layers.append(entry)
+
+
+def _online_entry(
+    name: str, layer: Any, mom: Moments | None, source: tuple[Tensor, Tensor] | None
+) -> LayerAdaptation:
+    """A layer's report entry: how far the pooled statistics of the inputs it saw are from
+    its ``source`` statistics (when it keeps them)."""
+    count = 0 if mom is None else int(mom.count[0])
+    entry = LayerAdaptation(name, type(layer).__name__, "adapted", count)
+    if mom is not None and count > 1 and source is not None:
+        var = mom.m2 / (mom.count - 1)
+        entry.mean_shift, entry.var_ratio_min, entry.var_ratio_max = statistics_shift(
+            layer, mom.mean, var, *source
+        )
+    if count == 0:
+        entry.status = "kept: not reached by the data"
+    return entry
 
 
 def _tent_step(

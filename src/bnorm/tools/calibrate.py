@@ -181,7 +181,36 @@ def recalibrate(
     distributed = dist.is_available() and dist.is_initialized()
 
     report = CalibrationReport(world_size=dist.get_world_size(process_group) if distributed else 1)
-    targets: list[tuple[str, Any]] = []  # Any: attributes of batch-norm layers
+    targets = _targets(module, report)
+    # Batch statistics normalize; the running ones are written below, from the merged
+    # moments, only once the pass has succeeded.
+    gathered, batches, samples = collect_input_moments(
+        module,
+        targets,
+        [layer for _, layer in targets],
+        data,
+        training=True,
+        num_batches=num_batches,
+        num_samples=num_samples,
+        forward=forward,
+        progress=Progress("recalibrate", show, _total_batches(data, num_batches, num_samples)),
+    )
+    if distributed:
+        sizes = {name: int(layer.running_mean.numel()) for name, layer in targets}
+        gathered = all_gather_moments(gathered, sizes, process_group)
+
+    report.num_batches, report.num_samples = batches, samples
+    with torch.no_grad():
+        for name, layer in targets:
+            report.layers.append(_update_layer(name, layer, gathered[name]))
+    sort_by_model_order(report.layers, batch_norm_layers(module, frozen=True))
+    return report
+
+
+def _targets(module: nn.Module, report: CalibrationReport) -> list[tuple[str, Any]]:
+    """The layers to recalibrate (Any: attributes of batch-norm layers); the others are
+    entered in ``report`` as skipped. Raises when there is none."""
+    targets: list[tuple[str, Any]] = []
     for name, layer in batch_norm_layers(module, frozen=True):
         kind = type(layer).__name__
         if is_frozen_batch_norm(layer):
@@ -195,37 +224,37 @@ def recalibrate(
             "expected a module with at least one batch-norm layer that keeps running "
             f"statistics (got none in {type(module).__name__})"
         )
+    return targets
 
-    total = num_batches
-    if total is None and num_samples is None:
-        try:
-            total = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    # Batch statistics normalize; the running ones are written below, from the merged
-    # moments, only once the pass has succeeded.
-    gathered, batches, samples = collect_input_moments(
-        module,
-        targets,
-        [layer for _, layer in targets],
-        data,
-        training=True,
-        num_batches=num_batches,
-        num_samples=num_samples,
-        forward=forward,
-        progress=Progress("recalibrate", show, total),
-    )
-    if distributed:
-        sizes = {name: int(layer.running_mean.numel()) for name, layer in targets}
-        gathered = all_gather_moments(gathered, sizes, process_group)
 
-    report.num_batches, report.num_samples = batches, samples
-    with torch.no_grad():
-        for name, layer in targets:
-            report.layers.append(_update_layer(name, layer, gathered[name]))
-    order = {name: i for i, (name, _) in enumerate(batch_norm_layers(module, frozen=True))}
-    report.layers.sort(key=lambda entry: order[entry.name])
-    return report
+def _total_batches(data: Any, num_batches: int | None, num_samples: int | None) -> int | None:
+    """How many batches the pass will run, where known (for the progress line)."""
+    if num_batches is not None or num_samples is not None:
+        return num_batches
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def sort_by_model_order(entries: list[Any], layers: list[tuple[str, nn.Module]]) -> None:
+    """Sort report ``entries`` (each with a ``name``) in the order of ``layers`` (the
+    model's batch-norm layers by name)."""
+    order = {name: i for i, (name, _) in enumerate(layers)}
+    entries.sort(key=lambda entry: order[entry.name])
+
+
+def statistics_shift(
+    layer: Any, mean: Tensor, var: Tensor, old_mean: Tensor, old_var: Tensor
+) -> tuple[float, float, float]:
+    """How far the statistics (``mean``, ``var``) are from the layer's old ones: the
+    largest |mean − old mean| / √(old var + ε) over channels, and the extremes of
+    var / old var (the ``mean_shift``, ``var_ratio_min``, ``var_ratio_max`` of the
+    reports)."""
+    eps = float(getattr(layer, "eps", 0.0))
+    shift = ((mean - old_mean).abs() / (old_var + eps).sqrt()).max()
+    ratio = var / old_var
+    return float(shift), float(ratio.min()), float(ratio.max())
 
 
 def _update_layer(name: str, layer: Any, mom: Moments | None) -> LayerCalibration:
@@ -243,9 +272,7 @@ def _update_layer(name: str, layer: Any, mom: Moments | None) -> LayerCalibratio
     running_var: Tensor = layer.running_var  # type: ignore[assignment]
     old_mean = running_mean.to(device=mean.device, dtype=torch.float64)
     old_var = running_var.to(device=mean.device, dtype=torch.float64)
-    eps = float(getattr(layer, "eps", 0.0))
-    shift = ((mean - old_mean).abs() / (old_var + eps).sqrt()).max()
-    ratio = var / old_var
+    shift, ratio_min, ratio_max = statistics_shift(layer, mean, var, old_mean, old_var)
     running_mean.copy_(mean.to(running_mean.device, running_mean.dtype))
     running_var.copy_(var.to(running_var.device, running_var.dtype))
     return LayerCalibration(
@@ -253,7 +280,7 @@ def _update_layer(name: str, layer: Any, mom: Moments | None) -> LayerCalibratio
         kind,
         "updated",
         count,
-        mean_shift=float(shift),
-        var_ratio_min=float(ratio.min()),
-        var_ratio_max=float(ratio.max()),
+        mean_shift=shift,
+        var_ratio_min=ratio_min,
+        var_ratio_max=ratio_max,
     )

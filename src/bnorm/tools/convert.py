@@ -37,24 +37,13 @@ _TORCH: dict[int | None, type[nn.Module]] = {
     2: nn.BatchNorm2d,
     3: nn.BatchNorm3d,
 }
+_SYNC: dict[int | None, type[nn.Module]] = {None: SyncBatchNorm}
+_TORCH_SYNC: dict[int | None, type[nn.Module]] = {None: nn.SyncBatchNorm}
+# The input rank each known layer class checks: its key in its family's table.
 _RANK_OF: dict[type[nn.Module], int | None] = {
-    nn.BatchNorm1d: 1,
-    nn.BatchNorm2d: 2,
-    nn.BatchNorm3d: 3,
-    nn.SyncBatchNorm: None,
-    BatchNorm1d: 1,
-    BatchNorm2d: 2,
-    BatchNorm3d: 3,
-    BatchNorm: None,
-    SyncBatchNorm: None,
-    FrozenBatchNorm1d: 1,
-    FrozenBatchNorm2d: 2,
-    FrozenBatchNorm3d: 3,
-    FrozenBatchNorm: None,
-    BatchNormAct1d: 1,
-    BatchNormAct2d: 2,
-    BatchNormAct3d: 3,
-    BatchNormAct: None,
+    cls: rank
+    for family in (_TORCH, _TORCH_SYNC, _BNORM, _SYNC, _FROZEN, _ACT)
+    for rank, cls in family.items()
 }
 # BatchNormAct options carried over when converting among BatchNormAct layers.
 _ACT_OPTIONS = (
@@ -112,7 +101,7 @@ def _unknown(m: nn.Module) -> str:
 def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
     if isinstance(target, type):
         if issubclass(target, SyncBatchNorm):
-            return "sync", {None: SyncBatchNorm}
+            return "sync", dict(_SYNC)
         if issubclass(target, FrozenBatchNorm):
             return "frozen", dict(_FROZEN)
         if issubclass(target, BatchNormAct):
@@ -120,7 +109,7 @@ def _family(target: Any) -> tuple[str, dict[int | None, type[nn.Module]]]:
         if issubclass(target, (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)):
             return "bnorm", dict(_BNORM)
         if issubclass(target, nn.SyncBatchNorm):
-            return "torch-sync", {None: nn.SyncBatchNorm}
+            return "torch-sync", dict(_TORCH_SYNC)
         if issubclass(target, _BatchNorm):
             return "torch", dict(_TORCH)
     raise TypeError(

@@ -882,14 +882,7 @@ def fold(
         The folded module, or ``(module, report)`` with ``return_report=True``.
     """
     check_module(module)
-    training = _training_layers(module)
-    if training:
-        shown = ", ".join(n or type(module).__name__ for n in training[:5])
-        more = f" and {len(training) - 5} more" if len(training) > 5 else ""
-        raise ValueError(
-            "expected every batch-norm layer in eval mode, where it is a fixed affine map "
-            f"(got training mode for {shown}{more}); call module.eval() first"
-        )
+    _check_eval_mode(module)
     if not inplace:
         module = copy.deepcopy(module)
     report = FoldReport()
@@ -900,6 +893,24 @@ def fold(
         return (module, report) if return_report else module
     finder = _Finder(module)
     finder.find()
+    _apply_plans(module, finder)
+    _report_plans(finder, report)
+    return (module, report) if return_report else module
+
+
+def _check_eval_mode(module: nn.Module) -> None:
+    training = _training_layers(module)
+    if training:
+        shown = ", ".join(n or type(module).__name__ for n in training[:5])
+        more = f" and {len(training) - 5} more" if len(training) > 5 else ""
+        raise ValueError(
+            "expected every batch-norm layer in eval mode, where it is a fixed affine map "
+            f"(got training mode for {shown}{more}); call module.eval() first"
+        )
+
+
+def _apply_plans(module: nn.Module, finder: _Finder) -> None:
+    """Fold each planned pair, then replace its batch norm by :class:`Folded`."""
     with torch.no_grad():
         for plan in finder.plans.values():
             bn = module.get_submodule(plan.bn)
@@ -911,9 +922,12 @@ def fold(
     for plan in finder.plans.values():
         parent_name, _, child = plan.bn.rpartition(".")
         setattr(module.get_submodule(parent_name), child, Folded(plan.layer))
+
+
+def _report_plans(finder: _Finder, report: FoldReport) -> None:
+    """The folded pairs, in the model's order, and why each other batch norm was kept."""
     for name, _ in batch_norm_layers(finder.root, frozen=True):
-        plan_or_none = finder.plans.get(name)
-        if plan_or_none is not None:
+        if name in finder.plans:
             continue
         report.not_folded.append(
             NotFoldedLayer(
@@ -925,4 +939,3 @@ def fold(
         (FoldedLayer(p.bn, p.layer, p.position, p.proof) for p in finder.plans.values()),
         key=lambda f: order.get(f.batch_norm, 0),
     )
-    return (module, report) if return_report else module
