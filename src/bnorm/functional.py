@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -300,9 +300,76 @@ def run_plan(
         )  # fmt: skip
         if out is not None:
             return out
-    momentum, eps, skip_nonfinite = plan.momentum, plan.eps, plan.skip_nonfinite
-    renorm, sync, process_group = plan.renorm, plan.sync, plan.process_group
-    act, memory_efficient = plan.activation, plan.memory_efficient
+    call = _check_call(
+        plan, input, running_mean, running_var, weight, bias, training, num_batches_tracked,
+        mask, residual,
+    )  # fmt: skip
+    if not call.distributed and input.numel() == 0:
+        return _empty_batch(
+            input, weight, bias, residual, plan.activation,
+            num_batches_tracked if call.update else None,
+        )  # fmt: skip
+    if not call.batch_stats:
+        # torch's own op (aten::batch_norm), so that export, ONNX, jit.freeze,
+        # quantization and FLOP counters see the standard batch norm.
+        ax = call.axis
+        x = input.movedim(ax, 1) if ax != 1 else input
+        out = torch.nn.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, False, 0.0, plan.eps
+        )
+        return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, plan.activation)
+    limits = None
+    if plan.renorm is not None:
+        if num_batches_tracked is not None:
+            step = _snapshot(num_batches_tracked.to(input.device))
+        else:
+            step = torch.zeros((), dtype=torch.long, device=input.device)
+        limits = plan.renorm.limits(step)
+    # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
+    # moments kernel, which computes the statistics, (r, d) and the output in one call;
+    # inside an enclosing torch.compile the moments path emits differentiable ops.
+    renorm_fused = (
+        limits is not None
+        and not plan.memory_efficient
+        and (torch.compiler.is_compiling() or compile_enabled())  # Dynamo: never traces the 2nd
+    )
+    if mask is None and call.groups is None and not call.distributed and not renorm_fused:
+        return _native_training(
+            input, call.axis, running_mean, running_var, weight, bias, plan.momentum, plan.eps,
+            call.update, limits, num_batches_tracked, num_batches_skipped, plan.skip_nonfinite,
+            residual, plan.activation, plan.memory_efficient,
+        )  # fmt: skip
+    return _moments_training(
+        plan, call, input, running_mean, running_var, weight, bias, num_batches_tracked,
+        num_batches_skipped, mask, residual, limits,
+    )  # fmt: skip
+
+
+class _Call(NamedTuple):
+    """What :func:`run_plan` decided from the input and state of one call."""
+
+    axis: int  # the channel axis, normalized
+    batch_stats: bool  # normalize with the batch's statistics
+    update: bool  # update the running statistics
+    groups: int | None  # ghost batches in this input (None: one)
+    distributed: bool  # statistics across more than one process
+
+
+def _check_call(
+    plan: Plan,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    num_batches_tracked: Tensor | None,
+    mask: Tensor | None,
+    residual: Tensor | None,
+) -> _Call:
+    """Every check of one call's input and state against the plan (raising before
+    anything changes), and what they decide."""
+    eps = plan.eps
     ax = check_input(
         input,
         plan.axis,
@@ -312,8 +379,6 @@ def run_plan(
         bias=bias,
         mask=mask,
     )
-
-
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
     _check_residual(input, residual)
@@ -327,19 +392,19 @@ def run_plan(
     if eps < 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     update = training and running_mean is not None and running_var is not None
-    if momentum is None and update and num_batches_tracked is None:
+    if plan.momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     groups = None
     if use_batch_stats and plan.virtual_batch_size is not None:
         groups = _ghost_groups(input, ax, plan.virtual_batch_size)
     if use_batch_stats:
-        check_renorm_has_running_stats(renorm, running_mean is not None)
-        check_whole_input(memory_efficient, "a mask" if mask is not None else "")
-    distributed = use_batch_stats and sync and world_size(process_group) > 1
+        check_renorm_has_running_stats(plan.renorm, running_mean is not None)
+        check_whole_input(plan.memory_efficient, "a mask" if mask is not None else "")
+    distributed = use_batch_stats and plan.sync and world_size(plan.process_group) > 1
     # Under torch.compile a mask's count of valid values is data: reading it would break
     # the graph (and synchronize). There a batch with fewer than 2 valid values per
     # channel is not an error; it leaves the running statistics unchanged and counts in
-    # num_batches_skipped (a device select, in the moments path below).
+    # num_batches_skipped (a device select, in the moments path).
     host_mask_check = mask is not None and not torch.compiler.is_compiling()
     if use_batch_stats and not distributed and (mask is None or host_mask_check):
         count = _values_per_channel(input, ax, mask)
@@ -351,86 +416,88 @@ def run_plan(
                 + (" with its mask)" if mask is not None else ")")
                 + ("" if groups is None else f" in each of {groups} virtual batches")
             )
-    if not distributed and input.numel() == 0:
-        # Nothing to normalize, nothing learned: torch's convention (counts the batch).
-        if update and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        out = input.clone()
-        if weight is not None:
-            out = out * weight.reshape(-1)[:1].sum()
-        if bias is not None:
-            out = out + bias.reshape(-1)[:1].sum()
-        return activation_tail(out, residual, act)
-    if not use_batch_stats:
-        # torch's own op (aten::batch_norm), so that export, ONNX, jit.freeze,
-        # quantization and FLOP counters see the standard batch norm.
-        x = input.movedim(ax, 1) if ax != 1 else input
-        out = torch.nn.functional.batch_norm(
-            x, running_mean, running_var, weight, bias, False, 0.0, eps
-        )
-        return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, act)
-    limits = None
-    if renorm is not None:
-        if num_batches_tracked is not None:
-            step = _snapshot(num_batches_tracked.to(input.device))
-        else:
-            step = torch.zeros((), dtype=torch.long, device=input.device)
-        limits = renorm.limits(step)
-    # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
-    # moments kernel, which computes the statistics, (r, d) and the output in one call;
-    # inside an enclosing torch.compile the moments path emits differentiable ops.
-    renorm_fused = (
-        limits is not None
-        and not memory_efficient
-        and (torch.compiler.is_compiling() or compile_enabled())  # Dynamo: never traces the 2nd
-    )
-    if mask is None and groups is None and not distributed and not renorm_fused:
-        return _native_training(
-            input, ax, running_mean, running_var, weight, bias, momentum, eps, update,
-            limits, num_batches_tracked, num_batches_skipped, skip_nonfinite,
-            residual, act, memory_efficient,
-        )
-    # The moments path (masks, ghost batches, sync): one fused Function with an analytic
-    # backward (bnorm.kernels.moments); _moments_composite is its differentiable twin,
-    # which double backward differentiates.
+    return _Call(ax, use_batch_stats, update, groups, distributed)
+
+
+def _empty_batch(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    act: Activation | None,
+    num_batches_tracked: Tensor | None,
+) -> Tensor:
+    """Nothing to normalize, nothing learned: torch's convention (the batch counts; the
+    output stays connected to γ and β)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    out = input.clone()
+    if weight is not None:
+        out = out * weight.reshape(-1)[:1].sum()
+    if bias is not None:
+        out = out + bias.reshape(-1)[:1].sum()
+    return activation_tail(out, residual, act)
+
+
+def _moments_training(
+    plan: Plan,
+    call: _Call,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    mask: Tensor | None,
+    residual: Tensor | None,
+    limits: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """The moments path (masks, ghost batches, sync, fused Batch Renorm): one fused
+    Function with an analytic backward (:mod:`bnorm.kernels.moments`); eagerly, or inside
+    an enclosing torch.compile its differentiable twin ``_moments_composite`` (which
+    double backward differentiates too), with the running update as device selects."""
+    ax, groups = call.axis, call.groups
     x = input.movedim(ax, 1) if ax != 1 else input
     res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
     renorm_args = None
     if limits is not None and running_mean is not None and running_var is not None:
         renorm_args = (_snapshot(running_mean), _snapshot(running_var), *limits)
     running = _running_state(
-        update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
-    )
-    composite = functools.partial(
-        _moments_composite, eps=eps, groups=groups, act=act, distributed=distributed,
-        process_group=process_group,
-    )
-    if torch.compiler.is_compiling():
-        # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
-        out, batch = composite(x, weight, bias, res, mask, None, None, renorm_args=renorm_args)
-        if running is not None:
-            total = pool_moments(batch) if groups is not None else batch
-            var = total.m2 / total.count.clamp_min(1)
-            new = running_update(
-                running[0], running[1], total.mean, var, total.count, running[2], skip_nonfinite
-            )
-            if mask is not None:
-                # The eager host check (fewer than 2 valid values raises) as a select:
-                # such a batch leaves the running statistics unchanged and counts as skipped.
-                enough = (total.count > 1).all()
-                new = (
-                    torch.where(enough, new[0], running[0]),
-                    torch.where(enough, new[1], running[1]),
-                    new[2] & enough,
-                )
-            store_running(running, *new)
-        return out.movedim(1, ax) if ax != 1 else out
-
-    out = batch_norm_moments_train(
-        x, weight, bias, eps, groups=groups or 1, mask=mask, residual=res,
-        activation=act, renorm=renorm_args, running=running, skip_nonfinite=skip_nonfinite,
-        process_group=process_group, distributed=distributed,
+        call.update, running_mean, running_var, plan.momentum, num_batches_tracked,
+        num_batches_skipped,
     )  # fmt: skip
+    if not torch.compiler.is_compiling():
+        out = batch_norm_moments_train(
+            x, weight, bias, plan.eps, groups=groups or 1, mask=mask, residual=res,
+            activation=plan.activation, renorm=renorm_args, running=running,
+            skip_nonfinite=plan.skip_nonfinite, process_group=plan.process_group,
+            distributed=call.distributed,
+        )  # fmt: skip
+        return out.movedim(1, ax) if ax != 1 else out
+    # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
+    out, batch = _moments_composite(
+        x, weight, bias, res, mask, None, None, renorm_args=renorm_args, eps=plan.eps,
+        groups=groups, act=plan.activation, distributed=call.distributed,
+        process_group=plan.process_group,
+    )  # fmt: skip
+    if running is not None:
+        total = pool_moments(batch) if groups is not None else batch
+        var = total.m2 / total.count.clamp_min(1)
+        new = running_update(
+            running[0], running[1], total.mean, var, total.count, running[2],
+            plan.skip_nonfinite,
+        )  # fmt: skip
+        if mask is not None:
+            # The eager host check (fewer than 2 valid values raises) as a select:
+            # such a batch leaves the running statistics unchanged and counts as skipped.
+            enough = (total.count > 1).all()
+            new = (
+                torch.where(enough, new[0], running[0]),
+                torch.where(enough, new[1], running[1]),
+                new[2] & enough,
+            )
+        store_running(running, *new)
     return out.movedim(1, ax) if ax != 1 else out
 
 
