@@ -636,23 +636,9 @@ def _native_training(
     x = input.movedim(ax, 1) if ax != 1 else input
     count = x.numel() // x.shape[1]
     if limits is not None:
-        # Renorm: γ·x̂ + β with x̂ = x̂_B·r + d is BN with weight γ·r and bias β + γ·d
-        # (r, d constants); the kernel recomputes μ_B, σ_B with their gradients.
-        with torch.no_grad():
-            if torch.compiler.is_compiling():  # (ATen's statistics op has no fake kernel)
-                dims = [d for d in range(x.dim()) if d != 1]
-                var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
-            else:  # ATen's statistics pass (biased variance); much faster than var_mean
-                mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
-            mean_b = mean_b.to(_stats_dtype(x.dtype))
-            var_b = var_b.to(_stats_dtype(x.dtype))
-        rm, rv = _snapshot(running_mean), _snapshot(running_var)  # type: ignore[arg-type]
-        r, d = renorm_correction(mean_b, var_b, rm, rv, *limits, eps)
-        pdtype = weight.dtype if weight is not None else r.dtype
-        gamma = weight if weight is not None else torch.ones_like(r, dtype=pdtype)
-        beta_d = gamma * d.to(pdtype)
-        bias = beta_d if bias is None else bias + beta_d
-        weight = gamma * r.to(pdtype)
+        weight, bias = _renorm_affine(
+            x, weight, bias, running_mean, running_var, limits, eps  # type: ignore[arg-type]
+        )
     if (
         update
         and weight is None
@@ -711,6 +697,34 @@ def _native_training(
             skip_nonfinite,
         )
     return out
+
+
+def _renorm_affine(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    limits: tuple[Tensor, Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renorm as plain batch norm: γ·x̂ + β with x̂ = x̂_B·r + d is batch norm with
+    weight γ·r and bias β + γ·d ((r, d) constants from this batch's statistics, channels
+    at dim 1); the kernel then recomputes μ_B, σ_B with their gradients."""
+    with torch.no_grad():
+        if torch.compiler.is_compiling():  # (ATen's statistics op has no fake kernel)
+            dims = [d for d in range(x.dim()) if d != 1]
+            var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        else:  # ATen's statistics pass (biased variance); much faster than var_mean
+            mean_b, var_b = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean_b = mean_b.to(_stats_dtype(x.dtype))
+        var_b = var_b.to(_stats_dtype(x.dtype))
+    rm, rv = _snapshot(running_mean), _snapshot(running_var)
+    r, d = renorm_correction(mean_b, var_b, rm, rv, *limits, eps)
+    pdtype = weight.dtype if weight is not None else r.dtype
+    gamma = weight if weight is not None else torch.ones_like(r, dtype=pdtype)
+    beta_d = gamma * d.to(pdtype)
+    return gamma * r.to(pdtype), beta_d if bias is None else bias + beta_d
 
 
 def _native_training_cpu_update(
