@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -691,6 +692,78 @@ def test_skip_decision_on_the_cpu_path_follows_the_rule(case):
     assert int(layer.num_batches_skipped) == skipped
     np.testing.assert_allclose(layer.running_mean.double().numpy(), rm, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(layer.running_var.double().numpy(), rv, rtol=1e-6, atol=1e-7)
+
+
+def test_skip_still_applies_to_buffers_that_require_grad():
+    # NumPy cannot view such buffers: the guard then uses torch ops, with the same rule.
+    layer = _trained(bnorm.BatchNorm2d(4))
+    before = _snapshot(layer)
+    layer.running_mean.requires_grad_()
+    layer.running_var.requires_grad_()
+    with torch.no_grad():
+        layer(_poisoned(float("nan")))
+    assert torch.equal(layer.running_mean.detach(), before["running_mean"])
+    assert torch.equal(layer.running_var.detach(), before["running_var"])
+    assert int(layer.num_batches_skipped) == 1
+    assert int(layer.num_batches_tracked) == int(before["num_batches_tracked"])
+
+
+def test_training_through_torch_func_grad_and_functional_call_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 2, 2)
+    results = []
+    for cls in (bnorm.BatchNorm2d, nn.BatchNorm2d):
+        layer = cls(3)
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+        def loss(p, b, x, layer=layer):
+            return torch.func.functional_call(layer, (p, b), (x,)).pow(3).sum()
+
+        grads = torch.func.grad(loss)(params, buffers, x)
+        results.append((grads, buffers))
+    (ours, our_buffers), (theirs, their_buffers) = results
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(ours[key], theirs[key])
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(our_buffers[key], their_buffers[key])
+
+
+def test_huge_finite_running_statistics_raise_no_warning_and_count():
+    # The guard's test of the updated statistics overflows here; it must stay silent (with
+    # warnings as errors a warning would leave the state half-updated) and the batch counts.
+    ours, theirs = bnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    for layer in (ours, theirs):
+        layer.running_var.fill_(2e19)
+    x = torch.randn(8, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(x)
+    theirs(x)
+    _compare_buffers(ours, theirs, {"rtol": 1e-6, "atol": 0})
+    assert int(ours.num_batches_skipped) == 0
+
+
+@pytest.mark.parametrize("bad", ["list", "ndarray"])
+def test_plain_training_checks_the_type_of_weight(bad):
+    x = torch.randn(4, 3, 2, 2)
+    weight = [1.0, 1.0, 1.0] if bad == "list" else np.ones(3, np.float32)
+    running_mean = torch.zeros(3)
+    with pytest.raises(TypeError, match="expected weight to be a Tensor or None"):
+        bnorm.functional.batch_norm(x, running_mean, torch.ones(3), weight, training=True)
+    assert torch.equal(running_mean, torch.zeros(3))
+
+
+def test_a_layer_pickled_before_plans_knew_plain_trains():
+    layer = bnorm.BatchNorm2d(3)
+    layer._plan.__dict__.pop("plain", None)  # what unpickling an older Plan gives
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(loaded.train()(x), nn.BatchNorm2d(3)(x))
+    assert int(loaded.num_batches_tracked) == 1
 
 
 def test_nan_only_in_masked_out_positions_is_not_skipped():

@@ -534,10 +534,12 @@ def _plain_training(
     channels = input.shape[ax]
     shape = (channels,)
     if (
-        running_mean.shape != shape
+        not isinstance(running_mean, Tensor)
+        or not isinstance(running_var, Tensor)
+        or running_mean.shape != shape
         or running_var.shape != shape
-        or (weight is not None and weight.shape != shape)
-        or (bias is not None and bias.shape != shape)
+        or (weight is not None and (not isinstance(weight, Tensor) or weight.shape != shape))
+        or (bias is not None and (not isinstance(bias, Tensor) or bias.shape != shape))
         or input.numel() <= channels  # (one value per channel, or none)
     ):
         return None
@@ -749,13 +751,7 @@ def _native_training_cpu_update(
         alpha = 1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 1.0
     else:
         alpha = momentum
-    if skip_nonfinite and (running_mean.requires_grad or running_var.requires_grad):
-        skip_nonfinite = False  # (ATen refuses to update them in place anyway)
-    if skip_nonfinite:
-        # The guard runs on every step, so it is kept to what costs least per call on
-        # CPU: NumPy views of the two C-vectors (no tensor op, no autograd dispatch).
-        rm_np, rv_np = running_mean.numpy(), running_var.numpy()
-        saved = (rm_np.tobytes(), rv_np.tobytes())
+    saved = _save_running(running_mean, running_var) if skip_nonfinite else None
     out, mean, invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, True, alpha, eps
     )
@@ -764,18 +760,54 @@ def _native_training_cpu_update(
     # dtype's range makes the updated variance ≥ α·σ²_B > √max, so that Σ v² overflows.
     # Only when it fails (or α is tinier) does the rule itself decide.
     if (
-        skip_nonfinite
-        and (alpha < 1e-18 or not math.isfinite(rm_np.dot(rm_np) + rv_np.dot(rv_np)))
+        saved is not None
+        and (alpha < 1e-18 or not _running_finite(saved, running_mean, running_var))
         and not _batch_finite(mean, invstd, eps, x.numel() // x.shape[1], running_mean.dtype)
     ):
-        dtype = rm_np.dtype
-        running_mean.copy_(torch.from_numpy(np.frombuffer(saved[0], dtype=dtype).copy()))
-        running_var.copy_(torch.from_numpy(np.frombuffer(saved[1], dtype=dtype).copy()))
+        _restore_running(saved, running_mean, running_var)
         if num_batches_skipped is not None:
             num_batches_skipped.add_(1)
     elif num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     return out
+
+
+# The guard against non-finite batches runs on every training step, so it is kept to what
+# costs least per call: NumPy views of the two C-vectors (no tensor op, no autograd
+# dispatch); torch ops where NumPy cannot see the buffers (a buffer that requires grad, a
+# wrapper subclass, inside torch.func transforms, another device).
+_Saved = tuple[Any, Any]  # (NumPy views or None, the copy)
+
+
+def _save_running(running_mean: Tensor, running_var: Tensor) -> _Saved:
+    """A copy of the running statistics before the update, and the views to test them."""
+    try:
+        views = (running_mean.numpy(), running_var.numpy())
+    except (RuntimeError, TypeError):
+        with torch.no_grad():
+            return None, torch.stack((running_mean, running_var))
+    return views, (views[0].tobytes(), views[1].tobytes())
+
+
+def _running_finite(saved: _Saved, running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether Σ mean² + Σ var² of the updated statistics is finite (never warns)."""
+    views = saved[0]
+    if views is None:
+        with torch.no_grad():
+            total = torch.dot(running_mean, running_mean) + torch.dot(running_var, running_var)
+            return math.isfinite(float(total))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(views[0].dot(views[0]) + views[1].dot(views[1]))
+
+
+def _restore_running(saved: _Saved, running_mean: Tensor, running_var: Tensor) -> None:
+    views, copy = saved
+    if views is None:
+        running_mean.copy_(copy[0])
+        running_var.copy_(copy[1])
+        return
+    for buffer, view, data in zip((running_mean, running_var), views, copy, strict=True):
+        buffer.copy_(torch.from_numpy(np.frombuffer(data, dtype=view.dtype).copy()))
 
 
 def _batch_finite(mean: Tensor, invstd: Tensor, eps: float, count: int, dtype: torch.dtype) -> bool:

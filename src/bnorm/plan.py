@@ -12,8 +12,9 @@ many processes share the batch).
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .options import Activation, Renorm
@@ -68,20 +69,20 @@ class Plan:
     process_group: Any = None
     activation: Activation | None = None
     memory_efficient: bool = False
-    #: Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or the
-    #: memory-efficient mode — a training call may take ATen's kernel directly (decided
-    #: here once; per call only the input and the state can still rule it out).
-    plain: bool = field(init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        plain = (
+    @functools.cached_property
+    def plain(self) -> bool:
+        """Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or
+        the memory-efficient mode — a training call may take ATen's kernel directly
+        (decided here once; per call only the input and the state can still rule it out).
+        """
+        return (
             self.renorm is None
             and self.virtual_batch_size is None
             and not self.sync
             and not self.tail
             and not self.memory_efficient
         )
-        object.__setattr__(self, "plain", plain)
 
     @property
     def tail(self) -> bool:
