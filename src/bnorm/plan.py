@@ -12,9 +12,8 @@ many processes share the batch).
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .options import Activation, Renorm
@@ -70,12 +69,22 @@ class Plan:
     activation: Activation | None = None
     memory_efficient: bool = False
 
-    @functools.cached_property
-    def plain(self) -> bool:
-        """Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or
-        the memory-efficient mode — a training call may take ATen's kernel directly
-        (decided here once; per call only the input and the state can still rule it out).
-        """
+    #: Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or the
+    #: memory-efficient mode — a training call may take ATen's kernel directly (decided
+    #: here once; per call only the input and the state can still rule it out).
+    plain: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", self._is_plain())
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not found: a plan pickled before ``plain`` existed.
+        if name == "plain":
+            object.__setattr__(self, "plain", self._is_plain())
+            return self.plain
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _is_plain(self) -> bool:
         return (
             self.renorm is None
             and self.virtual_batch_size is None
