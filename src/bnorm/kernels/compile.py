@@ -146,7 +146,7 @@ class _Variant:
         self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=options)
         code = fn.__code__
         self.names = code.co_varnames[: code.co_argcount]
-        self.fast: list[tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]] = []
+        self.fast: list[_Entry] = []
 
     def __call__(self, *args: Any) -> Any:
         if self.fast and len(args) == len(self.names) and _frame_hook() is None:
@@ -169,9 +169,10 @@ def _frame_hook() -> Any:
         return True
 
 
-def _cache_entries(
-    fn: Callable[..., Any],
-) -> list[tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]]:
+_Entry = tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]
+
+
+def _cache_entries(fn: Callable[..., Any]) -> list[_Entry]:
     """(guard check, transformed code as a function) of each of Dynamo's cache entries for
     ``fn``, most recent first (Dynamo's order); [] where Dynamo's internals differ from
     what this expects (every call then goes through Dynamo)."""
@@ -180,11 +181,11 @@ def _cache_entries(
 
         entries = _debug_get_cache_entry_list(fn.__code__)
         code = fn.__code__
-        fast = []
+        fast: list[_Entry] = []
         for entry in entries:
             if entry.code.co_argcount != code.co_argcount or entry.code.co_freevars:
                 return []
-            run = types.FunctionType(entry.code, fn.__globals__, code.co_name)  # type: ignore[attr-defined]
+            run = types.FunctionType(entry.code, fn.__globals__, code.co_name)
             fast.append((entry.guard_manager.check, run))
         return fast
     except Exception:  # pragma: no cover - a torch without these internals
