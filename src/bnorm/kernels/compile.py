@@ -1,6 +1,8 @@
-"""Compile policy of the kernels: ``torch.compile`` once per kernel key (dynamic shapes),
-the eager fallback with ``BNORM_NO_COMPILE=1`` or after a failed compile (one warning),
-and what an enclosing ``torch.compile`` sees."""
+"""Compile policy of the kernels: ``torch.compile`` once per kernel key (dynamic shapes) in
+two variants — serial code for small tensors, OpenMP code with the run-time thread count
+from :data:`PARALLEL_MIN_NUMEL` elements on — called without Dynamo's frame hook once
+compiled (:class:`_Variant`); the eager fallback with ``BNORM_NO_COMPILE=1`` or after a
+failed compile (one warning), and what an enclosing ``torch.compile`` sees."""
 
 from __future__ import annotations
 
