@@ -624,6 +624,10 @@ def test_compiled_kernels_skip_dynamo_after_compiling_and_recompile_on_a_guard_f
         monkeypatch.setattr(variant, "compiled", counted)
     again = run_fused(*inputs((6, 3, 4, 7), residual=True)[:5], make_act("relu"))
     assert calls == []
+    with torch.compiler.set_stance("force_eager"):  # honoured: through Dynamo, eagerly
+        run_fused(*inputs((6, 3, 4, 7), residual=True)[:5], make_act("relu"))
+    assert len(calls) == 2
+    calls.clear()
     x1, r1, dy1, w1, b1 = inputs((4, 3, 1, 1), residual=True)
     y, dx, dw, db, dr, _, _ = run_fused(x1, r1, dy1, w1, b1, make_act("relu"))
     assert len(calls) == 2  # forward and backward, through Dynamo

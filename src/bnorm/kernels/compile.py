@@ -138,8 +138,9 @@ class _Variant:
     entry's guards accept (a new dtype, a size 1 where there was none...) goes through
     Dynamo, which recompiles as usual, and the entries are read again; so does every call
     while a frame hook is active (eager code between an enclosing torch.compile's graphs,
-    which would trace the transformed code as a new frame). The same graphs run under the
-    same guards: only the frame hook is skipped."""
+    which would trace the transformed code as a new frame) or under a stance other than
+    the default. The same graphs run under the same guards: only the frame hook is
+    skipped."""
 
     __slots__ = ("compiled", "fast", "fn", "names")
 
@@ -151,7 +152,7 @@ class _Variant:
         self.fast: list[_Entry] = []
 
     def __call__(self, *args: Any) -> Any:
-        if self.fast and len(args) == len(self.names) and _frame_hook() is None:
+        if self.fast and len(args) == len(self.names) and _direct_call_allowed():
             frame_locals = dict(zip(self.names, args, strict=True))
             for check, run in self.fast:
                 if check(frame_locals):
@@ -164,11 +165,17 @@ class _Variant:
         return out
 
 
-def _frame_hook() -> Any:
+def _direct_call_allowed() -> bool:
+    """Whether a compiled kernel may run without Dynamo: no frame hook active (eager code
+    between an enclosing torch.compile's graphs) and Dynamo's default stance (not, e.g.,
+    ``torch.compiler.set_stance("force_eager")``)."""
     try:
-        return torch._C._dynamo.eval_frame.get_eval_frame_callback()
-    except Exception:  # pragma: no cover - a torch without this internal
-        return True
+        return (
+            torch._C._dynamo.eval_frame.get_eval_frame_callback() is None
+            and torch._dynamo.eval_frame._stance.stance == "default"
+        )
+    except Exception:  # pragma: no cover - a torch without these internals
+        return False
 
 
 _Entry = tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]
