@@ -569,6 +569,75 @@ def test_compiled_memory_efficient_half_precision_matches_fallback(monkeypatch):
             torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2)
 
 
+def _variants(kind):
+    return [
+        variant
+        for key, compiled in kernel_compile._COMPILED.items()
+        if key[0] == kind
+        for variant in compiled.variants.values()
+    ]
+
+
+@pytest.mark.usefixtures("compiled")
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_parallel_variant_matches_fallback_at_one_and_two_threads(layout, monkeypatch):
+    # From PARALLEL_MIN_NUMEL elements on the kernels are compiled with dynamic threads
+    # (every loop in a parallel region, OpenMP's thread count at run time); smaller
+    # tensors use serial code. Both thread counts run the same compiled kernel.
+    shape = (8, 4, 48, 48)
+    assert math.prod(shape) >= kernel_compile.PARALLEL_MIN_NUMEL
+    x, r, dy, w, b = inputs(shape, layout, residual=True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run_fused(x, r, dy, w, b, make_act("relu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert any(parallel for key, c in kernel_compile._COMPILED.items() for parallel in c.variants)
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    fallback = run_fused(x, r, dy, w, b, make_act("relu"))
+    for one, two, ref in zip(*results, fallback):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(one, ref, rtol=1e-4, atol=1e-4)
+    assert kernel_compile._COMPILE_FAILURE is None
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_kernels_skip_dynamo_after_compiling_and_recompile_on_a_guard_failure(
+    monkeypatch,
+):
+    # After its first call a kernel runs Dynamo's compiled code directly when that code's
+    # guards accept the arguments; a size 1 where there was none (a guard failure: Dynamo
+    # specializes sizes 0 and 1) goes through Dynamo, which compiles it; either way the
+    # results are the reference's.
+    x, r, dy, w, b = inputs((4, 3, 5, 5), residual=True)
+    run_fused(x, r, dy, w, b, make_act("relu"))
+    calls = []
+    for variant in _variants("fwd") + _variants("bwd"):
+
+        def counted(*args, _compiled=variant.compiled):
+            calls.append(1)
+            return _compiled(*args)
+
+        monkeypatch.setattr(variant, "compiled", counted)
+    again = run_fused(*inputs((6, 3, 4, 7), residual=True)[:5], make_act("relu"))
+    assert calls == []
+    with torch.compiler.set_stance("force_eager"):  # honoured: through Dynamo, eagerly
+        run_fused(*inputs((6, 3, 4, 7), residual=True)[:5], make_act("relu"))
+    assert len(calls) == 2
+    calls.clear()
+    x1, r1, dy1, w1, b1 = inputs((4, 3, 1, 1), residual=True)
+    y, dx, dw, db, dr, _, _ = run_fused(x1, r1, dy1, w1, b1, make_act("relu"))
+    assert len(calls) == 2  # forward and backward, through Dynamo
+    y64, dx64, dw64, db64, dr64, _ = reference_bn_act(x1, w1, b1, r1, dy1, "relu")
+    assert rel_err(y, y64) < 1e-5 and rel_err(dx, dx64) < 1e-4 and rel_err(dr, dr64) < 1e-5
+    assert rel_err(dw, dw64) < 1e-5 and rel_err(db, db64) < 1e-5
+    assert again[0].shape == (6, 3, 4, 7)
+    assert kernel_compile._COMPILE_FAILURE is None
+
+
 def test_bench_memory_part_reports_the_memory_efficient_saving():
     import argparse
 

@@ -51,10 +51,15 @@ with dynamic shapes; inputs are viewed as a contiguous (A_outer, A_inner, C, B)
 tensor in memory order — NCHW is (N, 1, C, H·W), channels_last (N, H·W, C, 1) — so
 memory layouts differ only in which of A_inner and B is 1 (one more compile each). The
 first call of each compiles (seconds; docs/kernels.md gives the measured latency), later calls
-reuse it, and Inductor's on-disk cache makes later processes faster. Each call costs
-about 0.1 ms of fixed overhead (Dynamo's guards and wrappers), so small tensors gain
-little. Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
-measured no consistent gain for it.
+reuse it, and Inductor's on-disk cache makes later processes faster. Tensors of at least
+:data:`bnorm.kernels.compile.PARALLEL_MIN_NUMEL` elements get a second variant, OpenMP
+code run with torch's thread count at each call (smaller ones run serial code). After
+compiling, a call skips Dynamo's frame evaluation (the compiled code's own guards are
+checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
+wrappers, output allocation), and a layer's forward+backward ~0.3 ms of Python and
+autograd in all (torch's eager layers ~0.1 ms), so small tensors gain little. Plain batch
+norm (no activation, no residual) keeps ATen's kernel: these kernels measured no
+consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
 ATen's ``native_batch_norm``/``native_batch_norm_backward`` with ATen's activation ops
 (memory-efficient mode: the same torch functions as the compiled kernels, run eagerly).
