@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "INVERTIBLE_ACTIVATIONS", "Activation", "Renorm"]
+__all__ = ["ACTIVATIONS", "IDENTITY", "INVERTIBLE_ACTIVATIONS", "Activation", "Renorm"]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
 """Activations of the fused kernels (gelu is the exact, erf-based one)."""
@@ -181,3 +181,6 @@ _SQRT1_2 = 1.0 / math.sqrt(2.0)
 
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+IDENTITY = Activation("identity")
+"""No activation: the tail of plain batch norm (one object, not one per call)."""

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .options import Activation, Renorm
+from .options import IDENTITY, Activation, Renorm
 
 __all__ = ["Plan", "check_ghost_with_sync", "check_renorm_has_running_stats"]
 
@@ -144,7 +144,7 @@ class Plan:
                 f"expected renorm to be a bnorm.Renorm, True or None (got {type(renorm).__name__})"
             )
         act = _activation(activation, negative_slope, alpha)
-        if memory_efficient and not (act or Activation("identity")).invertible:
+        if memory_efficient and not (act or IDENTITY).invertible:
             raise ValueError(
                 "expected an invertible activation for memory_efficient=True: identity, "
                 f"leaky_relu with negative_slope > 0 or elu (got {act})"

@@ -79,7 +79,7 @@ from torch import Tensor
 
 from .._math import running_update
 from ..ops import activation_tail
-from ..options import Activation
+from ..options import IDENTITY, Activation
 from .compile import _run, compile_enabled
 from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
 from .memory import current_scope, memory_saving
@@ -140,8 +140,7 @@ def _statistics_kernel(
     """(μ, 1/√(σ² + ε), scale, shift[, running update]) of :func:`_forward_kernel`, without
     y (the statistics pass only): the forward of a :func:`bnorm.memory_saving` scope, whose
     y comes from :func:`_apply_kernel` as its recomputation does."""
-    identity = Activation("identity")
-    return _forward_kernel(x3, weight, bias, None, eps, identity, running, skip_nonfinite)[1:]
+    return _forward_kernel(x3, weight, bias, None, eps, IDENTITY, running, skip_nonfinite)[1:]
 
 
 def _apply_kernel(
@@ -482,7 +481,7 @@ def batch_norm_act_train(
         x: (N, C, *) in any memory layout; residual: like x; weight, bias: (C,);
         y: like x, in x's memory layout.
     """
-    act = activation if activation is not None else Activation("identity")
+    act = activation if activation is not None else IDENTITY
     if memory_efficient and not act.invertible:
         raise ValueError(
             "expected an invertible activation for memory_efficient=True: identity, "

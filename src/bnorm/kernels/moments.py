@@ -49,7 +49,7 @@ from torch import Tensor
 from .._math import pool, renorm_rd, running_update
 from ..distributed import all_gather_tensor, all_reduce_sum
 from ..ops import _moments_composite
-from ..options import Activation
+from ..options import IDENTITY, Activation
 from .compile import _run
 from .layout import _Layout
 from .running import Running, RunningState, store_running
@@ -442,7 +442,7 @@ def batch_norm_moments_train(
         x: (N, C, *) any memory layout; mask: (N, *) bool; residual: like x;
         weight, bias: (C,); returns y like x.
     """
-    act = activation if activation is not None else Activation("identity")
+    act = activation if activation is not None else IDENTITY
     join = None
     if distributed and torch.is_grad_enabled():
         # Every rank must join the backward all_reduce, also one whose input (e.g. an
