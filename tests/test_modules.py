@@ -844,3 +844,37 @@ def test_without_running_statistics_batch_statistics_are_used_in_eval():
     torch.testing.assert_close(
         ours(x), (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
     )
+
+
+def test_the_guard_follows_buffers_replaced_or_moved_in_place():
+    # The guard copies the running statistics through NumPy views cached per buffer; a
+    # buffer given new memory (set_, load into a new tensor, .data) must be seen anew.
+    layer, reference = bnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    layer(x), reference(x)
+    fresh = torch.full((3,), 2.0)
+    layer.running_var.set_(fresh.clone())
+    reference.running_var.set_(fresh.clone())
+    layer.running_mean = torch.full((3,), -1.0)
+    reference.running_mean = torch.full((3,), -1.0)
+    y = torch.randn(8, 3)
+    layer(y), reference(y)
+    _compare_buffers(layer, reference, {"rtol": 1e-6, "atol": 1e-7})
+    # A NaN batch now restores the new values, not ones seen before.
+    before = _snapshot(layer)
+    layer(_poisoned(float("nan"), shape=(8, 3)))
+    assert torch.equal(layer.running_mean, before["running_mean"])
+    assert torch.equal(layer.running_var, before["running_var"])
+    assert int(layer.num_batches_skipped) == 1
+
+
+def test_the_guard_keeps_no_reference_to_dead_buffers():
+    import gc
+    import weakref
+
+    layer = bnorm.BatchNorm1d(3)
+    layer(torch.randn(8, 3))
+    ref = weakref.ref(layer.running_mean)
+    del layer
+    gc.collect()
+    assert ref() is None

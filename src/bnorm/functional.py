@@ -27,8 +27,10 @@ inputs; the output keeps the input's dtype.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -755,13 +757,12 @@ def _native_training_cpu_update(
     out, mean, invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, True, alpha, eps
     )
-    # A cheap test that never passes a batch the rule would skip: with α ≥ 1e-18, a
-    # non-finite μ_B makes the updated mean non-finite, and an unbiased σ²_B beyond the
-    # dtype's range makes the updated variance ≥ α·σ²_B > √max, so that Σ v² overflows.
-    # Only when it fails (or α is tinier) does the rule itself decide.
+    # A cheap test of the updated statistics first; only when it fails (or with α = 0,
+    # where nothing moves) does the rule itself decide. (ATen computes σ²_B in the
+    # input's dtype, so a variance beyond its range is inf in the update too.)
     if (
         saved is not None
-        and (alpha < 1e-18 or not _running_finite(saved, running_mean, running_var))
+        and (alpha == 0 or not _running_finite(running_mean, running_var))
         and not _batch_finite(mean, invstd, eps, x.numel() // x.shape[1], running_mean.dtype)
     ):
         _restore_running(saved, running_mean, running_var)
@@ -773,31 +774,59 @@ def _native_training_cpu_update(
 
 
 # The guard against non-finite batches runs on every training step, so it is kept to what
-# costs least per call: NumPy views of the two C-vectors (no tensor op, no autograd
-# dispatch); torch ops where NumPy cannot see the buffers (a buffer that requires grad, a
-# wrapper subclass, inside torch.func transforms, another device).
+# costs least per call: the copy through NumPy views of the two C-vectors, made once per
+# buffer (no tensor op, no autograd dispatch); torch.stack where NumPy cannot see the
+# buffers (a buffer that requires grad, a wrapper subclass, inside torch.func
+# transforms, another device).
 _Saved = tuple[Any, Any]  # (NumPy views or None, the copy)
+_HOST_VIEWS: dict[int, tuple[Any, int, int, torch.dtype, np.ndarray]] = {}
+
+
+def _host_view(t: Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory, made once per tensor (``Tensor.numpy()`` on
+    every call cost more than the rest of the guard). The view holds no reference to the
+    tensor: it is used only while the tensor is alive and still has the same memory,
+    size and dtype. Raises where ``Tensor.numpy()`` would."""
+    entry = _HOST_VIEWS.get(id(t))
+    ptr = t.data_ptr()
+    if (
+        entry is not None
+        and entry[0]() is t
+        and entry[1] == ptr
+        and entry[2] == t.numel()
+        and entry[3] is t.dtype
+    ):
+        return entry[4]
+    whole = t.numpy()  # (raises for what NumPy cannot see)
+    if not t.is_contiguous():
+        return whole
+    memory = (ctypes.c_char * (t.numel() * t.element_size())).from_address(ptr)
+    view: np.ndarray = np.frombuffer(memory, dtype=whole.dtype)  # type: ignore[call-overload]
+    key = id(t)
+
+    def forget(_: object) -> None:
+        _HOST_VIEWS.pop(key, None)
+
+    _HOST_VIEWS[key] = (weakref.ref(t, forget), ptr, t.numel(), t.dtype, view)
+    return view
 
 
 def _save_running(running_mean: Tensor, running_var: Tensor) -> _Saved:
-    """A copy of the running statistics before the update, and the views to test them."""
+    """A copy of the running statistics before the update (and the views it came from)."""
     try:
-        views = (running_mean.numpy(), running_var.numpy())
+        views = (_host_view(running_mean), _host_view(running_var))
     except (RuntimeError, TypeError):
         with torch.no_grad():
             return None, torch.stack((running_mean, running_var))
     return views, (views[0].tobytes(), views[1].tobytes())
 
 
-def _running_finite(saved: _Saved, running_mean: Tensor, running_var: Tensor) -> bool:
-    """Whether Σ mean² + Σ var² of the updated statistics is finite (never warns)."""
-    views = saved[0]
-    if views is None:
-        with torch.no_grad():
-            total = torch.dot(running_mean, running_mean) + torch.dot(running_var, running_var)
-            return math.isfinite(float(total))
-    with np.errstate(over="ignore", invalid="ignore"):
-        return math.isfinite(views[0].dot(views[0]) + views[1].dot(views[1]))
+def _running_finite(running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether Σ mean·var of the updated statistics is finite: a non-finite μ_B or σ²_B
+    makes the updated mean or variance non-finite, and then the sum (inf·0 is NaN). An
+    overflow of the sum only sends the batch to the exact rule. (A torch op: as cheap
+    here as NumPy's dot, and it never warns.)"""
+    return math.isfinite(torch.dot(running_mean, running_var).item())
 
 
 def _restore_running(saved: _Saved, running_mean: Tensor, running_var: Tensor) -> None:
