@@ -878,3 +878,14 @@ def test_the_guard_keeps_no_reference_to_dead_buffers():
     del layer
     gc.collect()
     assert ref() is None
+
+
+def test_the_guard_restores_non_contiguous_buffers():
+    layer = bnorm.BatchNorm1d(3)
+    layer.running_mean = torch.arange(6.0)[::2]
+    layer.running_var = torch.arange(1.0, 7.0)[::2]
+    assert not layer.running_mean.is_contiguous()
+    layer(_poisoned(float("nan"), shape=(8, 3)))
+    assert torch.equal(layer.running_mean, torch.tensor([0.0, 2.0, 4.0]))
+    assert torch.equal(layer.running_var, torch.tensor([1.0, 3.0, 5.0]))
+    assert int(layer.num_batches_skipped) == 1

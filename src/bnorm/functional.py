@@ -778,7 +778,7 @@ def _native_training_cpu_update(
 # buffer (no tensor op, no autograd dispatch); torch.stack where NumPy cannot see the
 # buffers (a buffer that requires grad, a wrapper subclass, inside torch.func
 # transforms, another device).
-_Saved = tuple[Any, Any]  # (NumPy views or None, the copy)
+_Saved = Tensor | tuple[bytes, bytes]  # the copy: stacked by torch, or the raw bytes
 _HOST_VIEWS: dict[int, tuple[Any, int, int, torch.dtype, np.ndarray]] = {}
 
 
@@ -812,13 +812,12 @@ def _host_view(t: Tensor) -> np.ndarray:
 
 
 def _save_running(running_mean: Tensor, running_var: Tensor) -> _Saved:
-    """A copy of the running statistics before the update (and the views it came from)."""
+    """A copy of the running statistics before the update."""
     try:
-        views = (_host_view(running_mean), _host_view(running_var))
+        return _host_view(running_mean).tobytes(), _host_view(running_var).tobytes()
     except (RuntimeError, TypeError):
         with torch.no_grad():
-            return None, torch.stack((running_mean, running_var))
-    return views, (views[0].tobytes(), views[1].tobytes())
+            return torch.stack((running_mean, running_var))
 
 
 def _running_finite(running_mean: Tensor, running_var: Tensor) -> bool:
@@ -830,13 +829,10 @@ def _running_finite(running_mean: Tensor, running_var: Tensor) -> bool:
 
 
 def _restore_running(saved: _Saved, running_mean: Tensor, running_var: Tensor) -> None:
-    views, copy = saved
-    if views is None:
-        running_mean.copy_(copy[0])
-        running_var.copy_(copy[1])
-        return
-    for buffer, view, data in zip((running_mean, running_var), views, copy, strict=True):
-        buffer.copy_(torch.from_numpy(np.frombuffer(data, dtype=view.dtype).copy()))
+    for buffer, data in zip((running_mean, running_var), saved, strict=True):
+        if isinstance(data, bytes):  # (the buffer's values in order, its own dtype)
+            data = torch.frombuffer(bytearray(data), dtype=buffer.dtype)
+        buffer.copy_(data)
 
 
 def _batch_finite(mean: Tensor, invstd: Tensor, eps: float, count: int, dtype: torch.dtype) -> bool:

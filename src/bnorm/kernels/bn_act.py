@@ -78,7 +78,7 @@ import torch
 from torch import Tensor
 
 from .._math import running_update
-from ..ops import activation_tail
+from ..ops import _stats_dtype, activation_tail
 from ..options import IDENTITY, Activation
 from .compile import _run, compile_enabled
 from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
@@ -287,7 +287,7 @@ class _BatchNormAct(torch.autograd.Function):
         skip_nonfinite: bool,
         scope: memory_saving | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sd = _stats_dtype(x.dtype)
         channels = x.shape[1]
         w = torch.ones(channels, dtype=sd, device=x.device) if weight is None else weight.to(sd)
         b = torch.zeros(channels, dtype=sd, device=x.device) if bias is None else bias.to(sd)

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .._math import pool, renorm_rd, running_update
 from ..distributed import all_gather_tensor, all_reduce_sum
-from ..ops import _moments_composite
+from ..ops import _moments_composite, _stats_dtype
 from ..options import IDENTITY, Activation
 from .compile import _run
 from .layout import _Layout
@@ -275,7 +275,7 @@ class _MomentsBatchNorm(torch.autograd.Function):
         options: _Options,
         _join: Tensor | None,
     ) -> Tensor:
-        sd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sd = _stats_dtype(x.dtype)
         channels = x.shape[1]
         w = torch.ones(channels, dtype=sd, device=x.device) if weight is None else weight.to(sd)
         b = torch.zeros(channels, dtype=sd, device=x.device) if bias is None else bias.to(sd)
