@@ -627,11 +627,25 @@ def _snapshot(t: Tensor) -> Tensor:
     Renorm reads the running statistics (and the step) that the same step then updates in
     place, and its (r, d) enter the backward. AOTAutograd's partitioner may recompute
     (r, d) in the backward from the buffer rather than save them — reading it after the
-    update: wrong gradients (the upstream fix is pytorch/pytorch PR 197039). It does not
-    recompute through ``copy_``, so this copy is saved instead."""
+    update: wrong gradients (the upstream fix is pytorch/pytorch PR 197039). A copy made
+    with ``copy_`` was not enough: functionalized, it is a clone, which the partitioner
+    recomputes from the buffer when the graph around it makes that cheaper (a renorm layer
+    whose input is another layer's output squared did). The copy is an opaque custom op,
+    which the partitioner never recomputes: its output is saved."""
     if not torch.compiler.is_compiling():
         return t
-    return torch.empty_like(t).copy_(t)
+    return _snapshot_op(t)
+
+
+@torch.library.custom_op("bnorm::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    """A copy of ``t`` that AOTAutograd's partitioner saves rather than recomputes."""
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
 
 
 def _running_state(
