@@ -88,6 +88,15 @@ def _full_state(net: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _dtype_recorder(seen: list[tuple[torch.dtype, ...]]) -> object:
+    """A forward hook that records (input, weight, running_mean, output) dtypes."""
+
+    def hook(layer: nn.Module, args: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        seen.append((args[0].dtype, layer.weight.dtype, layer.running_mean.dtype, y.dtype))
+
+    return hook
+
+
 def _fsdp(rank: int, ckpt: str) -> dict[str, object]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -103,11 +112,7 @@ def _fsdp(rank: int, ckpt: str) -> dict[str, object]:
         seen: list[tuple[torch.dtype, ...]] = []
         for layer in sharded.modules():
             if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                layer.register_forward_hook(
-                    lambda m, args, y: seen.append(
-                        (args[0].dtype, m.weight.dtype, m.running_mean.dtype, y.dtype)
-                    )
-                )
+                layer.register_forward_hook(_dtype_recorder(seen))
         fully_shard(sharded, mp_policy=policy)
         _train(sharded, list(sharded.parameters()), rank)
         state = sharded.state_dict()
@@ -180,6 +185,45 @@ def _chain(rank: int | None, compiled: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+# --- torch's layers in the same settings (docs/distributed.md's table) ----------------------
+
+
+def _outcome(step: object) -> str:
+    """``"ok"``, or the type and first line of the error ``step()`` raised."""
+    try:
+        step()  # type: ignore[operator]
+        return "ok"
+    except Exception as err:  # (what torch raises is the measurement)
+        return f"{type(err).__name__}: {str(err).splitlines()[0]}"
+
+
+def _torch_layers(rank: int) -> dict[str, str]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    x = _batch(0, rank)
+
+    def ddp() -> None:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        nn.parallel.DistributedDataParallel(net)(x).sum().backward()
+
+    def sync_cpu() -> None:
+        nn.SyncBatchNorm(3)(x).sum().backward()
+
+    def sync_compiled() -> None:
+        torch.compile(nn.SyncBatchNorm(3), fullgraph=True)(x).sum().backward()
+
+    def fsdp_bf16() -> None:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard(net, mp_policy=policy)
+        net(x).float().sum().backward()
+
+    steps = {"ddp": ddp, "sync_cpu": sync_cpu, "sync_compiled": sync_compiled}
+    return {name: _outcome(step) for name, step in {**steps, "fsdp_bf16": fsdp_bf16}.items()}
+
+
 # --- the spawn ------------------------------------------------------------------------------
 
 
@@ -189,6 +233,7 @@ def _worker(rank: int, world: int, ckpt: str) -> dict[str, object]:
         "fsdp": _fsdp(rank, ckpt),
         "eager": _chain(rank, compiled=False),
         "compiled": _chain(rank, compiled=True),
+        "torch": _torch_layers(rank),
     }
 
 
@@ -281,3 +326,24 @@ def test_sync_batch_norm_on_two_ranks_equals_one_process_on_the_whole_batch(rank
     for name in (n for n in whole if n.startswith("grad.")):
         total = sum(rank[mode][name] for rank in ranks)
         torch.testing.assert_close(total, whole[name], **FLOAT32, msg=name)
+
+
+# --- torch's layers, measured in the same processes ------------------------------------------
+
+
+def test_torch_batch_norm_trains_under_ddp(ranks):
+    assert [rank["torch"]["ddp"] for rank in ranks] == ["ok"] * WORLD
+
+
+def test_torch_sync_batch_norm_refuses_cpu_eager_and_compiled(ranks):
+    for rank in ranks:
+        assert rank["torch"]["sync_cpu"].startswith("ValueError: SyncBatchNorm expected input")
+        # Compiled, Dynamo stops at the same refusal (torch._dynamo's "Unsupported").
+        assert rank["torch"]["sync_compiled"] != "ok"
+
+
+def test_torch_batch_norm_fails_under_fsdp2_with_bf16_parameters(ranks):
+    for rank in ranks:
+        assert rank["torch"]["fsdp_bf16"] == (
+            "RuntimeError: expected scalar type BFloat16 but found Float"
+        )
