@@ -458,6 +458,14 @@ def _check_dtypes(
     Returns the dtype the affine parameters (and, in evaluation, the running statistics)
     are given to the kernels in — the statistics dtype when the call mixes dtypes — or
     None when every tensor has the input's dtype (nothing to cast)."""
+    dtype = input.dtype
+    if (
+        (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (running_mean is None or running_mean.dtype == dtype)
+        and (running_var is None or running_var.dtype == dtype)
+    ):
+        return None  # (the common call: one floating-point dtype throughout)
     given = [
         (name, t)
         for name, t in (
@@ -475,10 +483,7 @@ def _check_dtypes(
                 "expected running_mean and running_var of one dtype (got "
                 f"{running_mean.dtype} and {running_var.dtype})"
             )
-    if all(t.dtype == input.dtype for _, t in given):
-        return None
-    wide = [name for name, t in (("input", input), *given) if t.dtype == torch.float64]
-    if wide:
+    if any(t.dtype == torch.float64 for _, t in (("input", input), *given)):
         got = ", ".join(f"{name} {t.dtype}" for name, t in (("input", input), *given))
         raise TypeError(
             "expected float64 for all or none of input, weight, bias and running statistics: "
