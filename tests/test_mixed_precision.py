@@ -6,7 +6,8 @@ The reference is the float32 computation on the same values (the half-precision 
 parameters, widened), cast to the half-precision dtype at the end. The statistics are
 computed in float32 from the same values, so the running statistics agree to float32
 accuracy; the output and the gradients are rounded once to the half-precision dtype, so
-they agree to that dtype's tolerance (``TOL``).
+they agree to that dtype's tolerance (``device_checks.TOLERANCE``; the same check
+runs on the GPU in tests/test_cuda.py).
 """
 
 from __future__ import annotations
@@ -16,116 +17,17 @@ import torch
 
 import bnorm
 import bnorm.functional as F
+from device_checks import MIXED_KINDS, cast_affine, check_mixed_dtypes
 
-# Output and gradients: one rounding to the dtype (8 significant bits for bfloat16, 11 for
-# float16) of values of order 1-10, plus the float32 sums' differences.
-TOL = {
-    torch.bfloat16: {"atol": 3e-2, "rtol": 1.6e-2},
-    torch.float16: {"atol": 4e-3, "rtol": 2e-3},
-}
-# The running statistics: float32 sums of the same half-precision values in both runs.
-STATS_TOL = {"atol": 1e-5, "rtol": 1e-5}
 HALF = [torch.bfloat16, torch.float16]
 C = 3
 
 
-def _layer(kind: str) -> torch.nn.Module:
-    renorm = bnorm.Renorm(1.5, 0.5, 0, 0, 0)  # (r, d) clipped from the first step
-    layers = {
-        "plain": lambda: bnorm.BatchNorm2d(C),
-        "momentum_none": lambda: bnorm.BatchNorm2d(C, momentum=None),
-        "axis_last": lambda: bnorm.BatchNorm(C, axis=-1),
-        "mask": lambda: bnorm.BatchNorm2d(C),
-        "ghost": lambda: bnorm.BatchNorm2d(C, virtual_batch_size=4),
-        "renorm": lambda: bnorm.BatchNorm2d(C, renorm=renorm),
-        "renorm_mask": lambda: bnorm.BatchNorm2d(C, renorm=renorm),
-        "sync": lambda: bnorm.SyncBatchNorm(C),
-        "act": lambda: bnorm.BatchNormAct2d(C, activation="silu"),
-        "act_residual": lambda: bnorm.BatchNormAct2d(C, activation="relu"),
-        "memory_efficient": lambda: bnorm.BatchNormAct2d(
-            C, activation="leaky_relu", memory_efficient=True
-        ),
-        "frozen": lambda: bnorm.FrozenBatchNorm2d(C),
-    }
-    layer = layers[kind]()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        layer.weight.copy_(torch.rand(C, generator=g) + 0.5)
-        layer.bias.copy_(torch.randn(C, generator=g))
-        if kind == "frozen":
-            layer.running_mean.copy_(torch.randn(C, generator=g))
-            layer.running_var.copy_(torch.rand(C, generator=g) + 0.5)
-    return layer
-
-
-def _cast_affine(layer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The affine parameters (buffers, for a frozen layer) in ``dtype``, the running
-    statistics left in float32: what FSDP2's MixedPrecisionPolicy does to a layer."""
-    for name in ("weight", "bias"):
-        t = getattr(layer, name)
-        if isinstance(t, torch.nn.Parameter):
-            t.data = t.data.to(dtype)
-        else:
-            setattr(layer, name, t.to(dtype))
-
-
-def _run(kind: str, layer: torch.nn.Module, dtype: torch.dtype, train: bool) -> dict:
-    """Two steps of ``layer`` on data in ``dtype`` (the float32 run gets the same values
-    widened: ``dtype`` names the values, ``layer``'s parameters decide the computation)."""
-    layer.train(train)
-    out: dict[str, torch.Tensor] = {}
-    for step in range(2):
-        g = torch.Generator().manual_seed(10 + step)
-        x = (torch.randn(8, C, 4, 5, generator=g) * 2 + 1).to(dtype)
-        dy = torch.randn(8, C, 4, 5, generator=g).to(dtype)
-        r = torch.randn(8, C, 4, 5, generator=g).to(dtype)
-        mask = torch.rand(8, 4, 5, generator=g) > 0.3
-        if layer.weight.dtype == torch.float32:  # the reference: the values widened
-            x, dy, r = x.float(), dy.float(), r.float()
-        if kind == "axis_last":
-            x, dy, r = (t.movedim(1, -1) for t in (x, dy, r))
-        x = x.clone().requires_grad_()
-        if kind in ("mask", "renorm_mask"):
-            y = layer(x, mask=mask)
-        elif kind == "act_residual":
-            y = layer(x, r)
-        else:
-            y = layer(x)
-        y.backward(dy)
-        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad.detach()
-    if isinstance(layer.weight, torch.nn.Parameter):
-        out["dweight"], out["dbias"] = layer.weight.grad, layer.bias.grad
-    out["running_mean"], out["running_var"] = layer.running_mean, layer.running_var
-    return out
-
-
-KINDS = [
-    "plain", "momentum_none", "axis_last", "mask", "ghost", "renorm", "renorm_mask", "sync",
-    "act", "act_residual", "memory_efficient", "frozen",
-]  # fmt: skip
-
-
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", MIXED_KINDS)
 def test_half_parameters_with_float32_statistics_match_float32(kind, train, dtype):
-    mixed = _layer(kind)
-    _cast_affine(mixed, dtype)
-    reference = _layer(kind)  # float32, with the same (rounded) parameter values
-    _cast_affine(reference, dtype)
-    _cast_affine(reference, torch.float32)
-    got = _run(kind, mixed, dtype, train)
-    want = _run(kind, reference, dtype, train)
-    for name, value in got.items():
-        if name.startswith(("y", "dx")):
-            assert value.dtype == dtype, name  # the input's dtype
-            torch.testing.assert_close(value, want[name].to(dtype), **TOL[dtype], msg=name)
-        elif name.startswith("d"):
-            assert value.dtype == dtype, name  # the parameters' dtype
-            torch.testing.assert_close(value, want[name].to(dtype), **TOL[dtype], msg=name)
-        else:
-            assert value.dtype == torch.float32, name  # kept in float32
-            torch.testing.assert_close(value, want[name], **STATS_TOL, msg=name)
+    check_mixed_dtypes(kind, "cpu", dtype, train)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -133,7 +35,7 @@ def test_float32_input_with_half_parameters_computes_in_float32(dtype):
     # A float32 input (FSDP2 with cast_forward_inputs=False) keeps its dtype; the
     # half-precision parameters are widened, their gradients come back in their dtype.
     mixed, reference = bnorm.BatchNorm2d(C), bnorm.BatchNorm2d(C)
-    _cast_affine(mixed, dtype)
+    cast_affine(mixed, dtype)
     x = torch.randn(8, C, 4, 4) * 2 + 1
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y1, y2 = mixed(x1), reference(x2)
@@ -150,7 +52,7 @@ def test_float32_input_with_half_parameters_computes_in_float32(dtype):
 def test_torch_layer_refuses_half_parameters_with_float32_statistics():
     # The failure the rule fixes, measured on torch's own layer (docs/variants.md's table).
     layer = torch.nn.BatchNorm2d(C)
-    _cast_affine(layer, torch.bfloat16)
+    cast_affine(layer, torch.bfloat16)
     with pytest.raises(RuntimeError, match="expected scalar type BFloat16 but found Float"):
         layer(torch.randn(4, C, 2, 2, dtype=torch.bfloat16))
 
@@ -181,7 +83,7 @@ def _state(layer: torch.nn.Module) -> list[torch.Tensor]:
 
 def test_float64_input_with_bfloat16_weight_is_refused_before_any_update():
     layer = bnorm.BatchNorm2d(C, dtype=torch.float64)
-    _cast_affine(layer, torch.bfloat16)
+    cast_affine(layer, torch.bfloat16)
     before = _state(layer)
     with pytest.raises(TypeError, match=r"float64 does not mix.*weight torch\.bfloat16"):
         layer(torch.randn(4, C, 2, 2, dtype=torch.float64))
