@@ -12,7 +12,10 @@ exercised where no GPU is available).
 * :func:`check_sync_world1` — SyncBatchNorm with a process group of one rank, and the
   moments kernel's collective path forced on (one all_gather, one all_reduce);
 * :func:`check_fold_and_recalibrate` — bnorm.recalibrate against float64 statistics of
-  the concatenated inputs, bnorm.fold against the unfolded model's outputs.
+  the concatenated inputs, bnorm.fold against the unfolded model's outputs;
+* :func:`check_mixed_dtypes` — half-precision input, weight and bias with float32 running
+  statistics (FSDP2's mixed precision) in every layer kind and option, against the
+  float32 computation on the same values cast at the end.
 """
 
 from __future__ import annotations
@@ -351,3 +354,120 @@ def check_fold_and_recalibrate(device: torch.device | str) -> None:
     assert all(p.device.type == torch.device(device).type for p in folded.parameters())
     assert not any(isinstance(m, bnorm.BatchNorm2d) for m in folded.modules())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- mixed dtypes -----------------------------------------------------------------------
+
+# Outputs and gradients: TOLERANCE (of the largest reference value, as check_layer). The
+# running statistics: float32 sums of the same half-precision values in both runs.
+MIXED_STATS_TOLERANCE = 1e-5
+MIXED_KINDS = [
+    "plain", "momentum_none", "axis_last", "mask", "ghost", "renorm", "renorm_mask", "sync",
+    "act", "act_residual", "memory_efficient", "frozen",
+]  # fmt: skip
+
+
+def _mixed_layer(kind: str, device: torch.device | str) -> nn.Module:
+    c = SHAPE[1]
+    renorm = bnorm.Renorm(R_MAX, D_MAX, 0, 0, 0)  # (r, d) clipped from the first step
+    layers = {
+        "plain": lambda: bnorm.BatchNorm2d(c),
+        "momentum_none": lambda: bnorm.BatchNorm2d(c, momentum=None),
+        "axis_last": lambda: bnorm.BatchNorm(c, axis=-1),
+        "mask": lambda: bnorm.BatchNorm2d(c),
+        "ghost": lambda: bnorm.BatchNorm2d(c, virtual_batch_size=4),
+        "renorm": lambda: bnorm.BatchNorm2d(c, renorm=renorm),
+        "renorm_mask": lambda: bnorm.BatchNorm2d(c, renorm=renorm),
+        "sync": lambda: bnorm.SyncBatchNorm(c),  # (one process: local statistics)
+        "act": lambda: bnorm.BatchNormAct2d(c, activation="silu"),
+        # (An activation with a continuous derivative: a kink's side can flip with rounding.)
+        "act_residual": lambda: bnorm.BatchNormAct2d(c, activation="elu"),
+        "memory_efficient": lambda: bnorm.BatchNormAct2d(
+            c, activation="elu", memory_efficient=True
+        ),
+        "frozen": lambda: bnorm.FrozenBatchNorm2d(c),
+    }
+    layer = layers[kind]()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(c, generator=g) + 0.5)
+        layer.bias.copy_(torch.randn(c, generator=g))
+        if kind == "frozen":
+            layer.running_mean.copy_(torch.randn(c, generator=g))
+            layer.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return layer.to(device)
+
+
+def cast_affine(layer: nn.Module, dtype: torch.dtype) -> None:
+    """The affine parameters (buffers, for a frozen layer) in ``dtype``, the running
+    statistics left as they are: what FSDP2's MixedPrecisionPolicy does to a layer."""
+    for name in ("weight", "bias"):
+        t = getattr(layer, name)
+        if isinstance(t, nn.Parameter):
+            t.data = t.data.to(dtype)
+        else:
+            setattr(layer, name, t.to(dtype))
+
+
+def _mixed_steps(
+    kind: str, layer: nn.Module, dtype: torch.dtype, train: bool, device: torch.device | str
+) -> dict[str, Tensor]:
+    """Two steps of ``layer`` on values rounded to ``dtype``, given to the layer in its
+    weight's dtype (the float32 reference gets the same values widened)."""
+    layer.train(train)
+    out: dict[str, Tensor] = {}
+    for step in range(2):
+        g = torch.Generator().manual_seed(10 + step)
+        x, dy, r = (
+            (torch.randn(SHAPE, generator=g) * s + m).to(dtype).to(device, layer.weight.dtype)
+            for s, m in ((2, 1), (1, 0), (1, 0))
+        )
+        mask = (torch.rand(SHAPE[0], *SHAPE[2:], generator=g) > 0.3).to(device)
+        if kind == "axis_last":
+            x, dy, r = (t.movedim(1, -1) for t in (x, dy, r))
+        x = x.clone().requires_grad_()
+        if kind in ("mask", "renorm_mask"):
+            y = layer(x, mask=mask)
+        elif kind == "act_residual":
+            y = layer(x, r)
+        else:
+            y = layer(x)
+        y.backward(dy)
+        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
+        if isinstance(layer.weight, nn.Parameter):
+            # Per step: one rounding of each sum (accumulating two steps' gradients in the
+            # half-precision dtype would round again, after cancellation).
+            out[f"dweight{step}"], out[f"dbias{step}"] = layer.weight.grad, layer.bias.grad
+            layer.weight.grad = layer.bias.grad = None
+    out["running_mean"], out["running_var"] = layer.running_mean, layer.running_var
+    return out
+
+
+def check_mixed_dtypes(
+    kind: str, device: torch.device | str, dtype: torch.dtype, train: bool
+) -> None:
+    """A layer of ``kind`` whose input, weight and bias are ``dtype`` and whose running
+    statistics are float32, against the float32 layer on the same (rounded) values: the
+    output and input gradient in the input's dtype, the parameters' gradients in theirs,
+    within :data:`TOLERANCE`; the running statistics float32, within float32 accuracy."""
+    mixed = _mixed_layer(kind, device)
+    cast_affine(mixed, dtype)
+    reference = _mixed_layer(kind, device)  # float32, the same rounded parameter values
+    cast_affine(reference, dtype)
+    cast_affine(reference, torch.float32)
+    got = _mixed_steps(kind, mixed, dtype, train, device)
+    want = _mixed_steps(kind, reference, dtype, train, device)
+    stats = ("running_mean", "running_var")
+    for name, value in got.items():
+        # y, dx: the input's dtype; dweight, dbias: the parameters' (both ``dtype``);
+        # the running statistics: kept in float32.
+        assert value.dtype == (torch.float32 if name in stats else dtype), name
+    what = f"{kind} with {dtype} parameters and float32 statistics"
+    assert_matches(
+        {k: v for k, v in got.items() if k not in stats},
+        {k: v.to(dtype) for k, v in want.items() if k not in stats},
+        TOLERANCE[dtype], what,
+    )  # fmt: skip
+    assert_matches(
+        {k: got[k] for k in stats}, {k: want[k] for k in stats}, MIXED_STATS_TOLERANCE, what
+    )

@@ -24,8 +24,10 @@ from bnorm.cli import main
 from device_checks import (
     CASE_IDS,
     CASES,
+    MIXED_KINDS,
     check_fold_and_recalibrate,
     check_layer,
+    check_mixed_dtypes,
     check_sync_world1,
 )
 
@@ -55,6 +57,13 @@ def test_compiled_kernels_match_float64_and_cudnn(case, dtype, layout):
 def test_eager_fallback_matches_float64_and_cudnn(case, monkeypatch):
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
     check_layer(case, "cuda", torch.float32, "channels_last")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", MIXED_KINDS)
+def test_half_parameters_with_float32_statistics_match_float32_on_cuda(kind, dtype, train):
+    check_mixed_dtypes(kind, "cuda", dtype, train)
 
 
 def test_sync_batch_norm_and_collective_path_over_nccl_world1():

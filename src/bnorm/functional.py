@@ -22,7 +22,10 @@ Three ways to the same numbers:
   merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
 
 Statistics are computed in float32 (or float64 for float64 inputs) for half-precision
-inputs; the output keeps the input's dtype.
+inputs; the output keeps the input's dtype. float16, bfloat16 and float32 inputs,
+parameters and running statistics mix freely (bf16 parameters with float32 running
+statistics, as FSDP2's mixed precision makes them); float64 does not mix
+(``_check_dtypes``, the one place of the rule).
 """
 
 from __future__ import annotations
@@ -230,6 +233,12 @@ def batch_norm(
     ``memory_efficient=True`` saves only its output for backward (invertible activations;
     not with masks, ghost batches or sync).
 
+    Dtypes: the statistics are computed in float32 (float64 for a float64 input) and
+    the output has the input's dtype; float16, bfloat16 and float32 input, weight, bias
+    and running statistics mix (say bf16 input and parameters, float32 running
+    statistics); the running statistics are updated in their own dtype, the gradients of
+    weight and bias come in theirs. float64 does not mix with other dtypes (``TypeError``).
+
     Shape:
         input: (N, C, *) with C at ``axis``; mask: input's shape without ``axis``;
         residual: like input; running_mean, running_var, weight, bias: (C,);
@@ -306,6 +315,9 @@ def run_plan(
         plan, input, running_mean, running_var, weight, bias, training, num_batches_tracked,
         mask, residual,
     )  # fmt: skip
+    if call.compute_dtype is not None:  # mixed dtypes: see _check_dtypes
+        weight = None if weight is None else weight.to(call.compute_dtype)
+        bias = None if bias is None else bias.to(call.compute_dtype)
     if not call.distributed and input.numel() == 0:
         return _empty_batch(
             input, weight, bias, residual, plan.activation,
@@ -316,6 +328,9 @@ def run_plan(
         # quantization and FLOP counters see the standard batch norm.
         ax = call.axis
         x = input.movedim(ax, 1) if ax != 1 else input
+        if call.compute_dtype is not None and running_mean is not None:
+            running_mean = running_mean.to(call.compute_dtype)  # (read only: no update)
+            running_var = running_var.to(call.compute_dtype)  # type: ignore[union-attr]
         out = torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, False, 0.0, plan.eps
         )
@@ -355,6 +370,9 @@ class _Call(NamedTuple):
     update: bool  # update the running statistics
     groups: int | None  # ghost batches in this input (None: one)
     distributed: bool  # statistics across more than one process
+    # The dtype the affine parameters (and, in evaluation, the running statistics) go to
+    # the kernels in; None: as they are (see _check_dtypes).
+    compute_dtype: torch.dtype | None = None
 
 
 def _check_call(
@@ -383,6 +401,7 @@ def _check_call(
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
+    compute_dtype = _check_dtypes(input, running_mean, running_var, weight, bias)
     _check_residual(input, residual)
     use_batch_stats = training or running_mean is None
     # torch's rule (torch.nn.functional.batch_norm), with its words.
@@ -418,7 +437,60 @@ def _check_call(
                 + (" with its mask)" if mask is not None else ")")
                 + ("" if groups is None else f" in each of {groups} virtual batches")
             )
-    return _Call(ax, use_batch_stats, update, groups, distributed)
+    return _Call(ax, use_batch_stats, update, groups, distributed, compute_dtype)
+
+
+def _check_dtypes(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> torch.dtype | None:
+    """The mixed-dtype rule, decided once per call: the statistics are computed in
+    float32 (float64 for a float64 input; ``ops._stats_dtype``) and the output has the
+    input's dtype, whatever the dtypes of the parameters and running statistics. float16,
+    bfloat16 and float32 mix freely (bf16 parameters with float32 running statistics, as
+    FSDP2's ``MixedPrecisionPolicy`` makes them, or float32 ones under autocast); float64
+    does not mix. Running statistics are updated in their own dtype; the parameters'
+    gradients come back in the parameters' dtype.
+
+    Returns the dtype the affine parameters (and, in evaluation, the running statistics)
+    are given to the kernels in — the statistics dtype when the call mixes dtypes — or
+    None when every tensor has the input's dtype (nothing to cast)."""
+    dtype = input.dtype
+    if (
+        (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and (running_mean is None or running_mean.dtype == dtype)
+        and (running_var is None or running_var.dtype == dtype)
+    ):
+        return None  # (the common call: one floating-point dtype throughout)
+    given = [
+        (name, t)
+        for name, t in (
+            ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+            ("running_var", running_var),
+        )
+        if t is not None
+    ]  # fmt: skip
+    for name, t in given:
+        if not t.is_floating_point():
+            raise TypeError(f"expected a floating-point {name} (got dtype {t.dtype})")
+    if running_mean is not None and running_var is not None:
+        if running_mean.dtype != running_var.dtype:
+            raise TypeError(
+                "expected running_mean and running_var of one dtype (got "
+                f"{running_mean.dtype} and {running_var.dtype})"
+            )
+    if any(t.dtype == torch.float64 for _, t in (("input", input), *given)):
+        got = ", ".join(f"{name} {t.dtype}" for name, t in (("input", input), *given))
+        raise TypeError(
+            "expected float64 for all or none of input, weight, bias and running statistics: "
+            f"float64 does not mix with other dtypes (got {got}); convert the layer and the "
+            "input to one dtype (.double(), or .float() and a float32 input)"
+        )
+    return _stats_dtype(input.dtype)
 
 
 def _empty_batch(
@@ -435,9 +507,9 @@ def _empty_batch(
         num_batches_tracked.add_(1)
     out = input.clone()
     if weight is not None:
-        out = out * weight.reshape(-1)[:1].sum()
+        out = out * weight.reshape(-1)[:1].sum().to(out.dtype)
     if bias is not None:
-        out = out + bias.reshape(-1)[:1].sum()
+        out = out + bias.reshape(-1)[:1].sum().to(out.dtype)
     return activation_tail(out, residual, act)
 
 
@@ -542,6 +614,8 @@ def _plain_training(
         or running_var.shape != shape
         or (weight is not None and (not isinstance(weight, Tensor) or weight.shape != shape))
         or (bias is not None and (not isinstance(bias, Tensor) or bias.shape != shape))
+        or (weight is not None and weight.dtype != input.dtype)  # (mixed: the general path)
+        or (bias is not None and bias.dtype != input.dtype)
         or input.numel() <= channels  # (one value per channel, or none)
     ):
         return None
@@ -558,11 +632,25 @@ def _snapshot(t: Tensor) -> Tensor:
     Renorm reads the running statistics (and the step) that the same step then updates in
     place, and its (r, d) enter the backward. AOTAutograd's partitioner may recompute
     (r, d) in the backward from the buffer rather than save them — reading it after the
-    update: wrong gradients (the upstream fix is pytorch/pytorch PR 197039). It does not
-    recompute through ``copy_``, so this copy is saved instead."""
+    update: wrong gradients (the upstream fix is pytorch/pytorch PR 197039). A copy made
+    with ``copy_`` was not enough: functionalized, it is a clone, which the partitioner
+    recomputes from the buffer when the graph around it makes that cheaper (a renorm layer
+    whose input is another layer's output squared did). The copy is an opaque custom op,
+    which the partitioner never recomputes: its output is saved."""
     if not torch.compiler.is_compiling():
         return t
-    return torch.empty_like(t).copy_(t)
+    return _snapshot_op(t)
+
+
+@torch.library.custom_op("bnorm::snapshot", mutates_args=())
+def _snapshot_op(t: Tensor) -> Tensor:
+    """A copy of ``t`` that AOTAutograd's partitioner saves rather than recomputes."""
+    return t.clone()
+
+
+@_snapshot_op.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
 
 
 def _running_state(

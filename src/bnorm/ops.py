@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in for an input of ``dtype``: float32, float64
+    for float64 inputs. (The mixed-dtype rule: statistics in this dtype, the output in the
+    input's; see ``bnorm.functional._check_dtypes``.)"""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
