@@ -276,11 +276,12 @@ def test_memory_efficient_clamps_zero_weight_with_straight_through_gradient():
 
 
 def test_memory_efficient_rejects_non_invertible_activation():
-    x, _, _, w, b = inputs((4, 3, 2, 2))
-    with pytest.raises(ValueError, match="invertible activation"):
-        kernels.batch_norm_act_train(x, w, b, None, 1e-5, make_act("relu"), True)
     with pytest.raises(ValueError, match="invertible activation"):
         bnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.0, memory_efficient=True)
+    layer = bnorm.BatchNormAct2d(3, activation="leaky_relu", memory_efficient=True)
+    with pytest.raises(ValueError, match="invertible activation"):
+        layer.activation = "relu"
+    assert layer.activation == "leaky_relu" and layer._plan.activation.name == "leaky_relu"
 
 
 def _block_saved_ratio(norm: nn.Module, residual: bool) -> float:

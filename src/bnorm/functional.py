@@ -58,7 +58,7 @@ from .ops import (
     renorm_correction,
 )
 from .options import Activation, Renorm
-from .plan import Plan, check_renorm_has_running_stats, check_whole_input
+from .plan import Plan, check_eps, check_renorm_has_running_stats, check_whole_input
 
 __all__ = [
     "Moments",
@@ -385,14 +385,7 @@ def _check_call(
         raise ValueError("expected running_mean and running_var both given or both None")
     _check_residual(input, residual)
     use_batch_stats = training or running_mean is None
-    # torch's rule (torch.nn.functional.batch_norm), with its words.
-    if use_batch_stats and eps <= 0:
-        raise ValueError(
-            f"batch_norm eps must be positive during training, but got {eps}: expected "
-            "eps > 0 when normalizing with batch statistics"
-        )
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_eps(eps, use_batch_stats)
     update = training and running_mean is not None and running_var is not None
     if plan.momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")

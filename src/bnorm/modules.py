@@ -6,7 +6,6 @@ plan. Converting a model's layers between families (:func:`bnorm.convert`, torch
 
 from __future__ import annotations
 
-import math
 from dataclasses import astuple, dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
 from .options import Renorm
-from .plan import Plan, check_renorm_has_running_stats
+from .plan import Plan, check_eps, check_renorm_has_running_stats
 
 __all__ = [
     "BatchNorm",
@@ -566,8 +565,6 @@ class FrozenBatchNorm(_Planned):
         axis: int = 1,
     ) -> None:
         _check_num_features(num_features)
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"expected eps to be a finite number >= 0 (got {eps!r})")
         plan = self._make_plan(eps=eps, axis=axis)
         super().__init__()
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -610,6 +607,13 @@ class FrozenBatchNorm(_Planned):
 
     def _plan_options(self) -> dict[str, Any]:
         return {"eps": self.eps, "axis": self.axis}
+
+    def _make_plan(self, **options: Any) -> Plan:
+        # Only the running statistics normalize: ε ≥ 0, checked when set (the constructor,
+        # ``layer.eps = ...``) rather than at the next forward.
+        plan = super()._make_plan(**options)
+        check_eps(plan.eps, batch_statistics=False)
+        return plan
 
     def _state(self) -> tuple[Any, ...]:
         return (self.running_mean, self.running_var, self.weight, self.bias, False, None, None)

@@ -241,16 +241,4 @@ def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation
         out = out.add_(residual) if inplace else out + residual
     if activation is None:
         return out
-    f = torch.nn.functional
-    name, p = activation.name, activation.param
-    if name == "relu":
-        return f.relu(out, inplace=inplace)
-    if name == "leaky_relu":
-        return f.leaky_relu(out, p, inplace=inplace)
-    if name == "elu":
-        return f.elu(out, p, inplace=inplace)
-    if name == "silu":
-        return f.silu(out, inplace=inplace)
-    if name == "gelu":
-        return f.gelu(out)
-    return out
+    return activation.eager(out, inplace)
