@@ -1,30 +1,41 @@
 """Stateless batch-normalization ops on torch tensors.
 
-The pipeline: per-channel moments (count, mean, M2) → normalize →
-affine, and the running-statistics update. The math is stated in :mod:`bnorm.reference`;
-this module computes the same thing with torch, differentiably.
+The pipeline: per-channel moments (count, mean, M2) → normalize → affine (→ residual add
+and activation), and the running-statistics update. The math is stated in
+:mod:`bnorm.reference`; this module computes the same thing with torch, differentiably.
+:func:`batch_norm` resolves its options into a :class:`~bnorm.plan.Plan` (a layer keeps
+its own) and :func:`run_plan` checks the call and takes one of these paths to the same
+numbers:
 
-Three ways to the same numbers:
+* **evaluation** (the running statistics normalize) — torch's own op
+  (``torch.nn.functional.batch_norm``, so export, ONNX, quantization and FLOP counters
+  see the standard batch norm), then :func:`bnorm.ops.activation_tail` for a residual
+  and an activation;
+* **plain training on CPU** — no Batch Renorm, ghost batches, sync, activation or
+  memory-efficient mode, running statistics in the input's dtype: ATen's
+  ``native_batch_norm`` updates the running statistics itself, and a batch whose
+  statistics are not finite is undone from a copy (``skip_nonfinite``);
+* **training with the whole input's statistics** — otherwise without a mask, ghost
+  batches or other ranks: ATen's kernel with :func:`update_running_stats` (Batch
+  Renorm's (r, d) folded into the affine parameters), or, with a residual, an activation
+  or the memory-efficient mode, :mod:`bnorm.kernels`' fused BN + activation Function —
+  compiled with torch.compile by default, ATen's ops with ``BNORM_NO_COMPILE=1`` or
+  after a failed compile. Inside an enclosing torch.compile ATen's batch norm and the
+  tail are traced instead, for Inductor to fuse (the memory-efficient mode keeps the
+  Function: its saving needs its own backward);
+* **the moments path** — where the statistics are not those of the whole local input
+  (masked positions, ghost batches, other ranks), and Batch Renorm when the kernels are
+  compiled: one fused autograd Function with an analytic backward
+  (:mod:`bnorm.kernels.moments`); inside an enclosing torch.compile, and for double
+  backward, its differentiable twin built from :func:`moments`, :func:`pool_moments`
+  and :func:`normalize`. Moments are carried as (count, mean, M2) so that groups, masks
+  and processes merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
 
-* the **native path** — PyTorch's ATen kernel (``aten::native_batch_norm``) computes the
-  batch statistics, the normalization and the backward pass in one fused pass each. It
-  is used whenever the batch statistics are those of the whole input (no mask), for any
-  channel axis (the channel axis is moved to position 1 as a view: an NHWC tensor is an
-  NCHW tensor in channels_last layout, which the kernel handles natively);
-* the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
-  ``act(BN(x) + residual)`` and the memory-efficient mode (plain batch norm keeps ATen's
-  kernel: the compiled one measured no consistent gain for it; see docs/kernels.md);
-* the **moments path** — used where the statistics are not those of the whole local
-  input (masked positions, ghost batches, other ranks): one fused autograd Function with
-  an analytic backward (:mod:`bnorm.kernels.moments`), whose differentiable twin built
-  from :func:`moments`, :func:`pool_moments` and :func:`normalize` serves double
-  backward. Moments are carried as (count, mean, M2) so that groups, masks and processes
-  merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
-
-Statistics are computed in float32 (or float64 for float64 inputs) for half-precision
-inputs; the output keeps the input's dtype.
+Any channel axis is moved to position 1 as a view (an NHWC tensor is an NCHW tensor in
+channels_last layout, which the kernels handle natively). Statistics are computed in
+float32 (or float64 for float64 inputs) for half-precision inputs; the output keeps the
+input's dtype.
 """
-
 from __future__ import annotations
 
 import ctypes

@@ -228,9 +228,13 @@ def _moments_composite(
 
 
 def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation | None) -> Tensor:
-    """``act(out + residual)`` with differentiable eager ops, for the paths that are not
-    fused (evaluation, masks, ghost batches, sync). ``out`` must be a fresh tensor: when no
-    gradient is recorded it is updated in place."""
+    """``act(out + residual)`` with torch's differentiable ops (the activation's
+    :meth:`~bnorm.options.Activation.eager`), where the tail is not inside a fused kernel:
+    evaluation, an empty batch, the fused BN + activation Function's eager fallback,
+    training inside an enclosing torch.compile (ATen's batch norm and this tail, for
+    Inductor to fuse) and the moments path's differentiable twin (enclosing
+    torch.compile, double backward). ``out`` must be a fresh tensor: when no gradient is
+    recorded it is updated in place."""
     if residual is None and (activation is None or activation.name == "identity"):
         return out
     inplace = not (
