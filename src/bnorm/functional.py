@@ -16,10 +16,11 @@ numbers:
   ``native_batch_norm`` updates the running statistics itself, and a batch whose
   statistics are not finite is undone from a copy (``skip_nonfinite``);
 * **training with the whole input's statistics** — otherwise without a mask, ghost
-  batches or other ranks: ATen's kernel with :func:`update_running_stats` (Batch
-  Renorm's (r, d) folded into the affine parameters), or, with a residual, an activation
-  or the memory-efficient mode, :mod:`bnorm.kernels`' fused BN + activation Function —
-  compiled with torch.compile by default, ATen's ops with ``BNORM_NO_COMPILE=1`` or
+  batches or other ranks: ATen's kernel (Batch Renorm's (r, d) folded into the affine
+  parameters; the running statistics updated by ATen as above on CPU, else by
+  :func:`update_running_stats`), or, with a residual, an activation or the
+  memory-efficient mode, :mod:`bnorm.kernels`' fused BN + activation Function — compiled
+  with torch.compile by default, its eager fallback with ``BNORM_NO_COMPILE=1`` or
   after a failed compile. Inside an enclosing torch.compile ATen's batch norm and the
   tail are traced instead, for Inductor to fuse (the memory-efficient mode keeps the
   Function: its saving needs its own backward);
@@ -36,6 +37,7 @@ channels_last layout, which the kernels handle natively). Statistics are compute
 float32 (or float64 for float64 inputs) for half-precision inputs; the output keeps the
 input's dtype.
 """
+
 from __future__ import annotations
 
 import ctypes
