@@ -1,4 +1,5 @@
-# `make test`  : create .venv if missing, install bnorm[dev] under constraints.txt, lint, run the tests.
+# `make test`  : create .venv if missing, install bnorm[dev] under constraints.txt, lint, run the tests
+#                (then the kernel tests marked compiled_kernels again, with the kernels compiled).
 # `make test-gpu`: the same setup, then only the CUDA tests (pytest -m cuda; needs a CUDA build of torch).
 # `make lint`  : ruff, mypy and the documentation (docs/, API reference) built strictly into build/docs.
 # `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults.
@@ -34,8 +35,14 @@ lint: $(STAMP_DEV)
 	$(BIN)/lint-imports
 	PYTHONPATH=src $(BIN)/mkdocs build --strict --site-dir build/docs
 
+# The suite runs the fused kernels' eager fallback (fast); the kernel tests marked
+# compiled_kernels then run again with the kernels compiled, as users get them.
+COMPILED_TESTS = tests/test_kernels.py tests/test_kernels_moments.py tests/test_variants.py
+
 pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --compiled-kernels \
+	  -m compiled_kernels $(COMPILED_TESTS)
 
 test: lint pytest
 

@@ -1,6 +1,11 @@
-"""Test-suite setup: bnorm's fused kernels run eagerly (no torch.compile, which costs
-seconds per kernel variant) unless a test asks for compilation with the ``compiled``
-fixture below. Set BNORM_NO_COMPILE=0 to run everything compiled.
+"""Test-suite setup: bnorm's fused kernels run eagerly (``BNORM_NO_COMPILE=1``: no
+torch.compile, which costs seconds per kernel variant) unless a test asks for compilation
+with the ``compiled`` fixture below, or pytest runs with ``--compiled-kernels``: the
+configuration users get, where the kernels are compiled and a test module's
+``eager_fallback`` mark is ignored. ``make test`` runs the suite, then the tests marked
+``compiled_kernels`` again with ``--compiled-kernels`` (the compile contract,
+tests/test_compile.py, traces the layers in that configuration in the suite itself).
+Tests of the fallback itself use ``forced_eager_fallback``.
 
 Helpers that tests share with the benchmarks live in :mod:`bnorm.testing`."""
 
@@ -8,14 +13,38 @@ import os
 
 import pytest
 
-os.environ.setdefault("BNORM_NO_COMPILE", "1")
+_COMPILED_KERNELS = "--compiled-kernels"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        _COMPILED_KERNELS,
+        action="store_true",
+        help="run bnorm's fused kernels compiled (BNORM_NO_COMPILE=0), as users get them; "
+        "eager_fallback marks are ignored",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption(_COMPILED_KERNELS):
+        os.environ["BNORM_NO_COMPILE"] = "0"
+    else:
+        os.environ.setdefault("BNORM_NO_COMPILE", "1")
 
 
 @pytest.fixture
-def eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused kernels' eager fallback even where BNORM_NO_COMPILE=0 was asked for (a
-    module opts in with ``pytestmark = pytest.mark.usefixtures("eager_fallback")``)."""
+def forced_eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused kernels' eager fallback, whatever the configuration (tests of the
+    fallback itself)."""
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+
+
+@pytest.fixture
+def eager_fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused kernels' eager fallback (a module opts in with ``pytestmark =
+    pytest.mark.usefixtures("eager_fallback")``), except under ``--compiled-kernels``."""
+    if not request.config.getoption(_COMPILED_KERNELS):
+        monkeypatch.setenv("BNORM_NO_COMPILE", "1")
 
 
 @pytest.fixture

@@ -1,8 +1,11 @@
-"""`bnorm bench layer` runs end to end and writes its JSON (a smoke run: no timings checked)."""
+"""`bnorm bench layer` runs end to end and writes its JSON (a smoke run: no timings checked);
+the ``bnorm`` command imports only the subcommand it runs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from bnorm.cli import main
 
@@ -30,3 +33,21 @@ def test_bench_layer_quick_run_writes_valid_json(tmp_path, capsys):
     assert "machine" in result and result["machine"]["torch"]
     printed = capsys.readouterr().out
     assert "overall (geometric mean)" in printed and "fixed cost per call" in printed
+
+
+def test_the_command_imports_only_the_subcommand_it_runs():
+    probe = (
+        "import sys\n"
+        "from bnorm.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('bnorm.')}))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe, "bench", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "usage: bnorm bench" in run.stdout
+    loaded = run.stdout.strip().splitlines()[-1]
+    assert "'bench'" in loaded and "'study'" not in loaded

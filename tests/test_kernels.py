@@ -6,7 +6,9 @@ dtypes and the residual; float64 gradcheck; the memory-efficient mode against th
 one; saved-for-backward bytes; the layers' options and conversions.
 
 Every test runs the eager fallback (``BNORM_NO_COMPILE=1``) except those marked
-``compiled``, which compile a few small kernels (seconds each).
+``compiled``, which compile a few small kernels (seconds each); ``make test`` runs the
+cases marked ``compiled_kernels`` a second time with the kernels compiled
+(``pytest --compiled-kernels``), the configuration users get.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def test_activation_math_matches_hand_derived_numpy(name):
     np.testing.assert_allclose(
         act.grad(g, z).numpy(), g.numpy() * np_act_grad(name, z.numpy()), rtol=1e-12, atol=1e-12
     )
+    # torch's and ATen's ops of the same table entry (the unfused paths, the fallback)
+    np.testing.assert_allclose(act.eager(z).numpy(), y.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        act.aten_grad(g, z).numpy(), act.grad(g, z).numpy(), rtol=1e-12, atol=1e-12
+    )
     if act.invertible:
         np.testing.assert_allclose(act.inverse(y).numpy(), z.numpy(), rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(
@@ -170,9 +177,22 @@ FUSED_CASES = [
     )
     if not me or make_act(name).invertible
 ]
+# Run again with the kernels compiled (`make test`): every activation but the identity
+# with a residual, and the memory-efficient mode's two invertible ones, once per layout
+# (the suite's own compiled tests cover the identity, other layouts and half precision).
+COMPILED_CASES = {(name, "NCHW", True, False) for name in kernels.ACTIVATIONS[1:]} | {
+    ("leaky_relu", "NCHW", True, True),
+    ("elu", "channels_last", False, True),
+}
 
 
-@pytest.mark.parametrize("name,layout,residual,memory_efficient", FUSED_CASES)
+@pytest.mark.parametrize(
+    "name,layout,residual,memory_efficient",
+    [
+        pytest.param(*case, marks=[pytest.mark.compiled_kernels] * (case in COMPILED_CASES))
+        for case in FUSED_CASES
+    ],
+)
 def test_fused_matches_unfused_torch_and_reference(name, layout, residual, memory_efficient):
     x, r, dy, w, b = inputs((6, 5, 4, 3), layout, residual)
     y, dx, dw, db, dr, mean, invstd = run_fused(x, r, dy, w, b, make_act(name), memory_efficient)
@@ -276,11 +296,12 @@ def test_memory_efficient_clamps_zero_weight_with_straight_through_gradient():
 
 
 def test_memory_efficient_rejects_non_invertible_activation():
-    x, _, _, w, b = inputs((4, 3, 2, 2))
-    with pytest.raises(ValueError, match="invertible activation"):
-        kernels.batch_norm_act_train(x, w, b, None, 1e-5, make_act("relu"), True)
     with pytest.raises(ValueError, match="invertible activation"):
         bnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.0, memory_efficient=True)
+    layer = bnorm.BatchNormAct2d(3, activation="leaky_relu", memory_efficient=True)
+    with pytest.raises(ValueError, match="invertible activation"):
+        layer.activation = "relu"
+    assert layer.activation == "leaky_relu" and layer._plan.activation.name == "leaky_relu"
 
 
 def _block_saved_ratio(norm: nn.Module, residual: bool) -> float:
@@ -323,7 +344,10 @@ RANK_CASES = {
 }
 
 
-@pytest.mark.parametrize("rank", RANK_CASES)
+@pytest.mark.parametrize(
+    "rank",
+    [pytest.param(r, marks=[pytest.mark.compiled_kernels] * (r == "2d")) for r in RANK_CASES],
+)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_layer_matches_torch_layers_over_steps(rank, momentum):
     ours_cls, torch_cls, shape = RANK_CASES[rank]
@@ -508,6 +532,7 @@ def test_convert_plain_layers_to_batchnormact_is_lossless_identity():
 # --- the compiled kernels ----------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("forced_eager_fallback")
 def test_environment_variable_disables_compilation():
     assert not kernels.compile_enabled()
     before = dict(kernel_compile._COMPILED)
@@ -611,7 +636,9 @@ def test_compiled_kernels_skip_dynamo_after_compiling_and_recompile_on_a_guard_f
     # After its first call a kernel runs Dynamo's compiled code directly when that code's
     # guards accept the arguments; a size 1 where there was none (a guard failure: Dynamo
     # specializes sizes 0 and 1) goes through Dynamo, which compiles it; either way the
-    # results are the reference's.
+    # results are the reference's. (Kernels of its own: another test may have compiled
+    # one for a size 1 already.)
+    monkeypatch.setattr(kernel_compile, "_COMPILED", {})
     x, r, dy, w, b = inputs((4, 3, 5, 5), residual=True)
     run_fused(x, r, dy, w, b, make_act("relu"))
     calls = []

@@ -105,7 +105,14 @@ def run_layer(case, layout, dtype=torch.float64, seed=0, axis_last=False):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last", "axis=-1"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    # compiled too by `make test` (float64 kernels; the suite's compiled tests run float32)
+    [
+        pytest.param(c, id=c[0], marks=[pytest.mark.compiled_kernels] * (c == CASES[4]))
+        for c in CASES
+    ],
+)
 def test_eager_function_matches_explicit_torch_ops(case, layout):
     ours, ref, y = run_layer(
         case, "NCHW" if layout == "axis=-1" else layout, axis_last=layout == "axis=-1"

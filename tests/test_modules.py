@@ -730,16 +730,20 @@ def test_training_through_torch_func_grad_and_functional_call_matches_torch():
 
 
 def test_huge_finite_running_statistics_raise_no_warning_and_count():
-    # The guard's test of the updated statistics overflows here; it must stay silent (with
-    # warnings as errors a warning would leave the state half-updated) and the batch counts.
+    # The guard's cheap test of the updated statistics (Σ mean·var) overflows here: each
+    # product is ~2e39, beyond float32's 3.4e38, though every value is finite. The exact
+    # rule then decides; it must stay silent (with warnings as errors a warning would
+    # leave the state half-updated) and the batch counts.
     ours, theirs = bnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
     for layer in (ours, theirs):
+        layer.running_mean.fill_(1e20)
         layer.running_var.fill_(2e19)
     x = torch.randn(8, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(x)
     theirs(x)
+    assert torch.isinf(torch.dot(ours.running_mean, ours.running_var))  # (the overflow)
     _compare_buffers(ours, theirs, {"rtol": 1e-6, "atol": 0})
     assert int(ours.num_batches_skipped) == 0
 

@@ -37,7 +37,11 @@ def _renorm_numpy(xs, gamma, beta, r_max, d_max, momentum=0.1, eps=1e-5):
     return outs, mu, var
 
 
-@pytest.mark.parametrize("path", ["native", "masked"])
+@pytest.mark.parametrize(
+    "path",
+    # compiled: Batch Renorm takes the moments kernel instead of ATen (make test runs both)
+    [pytest.param("native", marks=pytest.mark.compiled_kernels), "masked"],
+)
 def test_renorm_matches_numpy_transcription_of_the_paper(path):
     rng = np.random.default_rng(0)
     # Non-stationary batches so that r and d actually clip.
@@ -336,3 +340,23 @@ def test_frozen_is_the_eval_transform_and_only_the_input_gets_gradients():
 def test_frozen_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         bnorm.FrozenBatchNorm2d(3)(torch.randn(2, 3, 4))
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan")])
+def test_frozen_eps_is_checked_when_set_with_the_rule_of_the_other_layers(eps):
+    # The trainable layers refuse such an ε at the call, with torch's words (a frozen layer
+    # only normalizes with its fixed statistics: the eval-mode rule).
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError) as trainable:
+        bnorm.BatchNorm2d(3, eps=eps).eval()(x)
+    with pytest.raises(ValueError) as constructed:
+        bnorm.FrozenBatchNorm2d(3, eps=eps)
+    frozen = bnorm.FrozenBatchNorm2d(3, eps=0.0)
+    with pytest.raises(ValueError) as assigned:
+        frozen.eps = eps
+    message = str(trainable.value).removeprefix("BatchNorm2d: ")
+    assert str(constructed.value) == str(assigned.value) == message
+    assert message == f"batch_norm eps must be non-negative, but got {eps}"
+    assert frozen.eps == 0.0  # unchanged, and the layer still works with it
+    frozen.running_var.fill_(4.0)
+    torch.testing.assert_close(frozen(x), x / 2)

@@ -1,31 +1,43 @@
 """Stateless batch-normalization ops on torch tensors.
 
-The pipeline: per-channel moments (count, mean, M2) → normalize →
-affine, and the running-statistics update. The math is stated in :mod:`bnorm.reference`;
-this module computes the same thing with torch, differentiably.
+The pipeline: per-channel moments (count, mean, M2) → normalize → affine (→ residual add
+and activation), and the running-statistics update. The math is stated in
+:mod:`bnorm.reference`; this module computes the same thing with torch, differentiably.
+:func:`batch_norm` resolves its options into a :class:`~bnorm.plan.Plan` (a layer keeps
+its own) and :func:`run_plan` checks the call and takes one of these paths to the same
+numbers:
 
-Three ways to the same numbers:
+* **evaluation** (the running statistics normalize) — torch's own op
+  (``torch.nn.functional.batch_norm``, so export, ONNX, quantization and FLOP counters
+  see the standard batch norm), then :func:`bnorm.ops.activation_tail` for a residual
+  and an activation;
+* **plain training on CPU** — no Batch Renorm, ghost batches, sync, activation or
+  memory-efficient mode, running statistics in the input's dtype: ATen's
+  ``native_batch_norm`` updates the running statistics itself, and a batch whose
+  statistics are not finite is undone from a copy (``skip_nonfinite``);
+* **training with the whole input's statistics** — otherwise without a mask, ghost
+  batches or other ranks: ATen's kernel (Batch Renorm's (r, d) folded into the affine
+  parameters; the running statistics updated by ATen as above on CPU, else by
+  :func:`update_running_stats`), or, with a residual, an activation or the
+  memory-efficient mode, :mod:`bnorm.kernels`' fused BN + activation Function — compiled
+  with torch.compile by default, its eager fallback with ``BNORM_NO_COMPILE=1`` or
+  after a failed compile. Inside an enclosing torch.compile ATen's batch norm and the
+  tail are traced instead, for Inductor to fuse (the memory-efficient mode keeps the
+  Function: its saving needs its own backward);
+* **the moments path** — where the statistics are not those of the whole local input
+  (masked positions, ghost batches, other ranks), and Batch Renorm when the kernels are
+  compiled: one fused autograd Function with an analytic backward
+  (:mod:`bnorm.kernels.moments`); inside an enclosing torch.compile, and for double
+  backward, its differentiable twin built from :func:`moments`, :func:`pool_moments`
+  and :func:`normalize`. Moments are carried as (count, mean, M2) so that groups, masks
+  and processes merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
 
-* the **native path** — PyTorch's ATen kernel (``aten::native_batch_norm``) computes the
-  batch statistics, the normalization and the backward pass in one fused pass each. It
-  is used whenever the batch statistics are those of the whole input (no mask), for any
-  channel axis (the channel axis is moved to position 1 as a view: an NHWC tensor is an
-  NCHW tensor in channels_last layout, which the kernel handles natively);
-* the **fused path** — :mod:`bnorm.kernels`, compiled with torch.compile — for
-  ``act(BN(x) + residual)`` and the memory-efficient mode (plain batch norm keeps ATen's
-  kernel: the compiled one measured no consistent gain for it; see docs/kernels.md);
-* the **moments path** — used where the statistics are not those of the whole local
-  input (masked positions, ghost batches, other ranks): one fused autograd Function with
-  an analytic backward (:mod:`bnorm.kernels.moments`), whose differentiable twin built
-  from :func:`moments`, :func:`pool_moments` and :func:`normalize` serves double
-  backward. Moments are carried as (count, mean, M2) so that groups, masks and processes
-  merge exactly (Chan et al.), without the E[x²] − E[x]² cancellation.
-
-Statistics are computed in float32 (or float64 for float64 inputs) for half-precision
-inputs; the output keeps the input's dtype. float16, bfloat16 and float32 inputs,
-parameters and running statistics mix freely (bf16 parameters with float32 running
-statistics, as FSDP2's mixed precision makes them); float64 does not mix
-(``_check_dtypes``, the one place of the rule).
+Any channel axis is moved to position 1 as a view (an NHWC tensor is an NCHW tensor in
+channels_last layout, which the kernels handle natively). Statistics are computed in
+float32 (or float64 for float64 inputs) for half-precision inputs; the output keeps the
+input's dtype. float16, bfloat16 and float32 inputs, parameters and running statistics
+mix freely (bf16 parameters with float32 running statistics, as FSDP2's mixed precision
+makes them); float64 does not mix (``_check_dtypes``, the one place of the rule).
 """
 
 from __future__ import annotations
@@ -61,7 +73,7 @@ from .ops import (
     renorm_correction,
 )
 from .options import Activation, Renorm
-from .plan import Plan, check_renorm_has_running_stats, check_whole_input
+from .plan import Plan, check_eps, check_renorm_has_running_stats, check_whole_input
 
 __all__ = [
     "Moments",
@@ -404,14 +416,7 @@ def _check_call(
     compute_dtype = _check_dtypes(input, running_mean, running_var, weight, bias)
     _check_residual(input, residual)
     use_batch_stats = training or running_mean is None
-    # torch's rule (torch.nn.functional.batch_norm), with its words.
-    if use_batch_stats and eps <= 0:
-        raise ValueError(
-            f"batch_norm eps must be positive during training, but got {eps}: expected "
-            "eps > 0 when normalizing with batch statistics"
-        )
-    if eps < 0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_eps(eps, use_batch_stats)
     update = training and running_mean is not None and running_var is not None
     if plan.momentum is None and update and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")

@@ -231,9 +231,13 @@ def _moments_composite(
 
 
 def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation | None) -> Tensor:
-    """``act(out + residual)`` with differentiable eager ops, for the paths that are not
-    fused (evaluation, masks, ghost batches, sync). ``out`` must be a fresh tensor: when no
-    gradient is recorded it is updated in place."""
+    """``act(out + residual)`` with torch's differentiable ops (the activation's
+    :meth:`~bnorm.options.Activation.eager`), where the tail is not inside a fused kernel:
+    evaluation, an empty batch, the fused BN + activation Function's eager fallback,
+    training inside an enclosing torch.compile (ATen's batch norm and this tail, for
+    Inductor to fuse) and the moments path's differentiable twin (enclosing
+    torch.compile, double backward). ``out`` must be a fresh tensor: when no gradient is
+    recorded it is updated in place."""
     if residual is None and (activation is None or activation.name == "identity"):
         return out
     inplace = not (
@@ -244,16 +248,4 @@ def activation_tail(out: Tensor, residual: Tensor | None, activation: Activation
         out = out.add_(residual) if inplace else out + residual
     if activation is None:
         return out
-    f = torch.nn.functional
-    name, p = activation.name, activation.param
-    if name == "relu":
-        return f.relu(out, inplace=inplace)
-    if name == "leaky_relu":
-        return f.leaky_relu(out, p, inplace=inplace)
-    if name == "elu":
-        return f.elu(out, p, inplace=inplace)
-    if name == "silu":
-        return f.silu(out, inplace=inplace)
-    if name == "gelu":
-        return f.gelu(out)
-    return out
+    return activation.eager(out, inplace)

@@ -1,13 +1,16 @@
 """The option types of the layers, each validated once when it is built.
 
 * :class:`Renorm` — Batch Renormalization and its clipping schedule;
-* :class:`Activation` — the activation of a fused tail, one table per activation: its
-  forward, its derivative and (where it exists) its inverse.
+* :class:`Activation` — the activation of a fused tail, one table per activation
+  (``_MATH``): its forward and derivative as torch functions, torch's and ATen's ops for
+  them, and (where it exists) its inverse. Every path — the compiled kernels, their eager
+  fallback, the unfused tail — computes an activation from its table.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +18,105 @@ from torch import Tensor
 
 __all__ = ["ACTIVATIONS", "IDENTITY", "INVERTIBLE_ACTIVATIONS", "Activation", "Renorm"]
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+# Tensor functions of one activation with parameter p (leaky_relu's slope, elu's α).
+_Unary = Callable[[Tensor, float], Tensor]
+_Binary = Callable[[Tensor, Tensor, float], Tensor]
+
+
+@dataclass(frozen=True)
+class _ActivationMath:
+    """Everything bnorm computes with one activation: ``forward`` act(z), ``grad``
+    g·act'(z), as torch functions (run eagerly and traced by torch.compile); ``eager``
+    torch.nn.functional's op, in place when asked where it has an in-place form
+    (``f(z, p, inplace)``), and ``aten_grad`` ATen's backward op (g·act'(z)), for the
+    unfused paths and the eager fallback; for an invertible activation ``inverse``
+    z = act⁻¹(y), ``grad_from_output`` g·act'(z) written with y, and ``invertible``,
+    whether a parameter value keeps it invertible."""
+
+    forward: _Unary
+    grad: _Binary
+    eager: Callable[[Tensor, float, bool], Tensor]
+    aten_grad: _Binary
+    inverse: _Unary | None = None
+    grad_from_output: _Binary | None = None
+    invertible: Callable[[float], bool] = lambda p: False
+
+
+def _elu_inverse(y: Tensor, p: float) -> Tensor:
+    # Clamped where the output has saturated at −α (log1p(−1) = −inf).
+    tiny = torch.finfo(y.dtype).eps
+    return torch.where(y > 0, y, torch.log1p(torch.clamp_min(y * (1.0 / p), tiny - 1.0)))
+
+
+def _silu_grad(g: Tensor, z: Tensor, p: float) -> Tensor:
+    s = torch.sigmoid(z)
+    return g * (s * (1.0 + z * (1.0 - s)))
+
+
+def _gelu_grad(g: Tensor, z: Tensor, p: float) -> Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return g * (cdf + z * pdf)
+
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_F = torch.nn.functional
+_ATEN = torch.ops.aten
+
+_MATH: dict[str, _ActivationMath] = {
+    "identity": _ActivationMath(
+        forward=lambda z, p: z,
+        grad=lambda g, z, p: g,
+        eager=lambda z, p, inplace: z,
+        aten_grad=lambda g, z, p: g,
+        inverse=lambda y, p: y,
+        grad_from_output=lambda g, y, p: g,
+        invertible=lambda p: True,
+    ),
+    "relu": _ActivationMath(
+        forward=lambda z, p: torch.relu(z),
+        grad=lambda g, z, p: torch.where(z > 0, g, 0.0),
+        eager=lambda z, p, inplace: _F.relu(z, inplace=inplace),
+        aten_grad=lambda g, z, p: _ATEN.threshold_backward(g, z, 0.0),
+    ),
+    "leaky_relu": _ActivationMath(
+        forward=lambda z, p: torch.where(z > 0, z, z * p),
+        grad=lambda g, z, p: torch.where(z > 0, g, g * p),
+        eager=lambda z, p, inplace: _F.leaky_relu(z, p, inplace=inplace),
+        aten_grad=lambda g, z, p: _ATEN.leaky_relu_backward(g, z, p, False),
+        inverse=lambda y, p: torch.where(y > 0, y, y * (1.0 / p)),
+        grad_from_output=lambda g, y, p: torch.where(y > 0, g, g * p),
+        invertible=lambda p: p > 0,
+    ),
+    "elu": _ActivationMath(
+        forward=lambda z, p: torch.where(z > 0, z, torch.expm1(z) * p),
+        grad=lambda g, z, p: torch.where(z > 0, g, g * (torch.exp(z) * p)),
+        eager=lambda z, p, inplace: _F.elu(z, p, inplace=inplace),
+        aten_grad=lambda g, z, p: _ATEN.elu_backward(g, p, 1.0, 1.0, False, z),
+        inverse=_elu_inverse,
+        grad_from_output=lambda g, y, p: torch.where(y > 0, g, g * (y + p)),
+        invertible=lambda p: True,  # α > 0 is checked for every elu
+    ),
+    "silu": _ActivationMath(
+        forward=lambda z, p: z * torch.sigmoid(z),
+        grad=_silu_grad,
+        eager=lambda z, p, inplace: _F.silu(z, inplace=inplace),
+        aten_grad=lambda g, z, p: _ATEN.silu_backward(g, z),
+    ),
+    "gelu": _ActivationMath(
+        forward=lambda z, p: 0.5 * z * (1.0 + torch.erf(z * _SQRT1_2)),
+        grad=_gelu_grad,
+        eager=lambda z, p, inplace: _F.gelu(z),  # (no in-place form)
+        aten_grad=lambda g, z, p: _ATEN.gelu_backward(g, z),
+    ),
+}
+
+ACTIVATIONS = tuple(_MATH)
 """Activations of the fused kernels (gelu is the exact, erf-based one)."""
 
 
-INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+INVERTIBLE_ACTIVATIONS = tuple(name for name, m in _MATH.items() if m.inverse is not None)
 """Activations usable with ``memory_efficient=True`` (leaky_relu needs slope > 0, elu α > 0)."""
 
 
@@ -118,69 +215,41 @@ class Activation:
     @property
     def invertible(self) -> bool:
         """Whether z can be recovered from act(z) (memory-efficient mode)."""
-        if self.name == "leaky_relu":
-            return self.param > 0
-        return self.name in INVERTIBLE_ACTIVATIONS
+        return _MATH[self.name].invertible(self.param)
 
-    # --- the math, as torch functions (used eagerly and traced by torch.compile) ---------
+    # --- the math, from the activation's table (used eagerly and traced by torch.compile)
 
     def forward(self, z: Tensor) -> Tensor:
         """act(z)."""
-        name, p = self.name, self.param
-        if name == "relu":
-            return torch.relu(z)
-        if name == "leaky_relu":
-            return torch.where(z > 0, z, z * p)
-        if name == "elu":
-            return torch.where(z > 0, z, torch.expm1(z) * p)
-        if name == "silu":
-            return z * torch.sigmoid(z)
-        if name == "gelu":
-            return 0.5 * z * (1.0 + torch.erf(z * _SQRT1_2))
-        return z
+        return _MATH[self.name].forward(z, self.param)
 
     def grad(self, g: Tensor, z: Tensor) -> Tensor:
         """g · act'(z)."""
-        name, p = self.name, self.param
-        if name == "relu":
-            return torch.where(z > 0, g, 0.0)
-        if name == "leaky_relu":
-            return torch.where(z > 0, g, g * p)
-        if name == "elu":
-            return torch.where(z > 0, g, g * (torch.exp(z) * p))
-        if name == "silu":
-            s = torch.sigmoid(z)
-            return g * (s * (1.0 + z * (1.0 - s)))
-        if name == "gelu":
-            cdf = 0.5 * (1.0 + torch.erf(z * _SQRT1_2))
-            pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-            return g * (cdf + z * pdf)
-        return g
+        return _MATH[self.name].grad(g, z, self.param)
+
+    def eager(self, z: Tensor, inplace: bool = False) -> Tensor:
+        """act(z) with torch.nn.functional's op (differentiable; in place when ``inplace``
+        and the op has an in-place form)."""
+        return _MATH[self.name].eager(z, self.param, inplace)
+
+    def aten_grad(self, g: Tensor, z: Tensor) -> Tensor:
+        """g · act'(z) with ATen's backward op."""
+        return _MATH[self.name].aten_grad(g, z, self.param)
 
     def inverse(self, y: Tensor) -> Tensor:
         """z = act⁻¹(y) for an invertible activation (elu: clamped where y saturates)."""
-        name, p = self.name, self.param
-        if name == "leaky_relu":
-            return torch.where(y > 0, y, y * (1.0 / p))
-        if name == "elu":
-            tiny = torch.finfo(y.dtype).eps
-            return torch.where(y > 0, y, torch.log1p(torch.clamp_min(y * (1.0 / p), tiny - 1.0)))
-        return y
+        inverse = _MATH[self.name].inverse
+        if inverse is None:
+            raise ValueError(f"expected an invertible activation (got {self})")
+        return inverse(y, self.param)
 
     def grad_from_output(self, g: Tensor, y: Tensor) -> Tensor:
         """g · act'(z) written with y = act(z) (invertible activations)."""
-        name, p = self.name, self.param
-        if name == "leaky_relu":
-            return torch.where(y > 0, g, g * p)
-        if name == "elu":
-            return torch.where(y > 0, g, g * (y + p))
-        return g
+        grad = _MATH[self.name].grad_from_output
+        if grad is None:
+            raise ValueError(f"expected an invertible activation (got {self})")
+        return grad(g, y, self.param)
 
-
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-
-
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 IDENTITY = Activation("identity")
 """No activation: the tail of plain batch norm (one object, not one per call)."""

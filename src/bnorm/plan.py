@@ -18,7 +18,7 @@ from typing import Any
 
 from .options import IDENTITY, Activation, Renorm
 
-__all__ = ["Plan", "check_ghost_with_sync", "check_renorm_has_running_stats"]
+__all__ = ["Plan", "check_eps", "check_ghost_with_sync", "check_renorm_has_running_stats"]
 
 
 def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: bool) -> None:
@@ -28,6 +28,20 @@ def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: boo
             "renorm needs running statistics (got track_running_stats=False or "
             "running_mean=None)"
         )
+
+
+def check_eps(eps: float, batch_statistics: bool) -> None:
+    """torch's rule for ε, with its words (``torch.nn.functional.batch_norm``): ε > 0 where
+    the batch's statistics normalize (σ²_B may be 0), ε ≥ 0 where the running statistics
+    do. A trainable layer is checked at each call, as torch's (it may be built with any ε
+    and normalize in eval mode only); a frozen one whenever ε is set."""
+    if batch_statistics and not eps > 0:
+        raise ValueError(
+            f"batch_norm eps must be positive during training, but got {eps}: expected "
+            "eps > 0 when normalizing with batch statistics"
+        )
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_ghost_with_sync(virtual_batch_size: int | None, sync: bool) -> None:

@@ -139,16 +139,23 @@ def test_metrics_json_holds_every_curve_and_consistent_summaries(tiny_run: Path)
     for norm in ("none", "bn"):
         finals = [r["curve"]["test_accuracy"][-1] for r in runs if r["norm"] == norm]
         assert summary["curves"]["values"][norm] == pytest.approx(mean_std(finals))
-    # Disagreement recomputed from the stored predictions.
-    labels = None
+    # Disagreement recomputed from the stored predictions and the test labels.
+    labels = load_digits().test_labels.tolist()
     pairs = exps["disagreement"]["summary"]["pairs"]["bn"]
+    assert sorted(pair["seed"] for pair in pairs) == [0, 1]
     for pair in pairs:
         a = next(
             r for r in runs if r["norm"] == "none" and r["seed"] == pair["seed"]
         )["predictions"]
         b = next(r for r in runs if r["norm"] == "bn" and r["seed"] == pair["seed"])["predictions"]
-        assert pair["disagreements"] == sum(x != y for x, y in zip(a, b))
-    assert labels is None and len(pairs) == 2
+        where = [i for i in range(len(labels)) if a[i] != b[i]]
+        a_right = sum(a[i] == labels[i] for i in where)
+        b_right = sum(b[i] == labels[i] for i in where)
+        assert pair["test_examples"] == len(labels) == len(a) == len(b)
+        assert pair["disagreements"] == len(where) > 0
+        assert pair["baseline_accuracy_on_disagreements"] == pytest.approx(a_right / len(where))
+        assert pair["accuracy_on_disagreements"] == pytest.approx(b_right / len(where))
+        assert pair["both_wrong"] == len(where) - a_right - b_right
     lr_runs = exps["lr_tolerance"]["runs"]
     assert sorted({r["lr"] for r in lr_runs}) == [0.1, 8.0] and len(lr_runs) == 8
     for r in runs:  # from training to inference, for the BN networks

@@ -71,7 +71,6 @@ traced into the caller's graph.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -230,15 +229,6 @@ def _forward_eager(
     return y, mean, invstd
 
 
-_ATEN_GRAD: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "relu": lambda g, z, p: torch.ops.aten.threshold_backward(g, z, 0.0),
-    "leaky_relu": lambda g, z, p: torch.ops.aten.leaky_relu_backward(g, z, p, False),
-    "elu": lambda g, z, p: torch.ops.aten.elu_backward(g, p, 1.0, 1.0, False, z),
-    "silu": lambda g, z, p: torch.ops.aten.silu_backward(g, z),
-    "gelu": lambda g, z, p: torch.ops.aten.gelu_backward(g, z),
-}
-
-
 def _backward_eager(
     dy3: Tensor,
     x3: Tensor,
@@ -257,7 +247,7 @@ def _backward_eager(
         z = torch.addcmul(_per_channel3(shift), x3, _per_channel3(scale))
         if r3 is not None:
             z.add_(r3)
-        dz = _ATEN_GRAD[act.name](dy3.to(z.dtype), z, act.param).to(x3.dtype)
+        dz = act.aten_grad(dy3.to(z.dtype), z).to(x3.dtype)
     dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
         dz, x3, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
     )
@@ -477,21 +467,15 @@ def batch_norm_act_train(
     saves only y (and the residual) for backward; it needs an invertible activation and
     clamps |γ| to at least :data:`MIN_ABS_WEIGHT` (see the module docstring).
 
+    The arguments are trusted: the plan (:class:`bnorm.plan.Plan`) has checked the
+    options (an invertible activation for ``memory_efficient``) and
+    :func:`bnorm.functional.run_plan` the call (a residual of x's shape).
+
     Shape:
         x: (N, C, *) in any memory layout; residual: like x; weight, bias: (C,);
         y: like x, in x's memory layout.
     """
     act = activation if activation is not None else IDENTITY
-    if memory_efficient and not act.invertible:
-        raise ValueError(
-            "expected an invertible activation for memory_efficient=True: identity, "
-            f"leaky_relu with negative_slope > 0 or elu (got {act})"
-        )
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(
-            f"expected a residual of the input's shape {tuple(x.shape)} "
-            f"(got {tuple(residual.shape)})"
-        )
     scope = None
     if not memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         scope = current_scope()

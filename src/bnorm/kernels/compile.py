@@ -86,9 +86,14 @@ def _run(
     running the compiled kernel fails (no C++ compiler, an unsupported platform, Dynamo's
     recompile limit...), compilation is switched off with a warning and ``fn`` runs eagerly:
     the kernels are pure functions, so the result is the same."""
+    # Inside an enclosing torch.compile, first: Dynamo traces fn into the caller's graph,
+    # and must not trace compile_enabled (torch._dynamo.is_dynamo_supported is marked as
+    # skipped: calling it is a graph break, an error under fullgraph=True).
+    if torch.compiler.is_compiling():
+        return fn(*args)
     if use_compiled is None:
         use_compiled = compile_enabled()
-    if torch.compiler.is_compiling() or not use_compiled:
+    if not use_compiled:
         return fn(*args)
     # Plain tensors in: Dynamo keeps a Parameter's shape static (which would make the
     # channel count static too) and guards on requires_grad (one more compile each).

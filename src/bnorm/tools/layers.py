@@ -4,15 +4,15 @@ A *trainable* batch-norm layer is a ``torch.nn.modules.batchnorm._BatchNorm``: t
 ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and lazy layers, and every bnorm layer but the
 frozen ones (bnorm's layers subclass torch's). A *frozen* batch norm is bnorm's
 :class:`~bnorm.FrozenBatchNorm` or a look-alike such as torchvision's ``FrozenBatchNorm2d``:
-fixed statistics, nothing to recompute.
+fixed statistics, nothing to recompute. The two predicates and the walk are defined with
+the layers in :mod:`bnorm.modules` (layer conversion uses them too) and exported here.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..modules import FrozenBatchNorm
+from ..modules import batch_norm_layers, is_batch_norm, is_frozen_batch_norm
 
 __all__ = [
     "batch_norm_layers",
@@ -28,34 +28,6 @@ def check_module(module: object, name: str = "module") -> None:
     """Raise a TypeError unless ``module`` is a ``torch.nn.Module``."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected {name} to be a torch.nn.Module (got {type(module).__name__})")
-
-
-def is_batch_norm(module: nn.Module) -> bool:
-    """A trainable batch-norm layer: a ``torch.nn.modules.batchnorm._BatchNorm`` — torch's
-    BatchNorm1d/2d/3d and SyncBatchNorm, and every bnorm layer but the frozen ones."""
-    return isinstance(module, _BatchNorm)
-
-
-def is_frozen_batch_norm(module: nn.Module) -> bool:
-    """bnorm's :class:`~bnorm.modules.FrozenBatchNorm` (any rank), or a look-alike such as
-    torchvision's ``FrozenBatchNorm2d`` (fixed ``running_mean``/``running_var``/``weight``/
-    ``bias`` tensors and an ``eps``)."""
-    if isinstance(module, FrozenBatchNorm):
-        return True
-    return type(module).__name__.startswith("FrozenBatchNorm") and all(
-        isinstance(getattr(module, a, None), Tensor)
-        for a in ("running_mean", "running_var", "weight", "bias")
-    )
-
-
-def batch_norm_layers(module: nn.Module, *, frozen: bool = False) -> list[tuple[str, nn.Module]]:
-    """The batch-norm layers of ``module`` as (qualified name, layer), in registration
-    order, each once; with ``frozen=True`` frozen batch norms are included too."""
-    return [
-        (name, m)
-        for name, m in module.named_modules()
-        if is_batch_norm(m) or (frozen and is_frozen_batch_norm(m))
-    ]
 
 
 def channel_axis(layer: nn.Module) -> int:
