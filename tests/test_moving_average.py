@@ -560,3 +560,9 @@ def test_centralized_weight_gradient_is_the_projected_gradient():
 def test_centralization_refuses_a_vector():
     with pytest.raises(ValueError, match=r"expected a weight of at least 2 dimensions"):
         bnorm.CentralizedWeight()(torch.ones(3))
+
+
+def test_accumulate_refuses_moving_average_layers():
+    model = nn.Sequential(nn.Linear(3, 4), bnorm.BatchNorm1d(4, moving_average=MA))
+    with pytest.raises(ValueError, match="expected no moving_average layer in an accumulate"):
+        bnorm.accumulate(model)
