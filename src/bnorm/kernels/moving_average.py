@@ -67,9 +67,11 @@ def _channel(v: Tensor, ndim: int) -> Tensor:
 
 
 def _fast(x: Tensor, valid: Tensor | None) -> bool:
-    """ATen's batch-norm kernels apply: eager, float32/float64, no mask."""
+    """ATen's batch-norm kernels apply: eager, float32/float64, no mask, not empty (an
+    empty local batch under sync: ATen's CPU kernels divide by its size)."""
     return (
         valid is None
+        and x.numel() > 0
         and x.dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
     )
