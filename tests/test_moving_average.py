@@ -535,3 +535,12 @@ def test_convert_for_inference_drops_the_option_and_keeps_the_outputs():
     assert type(plain[1]) is nn.BatchNorm2d
     assert report.dropped == [("1", f"moving_average={MA}")]
     torch.testing.assert_close(plain(x), expected)
+
+
+def test_reset_running_stats_empties_the_windows():
+    layer = bnorm.BatchNorm2d(3, moving_average=MA)
+    _steps(layer, range(2))
+    layer.reset_running_stats()
+    assert int(layer.moving_steps) == 0
+    assert not layer.moving_chi.any() and not layer.moving_psi.any()
+    torch.testing.assert_close(layer.running_var, torch.ones(3))
