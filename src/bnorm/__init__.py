@@ -1,7 +1,7 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, kernels, reference
-from .functional import Renorm
+from .functional import MovingAverage, Renorm
 from .kernels.memory import memory_saving
 from .modules import (
     BatchNorm,
@@ -22,12 +22,14 @@ from .tools import (
     Accumulation,
     AdaptationReport,
     CalibrationReport,
+    CentralizedWeight,
     ConversionReport,
     DiagnosisReport,
     FoldReport,
     StatisticsRecorder,
     accumulate,
     adapt,
+    centralize_weights,
     convert,
     diagnose,
     fold,
@@ -48,6 +50,7 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "CalibrationReport",
+    "CentralizedWeight",
     "ConversionReport",
     "DiagnosisReport",
     "FoldReport",
@@ -55,12 +58,14 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "MovingAverage",
     "Renorm",
     "StatisticsRecorder",
     "SyncBatchNorm",
     "__version__",
     "accumulate",
     "adapt",
+    "centralize_weights",
     "convert",
     "diagnose",
     "fold",
