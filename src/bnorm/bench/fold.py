@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.fx.experimental.optimization import fuse
@@ -13,8 +14,87 @@ from ..tools import fold
 from .report import format_table
 
 FOLD_BATCHES = (1, 64)
+REAL_MODEL_BATCHES = (1, 32)
 FOLD_TARGET_BATCH1 = 0.8  # the issue's bar: folded <= 0.8x unfolded at batch 1
 FOLD_TARGET_BATCH64 = 1.0  # and never slower at batch 64
+
+
+def transformers_models() -> dict[str, Callable[[], torch.nn.Module]]:
+    """The batch-norm vision models of Hugging Face ``transformers`` in tiny configs, built
+    from their config classes with random weights (no download), for 3×32×32 images and 3
+    classes; empty when transformers does not import. Each factory returns a fresh model
+    in training mode (seeded: the same weights every call)."""
+    try:
+        import transformers as hf
+    except ImportError:
+        return {}
+    common = {"num_labels": 3}
+    configs: dict[str, Callable[[], tuple[Any, Any]]] = {
+        "ResNet": lambda: (
+            hf.ResNetForImageClassification,
+            hf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **common),
+        ),
+        "MobileNetV1": lambda: (
+            hf.MobileNetV1ForImageClassification,
+            hf.MobileNetV1Config(depth_multiplier=0.25, image_size=32, **common),
+        ),
+        "MobileNetV2": lambda: (
+            hf.MobileNetV2ForImageClassification,
+            hf.MobileNetV2Config(depth_multiplier=0.25, image_size=32, **common),
+        ),
+        "EfficientNet": lambda: (
+            hf.EfficientNetForImageClassification,
+            # hidden_dim: the channels of the top conv, round_filters(1280) at width 0.25
+            hf.EfficientNetConfig(
+                width_coefficient=0.25,
+                depth_coefficient=0.25,
+                image_size=32,
+                hidden_dim=320,
+                **common,
+            ),
+        ),
+        "RegNet": lambda: (
+            hf.RegNetForImageClassification,
+            hf.RegNetConfig(
+                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, **common
+            ),
+        ),
+        "LeViT": lambda: (
+            hf.LevitForImageClassification,
+            hf.LevitConfig(
+                image_size=32,
+                hidden_sizes=[16, 32, 48],
+                num_attention_heads=[1, 2, 3],
+                depths=[1, 1, 1],
+                key_dim=[8, 8, 8],
+                **common,
+            ),
+        ),
+        "MobileViT": lambda: (
+            hf.MobileViTForImageClassification,
+            hf.MobileViTConfig(
+                image_size=32,
+                hidden_sizes=[16, 24, 32],
+                neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+                **common,
+            ),
+        ),
+    }
+
+    def factory(make: Callable[[], tuple[Any, Any]]) -> Callable[[], torch.nn.Module]:
+        def build() -> torch.nn.Module:
+            torch.manual_seed(0)
+            cls, config = make()
+            model = cls(config)
+            with torch.no_grad():  # transformers zero-initializes some heads: random instead
+                for p in model.parameters():
+                    if p.dim() >= 2 and not p.any():
+                        p.normal_(0.0, p.shape[1] ** -0.5)
+            return model  # type: ignore[no-any-return]
+
+        return build
+
+    return {name: factory(make) for name, make in configs.items()}
 
 
 def fold_suite(args: argparse.Namespace) -> dict[str, object]:

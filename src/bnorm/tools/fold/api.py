@@ -182,8 +182,8 @@ def example_arguments(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, A
 
 
 def _check_example_runs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Run ``module`` once on the example: a bad example raises here, before any change
-    (``SavedState``-free: an eval-mode forward under no_grad changes no statistics)."""
+    """Run ``module`` once on the example (when export failed): a bad example raises
+    here, before any change (an eval-mode forward under no_grad changes no statistics)."""
     try:
         with torch.no_grad():
             module(*args, **kwargs)
@@ -209,6 +209,7 @@ def _find(
         if program is not None:
             found.merge(export_source.find(root, program))
         else:
+            _check_example_runs(root, *example)  # a bad example, or a model export fails on
             hint = f" (torch.export failed too: {error})"
     else:
         hint = (
@@ -360,7 +361,8 @@ def fold(
             ValueError, before anything changes), or an ``ExportedProgram``.
         example_inputs: an input of the model: a Tensor, a tuple of positional arguments
             or a dict of keyword arguments. Needed for the ``torch.export`` graph; the
-            model is run on it once first, and an input it rejects raises ValueError.
+            model is exported from it (an input the model rejects raises ValueError,
+            before anything changes).
         inplace: modify ``module`` itself; by default a deep copy is folded and ``module``
             is left untouched. Either way every new weight is computed before the first
             is set: a failure leaves the model as it was. (Not for an ExportedProgram.)
@@ -388,10 +390,15 @@ def fold(
         )
     _check_eval_mode(module)
     example = example_arguments(example_inputs)
-    if example is not None:
-        _check_example_runs(module, *example)
     if not inplace:
-        module = copy.deepcopy(module)
+        try:
+            module = copy.deepcopy(module)
+        except RuntimeError as err:
+            raise ValueError(
+                "expected a model that copy.deepcopy can copy, to fold the copy (got "
+                f"{type(err).__name__}: {str(err).strip()[:200]}); fold(model, inplace=True) "
+                "folds the model itself"
+            ) from err
     if is_any_batch_norm(module):
         report = FoldReport(
             not_folded=[NotFoldedLayer("", "the module is a lone batch norm: no neighbour")]

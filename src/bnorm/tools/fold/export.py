@@ -27,6 +27,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx.operator_schemas import normalize_function
 
+from .fx import RestoredAttributes
 from .rules import (
     Findings,
     LayerView,
@@ -418,11 +419,17 @@ def capture(
     why it failed)."""
     errors = []
     for strict in (False, True):
+        mode = "strict" if strict else "non-strict"
         try:
-            return torch.export.export(model, args, kwargs, strict=strict), ""
+            with RestoredAttributes(model, lambda v: isinstance(v, Tensor)) as restored:
+                program = torch.export.export(model, args, kwargs, strict=strict)
         except Exception as err:  # any failure: try the other mode, then report
             text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            errors.append(f"{'strict' if strict else 'non-strict'}: {type(err).__name__}: {text[:160]}")
+            errors.append(f"{mode}: {type(err).__name__}: {text[:160]}")
+            continue
+        if restored.stored:
+            return None, f"forward stores intermediate values on the module ({restored.stored[0]!r})"
+        return program, ""
     return None, "; ".join(errors)
 
 

@@ -6,8 +6,10 @@ input is needed; forwards with data-dependent control flow or Python arithmetic 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +41,6 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
         return True
 
 
-def _holds_proxy(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, torch.fx.Proxy):
-        return True
-    if depth < 2 and isinstance(value, (list, tuple, set)):
-        return any(_holds_proxy(v, depth + 1) for v in value)
-    if depth < 2 and isinstance(value, dict):
-        return any(_holds_proxy(v, depth + 1) for v in value.values())
-    return False
-
-
 def _defaults(parent: nn.Module) -> dict[str, Any]:
     """The forward's parameters that have default values (keyword-able ones)."""
     try:
@@ -63,24 +55,73 @@ def _defaults(parent: nn.Module) -> dict[str, Any]:
     }
 
 
-def _trace_once(parent: nn.Module, concrete: dict[str, Any] | None) -> torch.fx.Graph:
-    saved = {m: dict(m.__dict__) for m in parent.modules()}
-    try:
-        graph = _ChildrenAsLeaves().trace(parent, concrete_args=concrete)
-    finally:
-        leaked = [
-            k
-            for m, before in saved.items()
-            for k, v in m.__dict__.items()
-            if (k not in before or before[k] is not v) and _holds_proxy(v)
+class RestoredAttributes:
+    """Undo whatever a traced forward assigns to the attributes of ``module``'s modules,
+    and list the attributes it stored traced values in (``stored``, names): a value
+    kept on a module is a use the graph does not show. ``traced`` says which values
+    count (fx proxies; tensors for torch.export)."""
+
+    def __init__(self, module: nn.Module, traced: Callable[[Any], bool]) -> None:
+        self.saved = {m: dict(m.__dict__) for m in module.modules()}
+        # the contents of dict/list attributes too (a cache filled during tracing)
+        self.contents = [
+            (v, copy.copy(v))
+            for before in self.saved.values()
+            for k, v in before.items()
+            if isinstance(v, (dict, list)) and not k.startswith("_")
         ]
-        for m, before in saved.items():  # undo whatever the traced forward assigned
+        self.traced = traced
+        self.stored: list[str] = []
+
+    def __enter__(self) -> RestoredAttributes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stored = [
+            k
+            for m, before in self.saved.items()
+            for k, v in m.__dict__.items()
+            if (k not in before or before[k] is not v) and _holds(v, self.traced)
+        ]
+        for container, content in self.contents:
+            if isinstance(container, dict) and not _same_items(container, content):
+                container.clear()
+                container.update(content)  # type: ignore[arg-type]
+            elif isinstance(container, list) and not _same_items(container, content):
+                container[:] = content
+        for m, before in self.saved.items():
             now = m.__dict__
             if len(now) != len(before) or any(before.get(k, now) is not v for k, v in now.items()):
                 now.clear()
                 now.update(before)
-    if leaked:
-        raise RuntimeError(f"forward stores intermediate values on the module ({leaked[0]!r})")
+
+
+def _same_items(now: Any, before: Any) -> bool:
+    """Whether a dict or list holds the very same items as its earlier copy."""
+    if len(now) != len(before):
+        return False
+    if isinstance(now, dict):
+        return all(k in before and before[k] is v for k, v in now.items())
+    return all(a is b for a, b in zip(now, before))
+
+
+def _holds(value: Any, traced: Callable[[Any], bool], depth: int = 0) -> bool:
+    if traced(value):
+        return True
+    if depth < 2 and isinstance(value, (list, tuple, set)):
+        return any(_holds(v, traced, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, dict):
+        return any(_holds(v, traced, depth + 1) for v in value.values())
+    return False
+
+
+def _trace_once(parent: nn.Module, concrete: dict[str, Any] | None) -> torch.fx.Graph:
+    with RestoredAttributes(parent, lambda v: isinstance(v, torch.fx.Proxy)) as restored:
+        graph = _ChildrenAsLeaves().trace(parent, concrete_args=concrete)
+    if restored.stored:
+        raise RuntimeError(
+            f"forward stores intermediate values on the module ({restored.stored[0]!r})"
+        )
     return graph
 
 

@@ -70,11 +70,11 @@ def _rewrite(module: torch.fx.GraphModule, pairs: list[NodePair]) -> None:
         module.graph.erase_node(norm.node)
     module.graph.eliminate_dead_code()
     used = {str(n.target) for n in module.graph.nodes if n.op == "get_attr"}
-    for pair in pairs:
-        for fqn in pair.norm.names.values():
-            if fqn is not None and fqn not in used:
-                parent_name, _, attr = fqn.rpartition(".")
-                parent = module.get_submodule(parent_name)
+    for pair in pairs:  # the batch norm's tensors (num_batches_tracked too) go
+        name = owner(pair.norm)
+        parent = module.get_submodule(name)
+        for attr in [*parent._parameters, *parent._buffers]:
+            if (f"{name}.{attr}" if name else attr) not in used:
                 parent._parameters.pop(attr, None)
                 parent._buffers.pop(attr, None)
     module.recompile()
