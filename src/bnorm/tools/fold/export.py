@@ -17,8 +17,13 @@ covered (as for ``torch.export`` itself).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import re
+import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,16 +426,53 @@ def capture(
     for strict in (False, True):
         mode = "strict" if strict else "non-strict"
         try:
-            with RestoredAttributes(model, lambda v: isinstance(v, Tensor)) as restored:
+            with _quiet() as caught, RestoredAttributes(model, _is_tensor) as restored:
                 program = torch.export.export(model, args, kwargs, strict=strict)
         except Exception as err:  # any failure: try the other mode, then report
             text = str(err).strip().splitlines()[0] if str(err).strip() else ""
             errors.append(f"{mode}: {type(err).__name__}: {text[:160]}")
             continue
-        if restored.stored:
-            return None, f"forward stores intermediate values on the module ({restored.stored[0]!r})"
+        stored = restored.stored + _assigned_attributes(caught)
+        if stored:
+            return None, f"forward stores intermediate values on the module ({stored[0]})"
         return program, ""
     return None, "; ".join(errors)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, Tensor)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[list[warnings.WarningMessage]]:
+    """Record the warnings of an export and silence logging meanwhile (a failed export
+    logs whole graphs; the report gives the error's first line)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(
+            io.StringIO()
+        ):
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        logging.disable(disabled)
+
+
+_ASSIGNED = re.compile(r"tensor attributes? (.*?) (?:was|were) assigned during export")
+
+
+def _assigned_attributes(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The plain attributes (``self.x``) that torch.export saw the forward assign
+    tensors to: values kept for later, which the graph does not show. Entries put into a
+    container attribute (``self.cache['cpu']``, e.g. LeViT's attention-bias cache, computed
+    from parameters) are not counted."""
+    names: list[str] = []
+    for warning in caught:
+        found = _ASSIGNED.search(str(warning.message))
+        if found:
+            names += [n.strip() for n in found.group(1).split(",") if "[" not in n]
+    return names
 
 
 def _module(root: nn.Module, fqn: str | None) -> tuple[str, nn.Module | None]:
