@@ -12,13 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
 pytest.importorskip("transformers")
 
-import bnorm  # noqa: E402
-from bnorm.bench.fold import transformers_models  # noqa: E402
-from bnorm.testing import randomize_statistics  # noqa: E402
-from bnorm.tools import batch_norm_layers  # noqa: E402
+import bnorm
+from bnorm.bench.fold import transformers_models
+from bnorm.testing import randomize_statistics
+from bnorm.tools import batch_norm_layers
 
 MODELS = transformers_models()
 NAMES = sorted(MODELS)
@@ -144,5 +143,3 @@ def test_tent_adapts_a_model_that_returns_a_model_output(name: str) -> None:
     for p, p0, g in zip(adapted, affine, grads):
         torch.testing.assert_close(p.detach(), p0.detach() - 0.1 * g, rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(p.detach(), p0.detach()) for p, p0 in zip(adapted, affine))
-
-

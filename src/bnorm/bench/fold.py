@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,22 +26,21 @@ def transformers_models() -> dict[str, Callable[[], torch.nn.Module]]:
     classes; empty when transformers does not import. Each factory returns a fresh model
     in training mode (seeded: the same weights every call)."""
     try:
-        import transformers as hf
+        hf: Any = importlib.import_module("transformers")  # Any: its stubs are loose
     except ImportError:
         return {}
-    common = {"num_labels": 3}
     configs: dict[str, Callable[[], tuple[Any, Any]]] = {
         "ResNet": lambda: (
             hf.ResNetForImageClassification,
-            hf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], **common),
+            hf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3),
         ),
         "MobileNetV1": lambda: (
             hf.MobileNetV1ForImageClassification,
-            hf.MobileNetV1Config(depth_multiplier=0.25, image_size=32, **common),
+            hf.MobileNetV1Config(depth_multiplier=0.25, image_size=32, num_labels=3),
         ),
         "MobileNetV2": lambda: (
             hf.MobileNetV2ForImageClassification,
-            hf.MobileNetV2Config(depth_multiplier=0.25, image_size=32, **common),
+            hf.MobileNetV2Config(depth_multiplier=0.25, image_size=32, num_labels=3),
         ),
         "EfficientNet": lambda: (
             hf.EfficientNetForImageClassification,
@@ -50,13 +50,13 @@ def transformers_models() -> dict[str, Callable[[], torch.nn.Module]]:
                 depth_coefficient=0.25,
                 image_size=32,
                 hidden_dim=320,
-                **common,
+                num_labels=3,
             ),
         ),
         "RegNet": lambda: (
             hf.RegNetForImageClassification,
             hf.RegNetConfig(
-                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, **common
+                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=3
             ),
         ),
         "LeViT": lambda: (
@@ -67,7 +67,7 @@ def transformers_models() -> dict[str, Callable[[], torch.nn.Module]]:
                 num_attention_heads=[1, 2, 3],
                 depths=[1, 1, 1],
                 key_dim=[8, 8, 8],
-                **common,
+                num_labels=3,
             ),
         ),
         "MobileViT": lambda: (
@@ -76,7 +76,7 @@ def transformers_models() -> dict[str, Callable[[], torch.nn.Module]]:
                 image_size=32,
                 hidden_sizes=[16, 24, 32],
                 neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
-                **common,
+                num_labels=3,
             ),
         ),
     }

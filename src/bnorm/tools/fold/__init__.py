@@ -12,8 +12,8 @@
 """
 
 from .api import (
-    FoldedLayer,
     Folded,
+    FoldedLayer,
     FoldReport,
     NotFoldedLayer,
     fold,

@@ -222,7 +222,7 @@ def _find(
         if name in traces.graphs:
             continue
         if sequential_source.is_plain_sequential(parent):
-            more.merge(sequential_source.find(name, parent, traces.uses))
+            more.merge(sequential_source.find(name, parent, traces.uses))  # type: ignore[arg-type]
             continue
         for child_name, child in parent.named_modules():
             if child_name and is_any_batch_norm(child) and fx_source.owned(parent, child_name):
@@ -428,4 +428,3 @@ def _check_eval_mode(module: nn.Module) -> None:
             "expected every batch-norm layer in eval mode, where it is a fixed affine map "
             f"(got training mode for {shown}{more}); call module.eval() first"
         )
-

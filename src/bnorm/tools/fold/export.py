@@ -32,7 +32,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.fx.operator_schemas import normalize_function
 
-from .fx import RestoredAttributes
+from .fx import RestoredAttributes, flat_args
 from .rules import (
     Findings,
     LayerView,
@@ -84,7 +84,12 @@ _RESHAPES = {
     aten.squeeze.default,
     aten.unsqueeze.default,
 }
-_SAME_LAYOUT = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default}
+_SAME_LAYOUT = {
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten.detach.default,
+}
 _AVERAGES = {
     aten.adaptive_avg_pool1d.default: 1,
     aten.adaptive_avg_pool2d.default: 2,
@@ -119,10 +124,7 @@ def value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     takes its shape, as ``reshape_as``'s second argument, does not count)."""
     out: list[torch.fx.Node] = []
     for user in node.users:
-        args = list(user.args) + list(user.kwargs.values())
-        flat: list[Any] = []
-        torch.fx.node.map_arg(args, lambda n: flat.append(n) or n)  # type: ignore[func-returns-value]
-        count = flat.count(node)
+        count = flat_args(user).count(node)
         if user.target in _SHAPE_ONLY and user.args and user.args[0] is not node:
             count = 0
         if user.target is aten.sym_size.int:
@@ -149,7 +151,7 @@ def _through(node: torch.fx.Node, axes: frozenset[int]) -> frozenset[int] | None
         return axes_through_permute(node.args[1], axes)  # type: ignore[arg-type]
     if target is aten.transpose.int:
         dims = list(range(len(before)))
-        i, j = (int(d) % len(before) for d in node.args[1:3])  # type: ignore[call-overload]
+        i, j = (int(d) % len(before) for d in node.args[1:3])  # type: ignore[arg-type]
         dims[i], dims[j] = dims[j], dims[i]
         return axes_through_permute(dims, axes)
     if target is aten.mean.dim:
@@ -196,8 +198,12 @@ class GraphTensors:
     """The parameters and buffers an ATen graph reads: which node is which tensor (by
     its name in the model, a FQN), and how many reads each tensor has in the graph."""
 
-    def __init__(self, graph: torch.fx.Graph, names: dict[torch.fx.Node, str],
-                 tensor: Callable[[str], Tensor]) -> None:
+    def __init__(
+        self,
+        graph: torch.fx.Graph,
+        names: dict[torch.fx.Node, str],
+        tensor: Callable[[str], Tensor],
+    ) -> None:
         self.names = names
         self.tensor = tensor
         self.reads: Counter[str] = Counter()
@@ -237,8 +243,14 @@ class GraphTensors:
 
 def _norm_op(node: torch.fx.Node, tensors: GraphTensors) -> NormOp | str:
     kwargs = _kwargs(node) or {}
-    names = {k: tensors.name(kwargs.get(k)) for k in ("weight", "bias", "running_mean", "running_var")}
-    if kwargs.get("training", False) or names["running_mean"] is None or names["running_var"] is None:
+    names = {
+        k: tensors.name(kwargs.get(k)) for k in ("weight", "bias", "running_mean", "running_var")
+    }
+    if (
+        kwargs.get("training", False)
+        or names["running_mean"] is None
+        or names["running_var"] is None
+    ):
         return "it normalizes with batch statistics in the exported graph (training mode)"
     for key in ("weight", "bias"):
         if kwargs.get(key) is not None and names[key] is None:
@@ -246,7 +258,9 @@ def _norm_op(node: torch.fx.Node, tensors: GraphTensors) -> NormOp | str:
     output: torch.fx.Node | None = node
     if node.target is not aten.batch_norm.default:  # a tuple: (output, save_mean, save_invstd)
         getters = list(node.users)
-        firsts = [u for u in getters if u.target is __import__("operator").getitem and u.args[1] == 0]
+        firsts = [
+            u for u in getters if u.target is __import__("operator").getitem and u.args[1] == 0
+        ]
         output = firsts[0] if len(firsts) == 1 and len(getters) == 1 else None
     shape = _shape(kwargs["input"])
     view = NormView(
@@ -340,7 +354,9 @@ def _before(norm: NormOp, tensors: GraphTensors) -> NodePair | str:
         users = value_users(current)
         if len(users) != 1:
             shown = ", ".join(sorted({"the output" if u.op == "output" else u.name for u in users}))
-            return f"its output has several consumers ({shown})" if users else "its output is unused"
+            return (
+                f"its output has several consumers ({shown})" if users else "its output is unused"
+            )
         user = users[0]
         layer = _layer_op(user, tensors)
         if layer is not None:
@@ -397,10 +413,15 @@ def find_pairs(
             found = _after(norm, tensors) if side == "after" else _before(norm, tensors)
             if isinstance(found, NodePair):
                 problem = (
-                    _reads_once([*norm.names.values(), found.layer.weight, found.layer.bias], tensors)
+                    _reads_once(
+                        [*norm.names.values(), found.layer.weight, found.layer.bias], tensors
+                    )
                     or pair_problem(norm.view, found.layer.view, found.side, axis_proven=True)
-                    or ("it shares its layer with another batch norm"
-                        if (found.layer.weight, side) in taken else None)
+                    or (
+                        "it shares its layer with another batch norm"
+                        if (found.layer.weight, side) in taken
+                        else None
+                    )
                 )
                 if problem is None:
                     taken.add((found.layer.weight, side))
@@ -450,8 +471,9 @@ def _quiet() -> Iterator[list[warnings.WarningMessage]]:
     disabled = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(
-            io.StringIO()
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stderr(io.StringIO()),
         ):
             warnings.simplefilter("always")
             yield caught
@@ -499,19 +521,28 @@ def find(root: nn.Module, program: torch.export.ExportedProgram) -> Findings:
         problem = None
         if bn is None or not is_any_batch_norm(bn):
             continue  # a batch_norm op on tensors that are not a batch-norm module's
-        if layer is None or pair.layer.weight != f"{layer_name}.weight" or (
-            pair.layer.bias not in (None, f"{layer_name}.bias")
+        if (
+            layer is None
+            or pair.layer.weight != f"{layer_name}.weight"
+            or (pair.layer.bias not in (None, f"{layer_name}.bias"))
         ):
-            problem = f"the weights of its neighbour are not a module's weight and bias ({pair.layer.weight})"
+            problem = (
+                "the weights of its neighbour are not a module's weight and bias "
+                f"({pair.layer.weight})"
+            )
         expected = {k: f"{bn_name}.{k}" for k in pair.norm.names}
         if any(v is not None and v != expected[k] for k, v in pair.norm.names.items()):
             problem = problem or "its op reads tensors of other modules"
         for module, name in ((bn, bn_name), (layer, layer_name)):
             if module is not None and registrations[id(module)] > 1:
-                problem = problem or f"{name} is registered at more than one place in the model (shared)"
+                problem = (
+                    problem or f"{name} is registered at more than one place in the model (shared)"
+                )
             if module is not None and has_hooks(module):
                 problem = problem or f"{name} has hooks"
-        problem = problem or bn_problem(bn) or module_pair_problem(bn, layer, pair.side, axis_proven=True)
+        problem = (
+            problem or bn_problem(bn) or module_pair_problem(bn, layer, pair.side, axis_proven=True)
+        )
         if problem:
             found.note(bn_name, problem)
         else:

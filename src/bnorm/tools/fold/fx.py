@@ -233,7 +233,7 @@ def trace_parents(root: nn.Module) -> Traces:
     return Traces(graphs, errors, uses)
 
 
-def _flat_args(node: torch.fx.Node) -> list[Any]:
+def flat_args(node: torch.fx.Node) -> list[Any]:
     out: list[Any] = []
 
     def keep(n: torch.fx.Node) -> torch.fx.Node:
@@ -272,8 +272,10 @@ def _graph_pair(
         if not owned(parent, target):
             return f"{target} is not a sibling in {parent_name or 'the model'}"
         if not is_producer(layer):
-            return f"its input comes from a {type(layer).__name__} (not a Conv/ConvTranspose/Linear)"
-        if len(source.users) > 1 or _flat_args(node).count(source) > 1:
+            return (
+                f"its input comes from a {type(layer).__name__} (not a Conv/ConvTranspose/Linear)"
+            )
+        if len(source.users) > 1 or flat_args(node).count(source) > 1:
             return (
                 f"its input, the output of {qualified(parent_name, target)}, "
                 f"has other consumers ({_consumers(source)})"

@@ -28,7 +28,9 @@ def _bias_node(module: torch.fx.GraphModule, pair: NodePair, bias: Tensor) -> An
     """The node that reads the layer's (new) bias; a new parameter if it had none."""
     if pair.layer.bias is not None:
         _set_tensor(module, pair.layer.bias, bias)
-        return next(n for n in module.graph.nodes if n.op == "get_attr" and n.target == pair.layer.bias)
+        return next(
+            n for n in module.graph.nodes if n.op == "get_attr" and n.target == pair.layer.bias
+        )
     parent_name, _, _ = pair.layer.weight.rpartition(".")
     name = "bias"
     parent = module.get_submodule(parent_name)
@@ -46,9 +48,12 @@ def _rewrite(module: torch.fx.GraphModule, pairs: list[NodePair]) -> None:
     for pair in pairs:
         first, view = views.get(pair.layer.weight, (pair, pair.layer.view))
         weight, bias = folded_weights(pair.norm.view, view, pair.side)
-        views[pair.layer.weight] = (first, LayerView(
-            view.kind, weight, bias, view.linear, view.transposed, view.groups, view.zero_pads
-        ))
+        views[pair.layer.weight] = (
+            first,
+            LayerView(
+                view.kind, weight, bias, view.linear, view.transposed, view.groups, view.zero_pads
+            ),
+        )
     for fqn, (pair, view) in views.items():
         assert view.bias is not None
         _set_tensor(module, fqn, view.weight)

@@ -312,7 +312,9 @@ def pair_problem(
     return None
 
 
-def module_pair_problem(bn: Any, layer: Any, side: Side, *, axis_proven: bool = False) -> str | None:
+def module_pair_problem(
+    bn: Any, layer: Any, side: Side, *, axis_proven: bool = False
+) -> str | None:
     """The check of a pair of modules: every source's last word before a plan."""
     return (
         bn_problem(bn)
