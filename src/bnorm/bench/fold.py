@@ -1,4 +1,6 @@
-"""``bnorm bench fold``: bnorm.fold against the unfolded model and torch.fx's fuse."""
+"""``bnorm bench fold``: bnorm.fold against the unfolded model and torch.fx's fuse, on
+ResNet-20 and on the batch-norm vision models of Hugging Face transformers (when it
+imports)."""
 
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ def fold_suite(args: argparse.Namespace) -> dict[str, object]:
     batch-64 ratios together with this column.
     Second table: one conv of each ResNet-20 shape, with bias (what folding produces)
     against bias-free conv followed by an eval batch norm (what it replaces).
+    Third (when transformers imports): :func:`transformers_models`, each folded with an
+    example input, layers folded and folded/unfolded latency at batch 1 and 32.
     """
     batches = (1, 8) if args.quick else FOLD_BATCHES
     faults = _PageFaults()
@@ -129,12 +133,20 @@ def fold_suite(args: argparse.Namespace) -> dict[str, object]:
             checks.append(met)
     conv_rows = [row for batch in batches for row in _conv_rows(args, faults, batch)]
     summary.append(_conv_summary(conv_rows))
+    real_rows = _real_model_rows(args, faults)
+    if real_rows:
+        summary.append(
+            "transformers' batch-norm vision models (tiny configs, random weights), "
+            "bnorm.fold(model, example_inputs=(x,)):\n" + format_table(real_rows)
+        )
+    else:
+        summary.append("transformers is not installed: no real-model rows")
     summary.append(
         "all goals met"
         if all(checks)
         else "some goals missed (timings on a shared machine are noisy)"
     )
-    return {"rows": rows, "conv_rows": conv_rows, "summary": summary}
+    return {"rows": rows, "conv_rows": conv_rows, "real_rows": real_rows, "summary": summary}
 
 
 try:
@@ -224,6 +236,52 @@ def _model_row(
         + (f"; fx fuse {t['fx fuse'] / t['unfolded']:.3f}x" if fx else "")
     )
     return row, line, ratio <= target
+
+
+def _real_model_rows(args: argparse.Namespace, faults: _PageFaults) -> list[dict[str, object]]:
+    """One row per model of :func:`transformers_models` and batch size: batch-norm layers,
+    how many ``bnorm.fold`` folds (with an example input: the torch.export graph), and the
+    latency of the folded against the unfolded model (eval, no_grad, 3×32×32 inputs)."""
+    rows: list[dict[str, object]] = []
+    batches = (1,) if args.quick else REAL_MODEL_BATCHES
+    for name, make in transformers_models().items():
+        model = randomize_statistics(make())
+        x = torch.randn(1, 3, 32, 32)
+        folded, report = fold(model, example_inputs=(x,), return_report=True)
+        layers = len(report.folded) + len(report.not_folded)
+        for batch in batches:
+            x = torch.randn(batch, 3, 32, 32)
+            variants = {"unfolded": _Logits(model), "bnorm.fold": _Logits(folded)}
+            _check_outputs(variants, x)
+            loops = 10 if batch == 1 else 1
+            t = time_alternated(
+                {k: faults.forward(v, x, loops, k) for k, v in variants.items()},
+                args.repeats,
+                args.warmup,
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "bn_layers": layers,
+                    "folded": len(report.folded),
+                    "batch": batch,
+                    "unfolded_ms": 1e3 * t["unfolded"] / loops,
+                    "folded_ms": 1e3 * t["bnorm.fold"] / loops,
+                    "folded/unfolded": t["bnorm.fold"] / t["unfolded"],
+                }
+            )
+    return rows
+
+
+class _Logits(torch.nn.Module):
+    """A model that returns a ModelOutput, as one that returns its logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits  # type: ignore[no-any-return]
 
 
 def _conv_rows(
