@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import re
 import warnings
 from collections import Counter
@@ -258,9 +259,7 @@ def _norm_op(node: torch.fx.Node, tensors: GraphTensors) -> NormOp | str:
     output: torch.fx.Node | None = node
     if node.target is not aten.batch_norm.default:  # a tuple: (output, save_mean, save_invstd)
         getters = list(node.users)
-        firsts = [
-            u for u in getters if u.target is __import__("operator").getitem and u.args[1] == 0
-        ]
+        firsts = [u for u in getters if u.target is operator.getitem and u.args[1] == 0]
         output = firsts[0] if len(firsts) == 1 and len(getters) == 1 else None
     shape = _shape(kwargs["input"])
     view = NormView(
