@@ -251,7 +251,10 @@ def _real_model_rows(args: argparse.Namespace, faults: _PageFaults) -> list[dict
         layers = len(report.folded) + len(report.not_folded)
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32)
-            variants = {"unfolded": _Logits(model), "bnorm.fold": _Logits(folded)}
+            variants: dict[str, torch.nn.Module] = {
+                "unfolded": _Logits(model),
+                "bnorm.fold": _Logits(folded),
+            }
             _check_outputs(variants, x)
             loops = 10 if batch == 1 else 1
             t = time_alternated(
@@ -295,9 +298,7 @@ def _conv_rows(
         x = torch.randn(batch, channels, side, side)
         with_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=True).eval()
         no_bias = torch.nn.Conv2d(channels, channels, 3, 1, 1, bias=False).eval()
-        conv_bn = torch.nn.Sequential(
-            no_bias, randomize_statistics(torch.nn.BatchNorm2d(channels))
-        )
+        conv_bn = torch.nn.Sequential(no_bias, randomize_statistics(torch.nn.BatchNorm2d(channels)))
         loops = 20 if batch == 1 else 1
         t = time_alternated(
             {

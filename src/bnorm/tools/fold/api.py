@@ -232,11 +232,13 @@ def _find(
                     f"torch.fx ({traces.errors[name]}) and is not an nn.Sequential: "
                     "no neighbour can be proven to be its only one",
                 )
-    # What the export graph proved stands; the others' plans fill in where they do not
-    # touch a layer the export plans already use on the same side.
+    # The export graph's verdict on each batch norm it saw as a batch_norm op stands (it
+    # sees every use in the forward); the others' plans fill in for the batch norms it did
+    # not see, where they do not touch a layer already used on the same side.
+    decided = set(found.plans) | set(found.reasons)
     used = {(p.layer, p.position) for p in found.plans.values()}
     for name, plan in more.plans.items():
-        if name not in found.plans and (plan.layer, plan.position) not in used:
+        if name not in decided and (plan.layer, plan.position) not in used:
             found.add(plan)
             used.add((plan.layer, plan.position))
             found.reasons.pop(name, None)
@@ -316,9 +318,10 @@ def fold(
       padding): see :func:`fold_bn_conv_weights`.
 
     Between the two there may be ops that only move data with the channel axis kept whole
-    (reshape, flatten, view, permute, transpose) or average over other axes (mean,
-    adaptive average pooling): they commute with a per-channel affine map. Those are seen
-    in the ``torch.export`` graph only (it has the shapes that prove the axis).
+    (reshape, flatten, view, permute, transpose; reflect/replicate padding) or average
+    over other axes (mean, adaptive average pooling): they commute with a per-channel
+    affine map. Those are seen in the ``torch.export`` graph only (it has the shapes that
+    prove the axis).
 
     The folded layer gets new weight and bias Parameters (same dtype and device; a bias
     is added if it had none) and the batch norm is replaced by :class:`Folded` (an
@@ -343,7 +346,9 @@ def fold(
       direct reads of their parameters and no traced value stored on a module.
     * the order of a plain ``nn.Sequential`` whose parent's forward does not trace.
 
-    What export proves stands; fx and Sequential fill in the rest. Every batch norm left
+    The export graph's verdict stands for every batch norm it sees as a ``batch_norm`` op;
+    fx and Sequential decide the others (e.g. frozen look-alikes that compute their affine
+    map by hand). Every batch norm left
     is reported with its reasons. Blind spots, as for any static analysis: code that
     calls a layer from outside the traced forwards, and values kept outside the module
     (e.g. appended to a global list). Without shapes, a batch norm with channel axis 1

@@ -2,10 +2,11 @@
 
 One graph of ATen ops for the whole forward, with shapes: it sees through Python the
 symbolic tracer cannot follow (``int()`` of a shape, data-independent control flow), and
-through ops that only move data (reshape, flatten, view, permute, transpose, averages over
-other axes), following the channel axis from the shapes. Nodes map back to modules through
-the parameters and buffers they read (the program's signature, or the ``get_attr``
-targets of an unlifted graph): a pair's modules are those owning the weights its ops read.
+through ops that only move data (reshape, flatten, view, permute, transpose, reflect or
+replicate padding, averages over other axes), following the channel axis from the shapes.
+Nodes map back to modules through the parameters and buffers they read (the program's
+signature, or the ``get_attr`` targets of an unlifted graph): a pair's modules are those
+owning the weights its ops read.
 
 Single use is proven on the graph: the layer's output (or the batch norm's) feeds the
 other alone, through a chain of single-use data moves, and each parameter and buffer of
@@ -96,6 +97,14 @@ _AVERAGES = {
     aten.adaptive_avg_pool2d.default: 2,
     aten.adaptive_avg_pool3d.default: 3,
 }
+_COPY_PADS = {
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+}
 # Ops whose second argument only lends its shape.
 _SHAPE_ONLY = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default}
 
@@ -160,6 +169,14 @@ def _through(node: torch.fx.Node, axes: frozenset[int]) -> frozenset[int] | None
         if kwargs.get("dtype") is not None or kwargs.get("dim") in (None, []):
             return None
         return axes_through_reduce(len(before), kwargs["dim"], bool(kwargs["keepdim"]), axes)
+    if target is aten.pad.default or target in _COPY_PADS:
+        # reflect/replicate/circular padding copies values within each channel (a constant
+        # pad would put a value the batch norm's map does not match at the border)
+        kwargs = _kwargs(node) or {}
+        if target is aten.pad.default and kwargs.get("mode", "constant") == "constant":
+            return None
+        padded = len(kwargs.get("pad", kwargs.get("padding", []))) // 2
+        return frozenset(a for a in axes if a < len(before) - padded)
     if target in _AVERAGES:
         k = _AVERAGES[target]  # type: ignore[index]
         return axes_through_reduce(len(before), range(len(before) - k, len(before)), True, axes)
