@@ -445,6 +445,28 @@ def test_fold_follows_the_channel_axis_through_permute_and_transpose(permute: bo
     assert_same_outputs(model, folded, torch.randn(3, 4, 4, 3))
 
 
+class WeightReadByAnUntraceableParent(nn.Module):
+    """The Sequential's conv + batch norm trace alone, but the root (not traceable by fx)
+    also convolves with the conv's weight: only the export graph shows that second use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = int(x.shape[-1]) / 4
+        return self.block(x) + scale * F.conv2d(x, self.block[0].weight)
+
+
+def test_the_export_graph_keeps_a_pair_whose_weight_is_read_elsewhere() -> None:
+    model = randomize_statistics(WeightReadByAnUntraceableParent())
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = bnorm.fold(model, example_inputs=x, return_report=True)
+    assert not report.folded
+    assert "read elsewhere" in report.not_folded[0].reason
+    assert_same_outputs(model, folded, x)
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_fold_rejects_an_example_the_model_does_not_accept_and_changes_nothing(
     inplace: bool,
