@@ -240,7 +240,8 @@ def _model_row(
 
 def _real_model_rows(args: argparse.Namespace, faults: _PageFaults) -> list[dict[str, object]]:
     """One row per model of :func:`transformers_models` and batch size: batch-norm layers,
-    how many ``bnorm.fold`` folds (with an example input: the torch.export graph), and the
+    how many ``bnorm.fold`` folds with an example input (the torch.export graph) and
+    without one (torch.fx and nn.Sequential order only), and the
     latency of the folded against the unfolded model (eval, no_grad, 3×32×32 inputs)."""
     rows: list[dict[str, object]] = []
     batches = (1,) if args.quick else REAL_MODEL_BATCHES
@@ -248,6 +249,7 @@ def _real_model_rows(args: argparse.Namespace, faults: _PageFaults) -> list[dict
         model = randomize_statistics(make())
         x = torch.randn(1, 3, 32, 32)
         folded, report = fold(model, example_inputs=(x,), return_report=True)
+        _, without_example = fold(model, return_report=True)  # torch.fx and Sequential only
         layers = len(report.folded) + len(report.not_folded)
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32)
@@ -267,6 +269,7 @@ def _real_model_rows(args: argparse.Namespace, faults: _PageFaults) -> list[dict
                     "model": name,
                     "bn_layers": layers,
                     "folded": len(report.folded),
+                    "folded_no_example": len(without_example.folded),
                     "batch": batch,
                     "unfolded_ms": 1e3 * t["unfolded"] / loops,
                     "folded_ms": 1e3 * t["bnorm.fold"] / loops,
