@@ -515,17 +515,24 @@ def test_a_failure_while_folding_inplace_leaves_the_model_untouched(
 # ExportedProgram
 
 
-def test_fold_exported_program_removes_batch_norm_and_keeps_outputs() -> None:
+@pytest.mark.parametrize("decomposed", [False, True], ids=["torch-ir", "core-aten"])
+def test_fold_exported_program_removes_batch_norm_and_keeps_outputs(decomposed: bool) -> None:
+    """The program as exported (aten.batch_norm, conv2d, linear) and decomposed to core
+    ATen (_native_batch_norm_legit_no_training, convolution; a Linear becomes addmm of
+    the transposed weight, which is not taken for a layer: the head's pair is kept)."""
     model = randomize_statistics(SamePadding())
     x = torch.randn(2, 3, 9, 9)
     program = torch.export.export(model, (x,), strict=False)
+    if decomposed:
+        program = program.run_decompositions()
     folded, report = bnorm.fold(program, return_report=True)
     assert isinstance(folded, torch.export.ExportedProgram)
-    assert {(f.batch_norm, f.into, f.position) for f in report.folded} == {
-        ("bn", "conv", "after"),
-        ("head_bn", "classifier", "before"),
-    }
-    assert not [n for n in folded.graph.nodes if "batch_norm" in str(n.target)]
+    expected = {("bn", "conv", "after")} | (
+        set() if decomposed else {("head_bn", "classifier", "before")}
+    )
+    assert {(f.batch_norm, f.into, f.position) for f in report.folded} == expected
+    batch_norms = [n for n in folded.graph.nodes if "batch_norm" in str(n.target)]
+    assert len(batch_norms) == (1 if decomposed else 0)
     assert_same_outputs(model, folded.module(), x)
 
 
