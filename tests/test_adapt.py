@@ -8,6 +8,7 @@ import copy
 import json
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -385,21 +386,66 @@ def test_an_exception_midway_leaves_the_model_as_found(
     assert_same(model, before)
 
 
-class TupleOut(nn.Module):
+class LabelsOut(nn.Module):
+    """Returns only integer predictions: nothing Tent can take the entropy of."""
+
     def __init__(self) -> None:
         super().__init__()
         self.net = mlp()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.net(x),)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"labels": self.net(x).argmax(1)}
 
 
-def test_a_model_output_tent_cannot_use_raises_and_restores() -> None:
-    model = TupleOut()
+def test_a_model_output_without_logits_raises_and_restores() -> None:
+    model = LabelsOut()
     before = snapshot(model)
-    with pytest.raises(TypeError, match=r"expected the model .* logits"):
+    with pytest.raises(TypeError, match=r"expected the model \(or forward\) to return logits"):
         bnorm.adapt(model, [torch.randn(4, 5)], "tent", progress=False)
     assert_same(model, before)
+
+
+class Wrapped(nn.Module):
+    """The mlp's logits returned inside a container, as real models do."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.net(x)
+        labels = logits.argmax(1)  # an integer tensor first: must be passed over
+        if self.kind == "dict":
+            return {"loss": None, "logits": logits, "hidden": logits * 2}
+        if self.kind == "tuple":
+            return (labels, [logits], logits * 2)
+        return SimpleNamespace(hidden=logits * 2, logits=logits)
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "attribute"])
+def test_tent_finds_the_logits_in_what_the_model_returns(kind: str) -> None:
+    model = Wrapped(kind)
+    reference = copy.deepcopy(model.net)
+    x = shifted_batches(6, (16,), (5,))[0]
+    bnorm.adapt(reference, [x], "tent", lr=0.05, momentum=0.0, progress=False)
+    report = bnorm.adapt(model, [x], "tent", lr=0.05, momentum=0.0, progress=False)
+    for p, q in zip(affine_params(model.net), affine_params(reference)):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+    assert report.outputs is not None and type(report.outputs[0]) is type(model(x))
+
+
+def test_find_logits_order_of_preference() -> None:
+    from bnorm.tools._outputs import find_logits
+
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    labels = torch.tensor([1, 2])
+    assert find_logits(a) is a
+    assert find_logits({"hidden": a, "logits": b}) is b
+    assert find_logits(SimpleNamespace(hidden=a, logits=b)) is b
+    assert find_logits((labels, {"x": [a, b]})) is a
+    with pytest.raises(TypeError, match=r"expected the model \(or forward\) to return logits"):
+        find_logits((labels, "text"))
 
 
 BAD: list[tuple[str, Any, dict[str, Any], type[Exception], str]] = [

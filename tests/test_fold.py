@@ -269,13 +269,17 @@ ZOO = {
 }
 
 
+@pytest.mark.parametrize("example", [False, True], ids=["fx", "export"])
 @pytest.mark.parametrize("case", sorted(ZOO))
-def test_fold_keeps_outputs_and_reports_what_folded(case: str) -> None:
+def test_fold_keeps_outputs_and_reports_what_folded(case: str, example: bool) -> None:
+    """Without an example input (torch.fx and nn.Sequential order) and with one (the
+    torch.export graph first): the same pairs fold, the same unsafe ones are kept."""
     factory, shape, expect_folded, expect_kept = ZOO[case]
     torch.manual_seed(0)
     model = randomize_statistics(factory())
     before = copy.deepcopy(model.state_dict())
-    folded, report = bnorm.fold(model, return_report=True)
+    inputs = (torch.randn(*shape),) if example else None
+    folded, report = bnorm.fold(model, example_inputs=inputs, return_report=True)
     assert {f.batch_norm for f in report.folded} == expect_folded
     kept = {n.batch_norm: n.reason for n in report.not_folded}
     for name, fragment in expect_kept.items():
@@ -340,6 +344,213 @@ def test_fold_report_prints_and_serializes() -> None:
         "folded": [],
         "not_folded": [{"batch_norm": "bn", "reason": report.not_folded[0].reason}],
     }
+
+
+# --------------------------------------------------------------------------------------
+# The torch.export graph: through data moves, and what it must not fold
+
+
+class LinearFlattenBatchNorm(nn.Module):
+    """LeViT's MLP layer: Linear over (B, N, C), batch norm over (B·N, C), reshaped back."""
+
+    def __init__(self, features: int = 4) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features, bias=False)
+        self.batch_norm = nn.BatchNorm1d(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.batch_norm(y.flatten(0, 1)).reshape_as(y)
+
+
+class SamePadding(nn.Module):
+    """TF-style "same" padding computed with int() of the input's size (fx cannot trace
+    it), around conv → batch norm pairs, then a head: batch norm → average pool → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.bn = nn.BatchNorm2d(4)
+        self.head_bn = nn.BatchNorm2d(4)
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = max(3 - int(x.shape[-1]) % 2 - 1, 0)
+        y = F.relu(self.bn(self.conv(F.pad(x, (pad // 2, pad - pad // 2) * 2))))
+        pooled = F.adaptive_avg_pool2d(self.head_bn(y), 1).flatten(1)
+        return self.classifier(pooled)
+
+
+class TransposedBeforeLinear(nn.Module):
+    """Batch norm over channels of (N, C, H, W), then transpose(2, 3): the Linear reads the
+    last axis, H — as many values as channels, but not the batch norm's channels. With
+    permute(0, 2, 3, 1) instead, it reads the channels: that folds."""
+
+    def __init__(self, permute: bool) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.linear = nn.Linear(4, 3)
+        self.permute = permute
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        return self.linear(y.permute(0, 2, 3, 1) if self.permute else y.transpose(2, 3))
+
+
+def test_fold_sees_through_flatten_and_reshape_with_an_example_input() -> None:
+    model = randomize_statistics(LinearFlattenBatchNorm())
+    x = torch.randn(2, 5, 4)
+    _, without = bnorm.fold(model, return_report=True)
+    assert not without.folded and "example_inputs" in without.not_folded[0].reason
+    folded, report = bnorm.fold(model, example_inputs=x, return_report=True)
+    assert [(f.batch_norm, f.into, f.position, f.proof) for f in report.folded] == [
+        ("batch_norm", "linear", "after", "torch.export")
+    ]
+    assert_same_outputs(model, folded, x)
+
+
+def test_fold_does_not_fold_when_the_flatten_moves_the_channel_axis() -> None:
+    """On 4D input (A, B, N, C) with N = C, flatten(0, 1) gives (A·B, N, C): BatchNorm1d
+    then normalizes N, not the Linear's features C, although the counts match."""
+    model = randomize_statistics(LinearFlattenBatchNorm())
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = bnorm.fold(model, example_inputs=x, return_report=True)
+    assert not report.folded
+    assert "channel axis" in report.not_folded[0].reason
+    assert_same_outputs(model, folded, x)
+
+
+def test_fold_with_an_example_folds_what_fx_cannot_trace_and_the_head_through_a_pool() -> None:
+    model = randomize_statistics(SamePadding())
+    x = torch.randn(2, 3, 9, 9)
+    _, without = bnorm.fold(model, return_report=True)
+    assert not without.folded and "does not trace" in without.not_folded[0].reason
+    folded, report = bnorm.fold(model, example_inputs=(x,), return_report=True)
+    assert {(f.batch_norm, f.into, f.position) for f in report.folded} == {
+        ("bn", "conv", "after"),
+        ("head_bn", "classifier", "before"),
+    }
+    assert_same_outputs(model, folded, x)
+    assert_same_outputs(model, folded, torch.randn(3, 3, 9, 9))
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_fold_follows_the_channel_axis_through_permute_and_transpose(permute: bool) -> None:
+    model = randomize_statistics(TransposedBeforeLinear(permute))
+    x = torch.randn(2, 4, 4, 3)  # H = C = 4: only the layout tells them apart
+    folded, report = bnorm.fold(model, example_inputs=x, return_report=True)
+    assert [f.into for f in report.folded] == (["linear"] if permute else [])
+    if not permute:
+        assert "channel axis" in report.not_folded[0].reason
+    assert_same_outputs(model, folded, torch.randn(3, 4, 4, 3))
+
+
+class WeightReadByAnUntraceableParent(nn.Module):
+    """The Sequential's conv + batch norm trace alone, but the root (not traceable by fx)
+    also convolves with the conv's weight: only the export graph shows that second use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = int(x.shape[-1]) / 4
+        return self.block(x) + scale * F.conv2d(x, self.block[0].weight)
+
+
+def test_the_export_graph_keeps_a_pair_whose_weight_is_read_elsewhere() -> None:
+    model = randomize_statistics(WeightReadByAnUntraceableParent())
+    x = torch.randn(2, 3, 4, 4)
+    folded, report = bnorm.fold(model, example_inputs=x, return_report=True)
+    assert not report.folded
+    assert "read elsewhere" in report.not_folded[0].reason
+    assert_same_outputs(model, folded, x)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fold_rejects_an_example_the_model_does_not_accept_and_changes_nothing(
+    inplace: bool,
+) -> None:
+    model = randomize_statistics(ModuleLists())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="expected example_inputs that the model accepts"):
+        bnorm.fold(model, example_inputs=torch.randn(2, 5, 5, 5), inplace=inplace)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(isinstance(m, Folded) for m in model.modules())
+
+
+def test_fold_rejects_example_inputs_of_the_wrong_type() -> None:
+    with pytest.raises(TypeError, match="expected example_inputs"):
+        bnorm.fold(seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), example_inputs="x")
+
+
+def test_a_failure_while_folding_inplace_leaves_the_model_untouched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bnorm.tools.fold import api
+
+    model = randomize_statistics(ResNet20("torch"))
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    real = api.folded_weights
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api, "folded_weights", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bnorm.fold(model, inplace=True)
+    assert len(calls) == 5
+    assert model.state_dict().keys() == before.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not any(isinstance(m, Folded) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------
+# ExportedProgram
+
+
+@pytest.mark.parametrize("decomposed", [False, True], ids=["torch-ir", "core-aten"])
+def test_fold_exported_program_removes_batch_norm_and_keeps_outputs(decomposed: bool) -> None:
+    """The program as exported (aten.batch_norm, conv2d, linear) and decomposed to core
+    ATen (_native_batch_norm_legit_no_training, convolution; a Linear becomes addmm of
+    the transposed weight, which is not taken for a layer: the head's pair is kept)."""
+    model = randomize_statistics(SamePadding())
+    x = torch.randn(2, 3, 9, 9)
+    program = torch.export.export(model, (x,), strict=False)
+    if decomposed:
+        program = program.run_decompositions()
+    folded, report = bnorm.fold(program, return_report=True)
+    assert isinstance(folded, torch.export.ExportedProgram)
+    expected = {("bn", "conv", "after")} | (
+        set() if decomposed else {("head_bn", "classifier", "before")}
+    )
+    assert {(f.batch_norm, f.into, f.position) for f in report.folded} == expected
+    batch_norms = [n for n in folded.graph.nodes if "batch_norm" in str(n.target)]
+    assert len(batch_norms) == (1 if decomposed else 0)
+    assert_same_outputs(model, folded.module(), x)
+
+
+def test_fold_exported_program_keeps_what_it_cannot_prove() -> None:
+    model = randomize_statistics(SharedOutput())
+    x = torch.randn(2, 4, 5, 5)
+    folded, report = bnorm.fold(torch.export.export(model, (x,)), return_report=True)
+    assert not report.folded and "other consumers" in report.not_folded[0].reason
+    assert_same_outputs(model, folded.module(), x)
+
+
+def test_fold_exported_program_rejects_training_mode_and_inplace() -> None:
+    model = seq(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="eval mode"):
+        bnorm.fold(torch.export.export(model.train(), (x,)))
+    with pytest.raises(ValueError, match="inplace=False"):
+        bnorm.fold(torch.export.export(model.eval(), (x,)), inplace=True)
 
 
 # --------------------------------------------------------------------------------------

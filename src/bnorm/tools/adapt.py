@@ -56,6 +56,7 @@ from ._inputs import (
     input_moments_hook,
     resolve_progress,
 )
+from ._outputs import find_logits
 from ._state import SavedState
 from .calibrate import recalibrate, sort_by_model_order, statistics_shift
 from .layers import (
@@ -230,7 +231,7 @@ def adapt(
       paper's batch size — not in values per channel). The exact pooled variance would
       add N·n·(μ_t − μ_s)²/(N + n)²; this is the paper's rule, without it.
     * ``"tent"`` (always online): for each batch, normalize with the batch's statistics,
-      compute ``L = (1/B) Σ_b −Σ_c p_bc log p_bc`` (``p = softmax(output, dim=1)``; mean
+      compute ``L = (1/B) Σ_b −Σ_c p_bc log p_bc`` (``p = softmax(logits, dim=1)``; mean
       over all positions for outputs (N, C, ...)), and take ``steps`` optimizer steps on
       L with respect to the batch-norm weights γ and biases β only (every other
       parameter has ``requires_grad=False`` meanwhile; restored afterwards). The output
@@ -256,8 +257,10 @@ def adapt(
     is left as found (``"tent"``: but for γ, β).
 
     Args:
-        model: the model; its output must be logits (N, C, ...) for ``"tent"``. Other
-            modules keep their mode: call ``model.eval()`` first to switch dropout off.
+        model: the model; for ``"tent"`` its output must hold logits (N, C, ...): a
+            Tensor, or found in a tuple/dict/``ModelOutput`` (``.logits`` /
+            ``["logits"]``, else the first floating-point Tensor). Other modules keep
+            their mode: call ``model.eval()`` first to switch dropout off.
         data: an iterable of batches, read as by :func:`bnorm.recalibrate` (a tensor,
             ``(input, ...)``, or a dict with an ``"input"`` tensor; else ``forward``).
         method: ``"bn"``, ``"prior"`` or ``"tent"``.
@@ -525,7 +528,11 @@ def _detach(out: Any) -> Any:
     if isinstance(out, (tuple, list)):
         return type(out)(_detach(o) for o in out)
     if isinstance(out, dict):
-        return {k: _detach(v) for k, v in out.items()}
+        detached = {k: _detach(v) for k, v in out.items()}
+        try:  # keep the type of a dict subclass (Hugging Face's ModelOutput)
+            return type(out)(**detached)
+        except TypeError:
+            return detached
     return out
 
 
@@ -641,17 +648,14 @@ def _tent_step(
     optimizer = [make()]
 
     def step(out: Any) -> None:
-        if not isinstance(out, Tensor) or not out.is_floating_point() or out.dim() < 2:
-            kind = (
-                f"a {out.dtype} Tensor of shape {tuple(out.shape)}"
-                if isinstance(out, Tensor)
-                else f"a {type(out).__name__}"
-            )
+        logits = find_logits(out)
+        if not logits.is_floating_point() or logits.dim() < 2:
             raise TypeError(
                 "expected the model (or forward) to return floating-point logits of shape "
-                f"(N, C, ...) for 'tent' (got {kind})"
+                f"(N, C, ...) for 'tent' (got a {logits.dtype} Tensor of shape "
+                f"{tuple(logits.shape)})"
             )
-        loss = entropy(out)
+        loss = entropy(logits)
         optimizer[0].zero_grad(set_to_none=True)
         loss.backward()
         optimizer[0].step()
