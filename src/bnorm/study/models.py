@@ -13,9 +13,13 @@
 
 The normalization comes from :data:`NORM_LAYERS`, a dict from a name to a factory
 ``(num_features, spatial_dims) -> nn.Module`` (``spatial_dims`` 0 after a linear layer,
-2 after a convolution); ``None`` means no normalization. A layer followed by a
+2 after a convolution); ``None`` means no normalization. Besides bnorm's batch norms it
+holds the per-sample normalizations users pick when batches are small: ``ln``
+(LayerNorm, Ba et al. 2016: each sample's features — after a convolution its C × H × W
+values — normalized by their own mean and variance, per-feature γ, β) and ``gn``
+(GroupNorm, Wu & He 2018: the same per group of channels). A layer followed by a
 normalization has no bias (the normalization's β replaces it). Adding a variant is one
-entry in that dict.
+entry in that dict (and its label in :data:`NORM_LABELS`).
 
 Every network has a ``probe`` module (an identity) at the input of the last hidden
 nonlinearity — the "input to a sigmoid" that the paper's Fig. 1 follows — and lists its
@@ -83,6 +87,22 @@ def _sync_bn(num_features: int, spatial_dims: int) -> nn.Module:
     return bnorm.SyncBatchNorm(num_features)
 
 
+# GroupNorm's groups: Wu & He's G = 32, or the largest divisor of the channels below it.
+STUDY_GROUPS = 32
+
+
+def _layer_norm(num_features: int, spatial_dims: int) -> nn.Module:
+    # After a linear layer LayerNorm over the features; after a convolution GroupNorm with
+    # one group, which is LayerNorm over (C, H, W) with a γ, β per channel.
+    if spatial_dims == 0:
+        return nn.LayerNorm(num_features)
+    return nn.GroupNorm(1, num_features)
+
+
+def _group_norm(num_features: int, spatial_dims: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(STUDY_GROUPS, num_features), num_features)
+
+
 # Name → factory (None: no normalization). New variants plug in here.
 NORM_LAYERS: dict[str, NormFactory | None] = {
     "none": None,
@@ -90,6 +110,8 @@ NORM_LAYERS: dict[str, NormFactory | None] = {
     "renorm": _bn_factory(renorm=STUDY_RENORM),
     "ghost": _bn_factory(virtual_batch_size=STUDY_VIRTUAL_BATCH),
     "syncbn": _sync_bn,
+    "ln": _layer_norm,
+    "gn": _group_norm,
 }
 
 # How each norm is named in reports (a name missing here is shown as is).
@@ -99,7 +121,10 @@ NORM_LABELS: dict[str, str] = {
     "renorm": "Batch Renorm",
     "ghost": f"ghost BN ({STUDY_VIRTUAL_BATCH})",
     "syncbn": "SyncBN",
+    "ln": "LayerNorm",
+    "gn": "GroupNorm",
     "bn+accumulate": "BN + accumulate",  # the accumulation experiment's merged arm
+    "bn+recalibrated": "BN, recalibrated",  # the BN networks after bnorm.recalibrate
 }
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

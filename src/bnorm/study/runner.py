@@ -2,7 +2,7 @@
 under ``torchrun``), then write metrics.json and the report.
 
 :func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
-creates the run directory and plans every run; :func:`train_all` trains them in order
+creates the run directory and schedules every run; :func:`train_all` trains them in order
 (an interrupt stops it and keeps what finished); :func:`write_results` writes
 metrics.json and the report. Rank 0 alone writes the run directory.
 """
@@ -24,9 +24,12 @@ import torch
 from .checkpoint import RUNTIME_KEY, Checkpointer, atomic_write, to_json
 from .config import UsageError, experiment_objects, load_resume, resolve_config
 from .data import Dataset, load_dataset
-from .kinds import KINDS, SWEEPS, Experiment, PlannedRun, SummaryInputs
+from .kinds import KINDS, SWEEPS, Experiment, ScheduledRun, SummaryInputs
+from .loop import process_rank
 from .progress import Progress
-from .train import TrainSpec, process_rank, train_run
+from .report import write_report
+from .spec import TrainSpec
+from .train import train_run
 
 __all__ = [
     "Study",
@@ -50,7 +53,7 @@ class Study:
     out: Path
     data: Dataset
     experiments: list[tuple[Experiment, TrainSpec | None, list[str]]]
-    plans: list[tuple[Experiment, list[PlannedRun]]]
+    schedule: list[tuple[Experiment, list[ScheduledRun]]]
     rank: int
     resuming: bool
     started: str  # local time, ISO 8601
@@ -60,7 +63,7 @@ class Study:
 
     @property
     def planned(self) -> int:
-        return sum(len(p) for _, p in self.plans)
+        return sum(len(runs) for _, runs in self.schedule)
 
 
 @contextlib.contextmanager
@@ -107,23 +110,23 @@ def _new_out_dir(config: dict[str, Any]) -> Path:
     return out
 
 
-def _plan_runs(
+def _schedule_runs(
     experiments: list[tuple[Experiment, TrainSpec | None, list[str]]],
     seeds: list[int],
     n_train: int,
-) -> list[tuple[Experiment, list[PlannedRun]]]:
+) -> list[tuple[Experiment, list[ScheduledRun]]]:
     """Every experiment's runs, each checked to have at least one step per epoch."""
-    plans = []
+    schedule = []
     for exp, spec, norms in experiments:
-        planned = KINDS[exp.kind].plan(exp, spec, norms, seeds) if spec is not None else []
+        planned = KINDS[exp.kind].schedule(exp, spec, norms, seeds) if spec is not None else []
         for run in planned:
             if run.spec.steps_per_epoch(n_train) < 1:
                 raise UsageError(
                     f"experiment {exp.name!r}: expected a batch size ≤ the {n_train} "
                     f"training images (got {run.spec.batch_size})"
                 )
-        plans.append((exp, planned))
-    return plans
+        schedule.append((exp, planned))
+    return schedule
 
 
 def prepare_study(cli: dict[str, Any]) -> Study:
@@ -147,16 +150,16 @@ def prepare_study(cli: dict[str, Any]) -> Study:
     if not runtime.get("compile_kernels", True):
         os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
     data = load_dataset(config["dataset"], config["data_dir"])
-    plans = _plan_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
+    schedule = _schedule_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resuming and rank == 0:
         atomic_write(out / "config.json", to_json(config).encode())
-    return Study(config, out, data, experiments, plans, rank, resuming, started, wall_start,
-                 runs={exp.name: [] for exp, _ in plans})  # fmt: skip
+    return Study(config, out, data, experiments, schedule, rank, resuming, started, wall_start,
+                 runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
 
 
-def _run_label(exp: Experiment, run: PlannedRun) -> str:
+def _run_label(exp: Experiment, run: ScheduledRun) -> str:
     """The progress display's name of a run, e.g. ``lr_tolerance · bn · seed 0 · lr 0.1``."""
     label = f"{exp.name} · {run.norm} · seed {run.seed}"
     if exp.kind in SWEEPS:
@@ -171,11 +174,11 @@ def train_all(study: Study, quiet: bool) -> None:
     interrupt (Ctrl-C) stops training and sets ``study.interrupted``; what finished is
     kept. Raises CheckpointError for a damaged or foreign checkpoint."""
     n_train = int(study.data.train_labels.shape[0])
-    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.plans for r in p)
+    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.schedule for r in p)
     device = study.config[RUNTIME_KEY]["device"]
     try:
         with Progress(total_steps, quiet) as progress:
-            for exp, planned in study.plans:
+            for exp, planned in study.schedule:
                 for run in planned:
                     total = run.spec.total_steps(n_train)
                     progress.start_run(_run_label(exp, run), total)
@@ -198,8 +201,6 @@ def train_all(study: Study, quiet: bool) -> None:
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     """Write metrics.json and the report (rank 0); return the metrics and the report's
     files."""
-    from .report import write_report
-
     metrics = build_metrics(study, time.perf_counter() - study.wall_start)
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     paths = write_report(study.out, study.config, metrics)
