@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
 _RUNTIME_OPTIONS = ("device", "threads", "quiet")
 _SPEC_OPTIONS = ("steps", "epochs", "batch_size", "lr", "eval_every")
 # Keys of an experiment's config table that are kind options, not TrainSpec fields.
-_OPTION_KEYS = ("lrs", "batch_sizes", "norms")
+_OPTION_KEYS = ("lrs", "batch_sizes", "norms", "seeds")
 
 
 class UsageError(ValueError):
@@ -342,10 +342,24 @@ def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
     return file_options, tables
 
 
+def _seeds_for(
+    exp: Experiment, table: dict[str, Any], top: dict[str, Any], given: bool
+) -> list[int]:
+    """The experiment's seeds. Precedence, lowest first: the study's default seeds, the
+    experiment's own (``exp.seeds``), seeds given for the whole study (``given``: in a
+    config file or on the command line), ``seeds`` in its config table."""
+    if "seeds" in table:
+        return _seeds(table["seeds"])
+    if exp.seeds is not None and not given:
+        return list(exp.seeds)
+    return list(top["seeds"])
+
+
 def _experiment_entry(
     exp: Experiment, spec: TrainSpec | None, options: dict[str, Any], default_norms: list[str]
 ) -> dict[str, Any]:
-    """One experiment's entry of config.json (its kind, texts, norms, spec, options)."""
+    """One experiment's entry of config.json (its kind, texts, norms, spec, options; the
+    caller adds its seeds)."""
     norms = list(options.get("norms", default_norms))
     for norm in norms:
         if norm not in NORM_LAYERS:
@@ -386,6 +400,8 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         table = tables.get(exp.name, {})
         spec = _spec_for(exp, top, file_top, cli_top, table) if KINDS[exp.kind].trains else None
         entry = _experiment_entry(exp, spec, _options_for(exp, table), top["norm"])
+        seeds_given = "seeds" in file_top or "seeds" in cli_top
+        entry["seeds"] = _seeds_for(exp, table, top, seeds_given)
         if exp.kind == "shift" and source is not None:
             # The networks are measured at the end of the source experiment's runs.
             experiments[source]["spec"]["shift_check"] = True
@@ -458,6 +474,7 @@ def experiment_objects(
                 entry["spec"],
                 entry["options"],
                 about=entry.get("about", ""),
+                seeds=entry.get("seeds"),  # absent in config.json before per-experiment seeds
             )
             spec = TrainSpec(**entry["spec"]) if KINDS[entry["kind"]].trains else None
             if spec is not None:

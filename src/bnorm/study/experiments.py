@@ -85,8 +85,13 @@ EXPERIMENTS: list[Experiment] = [
             "lr": 0.05,
             "eval_every": 10**6,
             "probe": False,
+            "recalibrate_check": True,
         },
-        options={"batch_sizes": [2, 4, 8, 32], "norms": ["none", "bn", "renorm", "ghost"]},
+        options={
+            "batch_sizes": [2, 4, 8, 32],
+            "norms": ["none", "bn", "renorm", "ghost", "ln"],
+        },
+        seeds=[0, 1, 2, 3, 4],
         about="The 3×100 ReLU network trained for the same number of epochs at each batch "
         "size: BN's statistics get noisy as the batch shrinks, and the running statistics "
         "used at test time drift from the batch statistics used in training. Batch Renorm "

@@ -119,6 +119,23 @@ def _batch_text(spec: dict[str, Any], options: dict[str, Any]) -> str:
     return f"batch {spec.get('batch_size')}"
 
 
+def _cpu_text(metrics: dict[str, Any]) -> str:
+    cpu = metrics.get("cpu_s")
+    return "" if cpu is None else f" (CPU time {cpu:.0f} s)"
+
+
+def _seeds_text(metrics: dict[str, Any]) -> str:
+    """The study's seeds, and those of the experiments that have their own."""
+    seeds = list(metrics["seeds"])
+    own = [
+        f"{name}: {', '.join(map(str, exp['seeds']))}"
+        for name, exp in metrics["experiments"].items()
+        if exp.get("seeds") is not None and list(exp["seeds"]) != seeds and exp["runs"]
+    ]
+    text = ", ".join(map(str, seeds))
+    return f"{text} ({'; '.join(own)})" if own else text
+
+
 def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -> list[Block]:
     """Every block of the report, in order; writes the figures into ``out``."""
     norms: list[str] = list(metrics["norms"])
@@ -127,9 +144,9 @@ def build_document(config: dict[str, Any], metrics: dict[str, Any], out: Path) -
     intro = (
         f"Dataset {ds['name']} ({ds['train']} training, {ds['test']} test images of "
         f"{'×'.join(map(str, ds['shape']))}, {ds['classes']} classes); seeds "
-        f"{', '.join(map(str, metrics['seeds']))}; every network trained with and without "
+        f"{_seeds_text(metrics)}; every network trained with and without "
         "normalization from the same initial weights on the same batches. "
-        f"Wall time {metrics['wall_s']:.0f} s on {metrics['device']} "
+        f"Wall time {metrics['wall_s']:.0f} s{_cpu_text(metrics)} on {metrics['device']} "
         f"({metrics['threads']} thread(s))."
     )
     blocks.append(Para(intro))

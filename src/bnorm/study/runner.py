@@ -60,6 +60,7 @@ class Study:
     wall_start: float  # time.perf_counter() when the study started
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     interrupted: bool = False
+    cpu_start: float = field(default_factory=time.process_time)  # this process's CPU time
 
     @property
     def planned(self) -> int:
@@ -118,7 +119,8 @@ def _schedule_runs(
     """Every experiment's runs, each checked to have at least one step per epoch."""
     schedule = []
     for exp, spec, norms in experiments:
-        planned = KINDS[exp.kind].schedule(exp, spec, norms, seeds) if spec is not None else []
+        own = exp.seeds if exp.seeds is not None else seeds
+        planned = KINDS[exp.kind].schedule(exp, spec, norms, own) if spec is not None else []
         for run in planned:
             if run.spec.steps_per_epoch(n_train) < 1:
                 raise UsageError(
@@ -205,6 +207,7 @@ def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     paths = write_report(study.out, study.config, metrics)
     metrics["wall_s"] = time.perf_counter() - study.wall_start
+    metrics["cpu_s"] = time.process_time() - study.cpu_start
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     return metrics, paths
 
@@ -225,6 +228,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
             "title": exp.title,
             "about": exp.about,
             "norms": norms,
+            "seeds": exp.seeds if exp.seeds is not None else config["seeds"],
             "spec": asdict(spec) if spec is not None else {},
             "options": exp.options,
             "runs": runs,
@@ -245,6 +249,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "started": study.started,
         "wall_s": wall_s,
+        "cpu_s": time.process_time() - study.cpu_start,
         "interrupted": study.interrupted,
         "runs_planned": study.planned,
         "runs_finished": finished,

@@ -77,6 +77,7 @@ def _new_record(
         "done": False,
         "diverged_at": None,
         "wall_s": 0.0,
+        "cpu_s": 0.0,  # this process's CPU time (all its threads), not disturbed by other load
         "curve": {"step": [], "test_accuracy": [], "test_loss": [], "train_loss": []},
     }
     if spec.micro_batches > 1:
@@ -219,6 +220,7 @@ class _Run:
         self.checkpointer: Checkpointer | None = None
         self.on_progress: Callable[[int, int, float | None], None] | None = None
         self.started = 0.0
+        self.cpu_started = 0.0
 
     def start(
         self,
@@ -236,6 +238,7 @@ class _Run:
             self.epoch, self.step = int(saved["epoch"]) + 1, int(saved["step"])
             self.pending_losses = [float(v) for v in saved.get("pending_losses", [])]
         self.started = time.perf_counter() - float(self.record["wall_s"])
+        self.cpu_started = time.process_time() - float(self.record.get("cpu_s", 0.0))
 
     def log_eval(self, at_step: int) -> None:
         _record_evaluation(
@@ -255,6 +258,7 @@ class _Run:
         when ``final``)."""
         self.record["steps_done"] = self.step
         self.record["wall_s"] = time.perf_counter() - self.started
+        self.record["cpu_s"] = time.process_time() - self.cpu_started
         checkpointer = self.checkpointer
         if checkpointer is not None and self.rank == 0 and (final or checkpointer.due()):
             state = {

@@ -31,8 +31,10 @@ __all__ = [
 @dataclass(frozen=True)
 class Experiment:
     """One entry of the study. ``spec`` overrides :class:`TrainSpec`'s defaults;
-    ``options`` are the kind's (``lrs``, ``batch_sizes``, ``source``, ``norms``); ``follows_model``:
-    ``--model``/``--preset`` replace this experiment's network and recipe."""
+    ``options`` are the kind's (``lrs``, ``batch_sizes``, ``source``, ``norms``);
+    ``follows_model``: ``--model``/``--preset`` replace this experiment's network and
+    recipe; ``seeds``: this experiment's own seeds (None: the study's), used unless seeds
+    are given (``--seeds``, or ``seeds`` in a config file)."""
 
     name: str
     kind: str
@@ -41,6 +43,7 @@ class Experiment:
     options: dict[str, Any] = field(default_factory=dict)
     follows_model: bool = False
     about: str = ""
+    seeds: list[int] | None = None
 
 
 @dataclass(frozen=True)
