@@ -36,6 +36,8 @@ BATCHES = (10, 14, 18)
 RENORM = bnorm.Renorm(r_max=1.5, d_max=0.5, warmup_steps=0, r_ramp_steps=0, d_ramp_steps=0)
 # (r_max, d_max) = (1, 0), (1.125, 0.125), (1.25, 0.25) at steps 0, 1, 2: the step matters.
 RAMP = bnorm.Renorm(r_max=2.0, d_max=1.0, warmup_steps=0, r_ramp_steps=8, d_ramp_steps=8)
+# Step 1 warm-up, steps 2 and 3 averaged over a window of 2: the step matters.
+MOVING = bnorm.MovingAverage(window=2, warmup_steps=1)
 
 # name: (layer factory, per-sample shape, inputs: "mask" and/or "residual")
 CONFIGS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[str, ...]]] = {
@@ -88,11 +90,21 @@ CONFIGS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[str, ..
     ),
     "SyncBatchNorm-world1": (lambda: bnorm.SyncBatchNorm(3), (3, 4, 5), ()),
     "SyncBatchNorm-world1+mask": (lambda: bnorm.SyncBatchNorm(3), (3, 6), ("mask",)),
+    "moving_average": (lambda: bnorm.BatchNorm2d(3, moving_average=MOVING), (3, 4, 5), ()),
+    "moving_average+mask": (
+        lambda: bnorm.BatchNorm1d(3, moving_average=MOVING), (3, 6), ("mask",)
+    ),
+    "moving_average-act-relu+residual": (
+        lambda: bnorm.BatchNormAct2d(3, activation="relu", moving_average=MOVING),
+        (3, 4, 5),
+        ("residual",),
+    ),
 }
 
-INDUCTOR = ("act-relu+residual", "act-gelu+residual+mask")
+INDUCTOR = ("act-relu+residual", "act-gelu+residual+mask", "moving_average")
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped")
+MOVING_BUFFERS = ("moving_chi", "moving_psi", "moving_steps")
 
 
 def _prepare(layer: nn.Module, seed: int) -> nn.Module:
@@ -159,7 +171,8 @@ def test_fullgraph_compile_equals_eager_without_recompiles(name, backend):
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], **tol, msg=_where(key, n))
-        for key in BUFFERS:
+        moving = MOVING_BUFFERS if hasattr(layer, "moving_chi") else ()
+        for key in BUFFERS + moving:
             torch.testing.assert_close(
                 layer.get_buffer(key), eager.get_buffer(key), **tol, msg=_where(key, n)
             )

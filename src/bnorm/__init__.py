@@ -1,7 +1,7 @@
 """bnorm: batch normalization for PyTorch."""
 
 from . import functional, kernels, reference
-from .functional import Renorm
+from .functional import MovingAverage, Renorm
 from .kernels.memory import memory_saving
 from .modules import (
     BatchNorm,
@@ -55,6 +55,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "MovingAverage",
     "Renorm",
     "StatisticsRecorder",
     "SyncBatchNorm",

@@ -1,7 +1,8 @@
 """The small per-channel formulas shared by the eager ops and the compiled kernels, stated
 once, as torch functions that torch.compile can trace: the moments (count, mean, M2) of a
-set of values and their pooling, the running-statistics update and Batch
-Renormalization's (r, d). :mod:`bnorm.reference` states the same math in NumPy."""
+set of values and their pooling, the running-statistics update, Batch
+Renormalization's (r, d) and the window average of moving-average batch norm.
+:mod:`bnorm.reference` states the same math in NumPy."""
 
 from __future__ import annotations
 
@@ -95,3 +96,41 @@ def renorm_rd(
     r = torch.minimum(torch.maximum(sigma_b / sigma, 1.0 / r_hi), r_hi)
     d = torch.minimum(torch.maximum((mean - running_mean.to(dtype)) / sigma, -d_hi), d_hi)
     return r, d
+
+
+def window_average(
+    ring: Tensor, value: Tensor, steps: Tensor, warmup_steps: int
+) -> tuple[Tensor, Tensor]:
+    """Moving-average batch norm's simple moving average (``bnorm.MovingAverage``): the
+    ring of the last m = ``ring.shape[0]`` per-channel batch statistics with ``value``
+    recorded as batch t = ``steps`` (1-based, a long scalar tensor) at row (t − 1) mod m,
+    and the mean of the last k = min(t, m) of them (k = 1, i.e. ``value`` itself, while
+    t ≤ ``warmup_steps``)::
+
+        s̄_t = (1/k) Σ_{j=0}^{k−1} s(t − j)
+
+    Returns (average, new ring); rows are filled in order, so rows < k are the last k.
+    Device selects only: no host synchronization."""
+    m = ring.shape[0]
+    slot = torch.remainder(steps - 1, m).reshape(1)
+    new_ring = ring.index_copy(0, slot, value.to(ring.dtype).unsqueeze(0))
+    k = torch.clamp(steps, 1, m)
+    rows = (torch.arange(m, device=ring.device) < k).to(ring.dtype).unsqueeze(1)
+    average = (new_ring * rows).sum(0) / k.to(ring.dtype)
+    return torch.where(steps <= warmup_steps, value.to(ring.dtype), average), new_ring
+
+
+def moving_average_running(
+    running_mean: Tensor, running_var: Tensor, chi_bar: Tensor, alpha: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """The running statistics of moving-average batch norm, for inference: EMAs of the
+    normalizer χ̄_t and of the center 0 of reduced normalization::
+
+        running_mean ← (1 − α) · running_mean,   running_var ← (1 − α) · running_var + α · χ̄_t
+
+    (no m/(m − 1): χ is a second moment about 0, not a variance about an estimated mean)."""
+    chi_bar = chi_bar.detach().to(running_var.dtype)
+    return (
+        torch.lerp(running_mean, torch.zeros_like(running_mean), alpha),
+        torch.lerp(running_var, chi_bar, alpha),
+    )

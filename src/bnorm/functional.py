@@ -40,9 +40,11 @@ from torch import Tensor
 from ._math import Moments, finite_stats, running_update
 from .distributed import world_size
 from .kernels import (
+    MovingState,
     RunningState,
     batch_norm_act_train,
     batch_norm_moments_train,
+    batch_norm_moving_average_train,
     compile_enabled,
     store_running,
 )
@@ -57,11 +59,12 @@ from .ops import (
     pool_moments,
     renorm_correction,
 )
-from .options import Activation, Renorm
+from .options import Activation, MovingAverage, Renorm
 from .plan import Plan, check_renorm_has_running_stats, check_whole_input
 
 __all__ = [
     "Moments",
+    "MovingAverage",
     "Renorm",
     "batch_norm",
     "merge_moments",
@@ -192,6 +195,8 @@ def batch_norm(
     residual: Tensor | None = None,
     activation: str | Activation | None = None,
     memory_efficient: bool = False,
+    moving_average: MovingAverage | bool | None = None,
+    moving_state: MovingState | None = None,
 ) -> Tensor:
     """Batch normalization, ``y = γ (x − μ)/√(σ² + ε) + β`` per channel.
 
@@ -216,6 +221,16 @@ def batch_norm(
     * ``sync=True``: statistics of the global batch over ``process_group`` (one
       all_gather forward, one all_reduce backward; see :mod:`bnorm.distributed`); local
       when torch.distributed is not initialized or the group has one rank.
+    * ``moving_average`` (a :class:`MovingAverage`, or True for the paper's defaults):
+      moving-average batch norm (MABN) — reduced normalization ``y = γ x/√(χ̄ + ε) + β``
+      with χ̄ the moving average of the last batches' mean of x², and a backward that
+      uses the moving average of the batch's gradient statistic (see
+      :class:`MovingAverage`). Its state ``moving_state`` = (chi ring, psi ring, steps)
+      — two (window, C) tensors in the statistics' dtype and a long scalar, zeros to
+      start — is updated in place; the running statistics become EMAs of χ̄ (running
+      variance) and of the center 0 (running mean), so evaluation is batch norm's own
+      formula. Composes with masks and sync; not with ghost batches, renorm or the
+      memory-efficient mode. Needs at least 1 value per channel.
 
     ``num_batches_tracked``/``num_batches_skipped`` (long scalars), if given, are
     incremented in place in training; see :func:`update_running_stats` for
@@ -238,11 +253,11 @@ def batch_norm(
     return run_plan(
         _plan_for(
             momentum, eps, axis, skip_nonfinite, virtual_batch_size, renorm, sync,
-            process_group, activation, memory_efficient,
+            process_group, activation, memory_efficient, moving_average,
         ),
         input, running_mean, running_var, weight, bias, training, mask=mask,
         num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
-        residual=residual,
+        residual=residual, moving=moving_state,
     )  # fmt: skip
 
 
@@ -267,11 +282,13 @@ def _build_plan(
     process_group: Any,
     activation: str | Activation | None,
     memory_efficient: bool,
+    moving_average: MovingAverage | bool | None = None,
 ) -> Plan:
     return Plan.build(
         momentum=momentum, eps=eps, axis=axis, skip_nonfinite=skip_nonfinite,
         virtual_batch_size=virtual_batch_size, renorm=renorm, sync=sync,
         process_group=process_group, activation=activation, memory_efficient=memory_efficient,
+        moving_average=moving_average,
     )  # fmt: skip
 
 
@@ -291,6 +308,7 @@ def run_plan(
     *,
     mask: Tensor | None = None,
     residual: Tensor | None = None,
+    moving: MovingState | None = None,
 ) -> Tensor:
     """:func:`batch_norm` with its options resolved into ``plan``: check the input,
     decide what depends on it (the path), run that one path. A layer calls this with the
@@ -304,7 +322,7 @@ def run_plan(
             return out
     call = _check_call(
         plan, input, running_mean, running_var, weight, bias, training, num_batches_tracked,
-        mask, residual,
+        mask, residual, moving,
     )  # fmt: skip
     if not call.distributed and input.numel() == 0:
         return _empty_batch(
@@ -320,6 +338,11 @@ def run_plan(
             x, running_mean, running_var, weight, bias, False, 0.0, plan.eps
         )
         return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, plan.activation)
+    if plan.moving_average is not None:
+        return _moving_average_training(
+            plan, call, input, running_mean, running_var, weight, bias, num_batches_tracked,
+            num_batches_skipped, mask, residual, moving,  # type: ignore[arg-type]
+        )  # fmt: skip
     limits = None
     if plan.renorm is not None:
         if num_batches_tracked is not None:
@@ -368,6 +391,7 @@ def _check_call(
     num_batches_tracked: Tensor | None,
     mask: Tensor | None,
     residual: Tensor | None,
+    moving: MovingState | None = None,
 ) -> _Call:
     """Every check of one call's input and state against the plan (raising before
     anything changes), and what they decide."""
@@ -408,7 +432,14 @@ def _check_call(
     # channel is not an error; it leaves the running statistics unchanged and counts in
     # num_batches_skipped (a device select, in the moments path).
     host_mask_check = mask is not None and not torch.compiler.is_compiling()
-    if use_batch_stats and not distributed and (mask is None or host_mask_check):
+    if use_batch_stats and plan.moving_average is not None:
+        _check_moving_state(moving, plan.moving_average.window, input.shape[ax])
+        if not distributed and host_mask_check and _values_per_channel(input, ax, mask) < 1:
+            raise ValueError(
+                "expected at least 1 valid value per channel when training with "
+                f"moving_average (got 0 for input of shape {tuple(input.shape)} with its mask)"
+            )
+    elif use_batch_stats and not distributed and (mask is None or host_mask_check):
         count = _values_per_channel(input, ax, mask)
         per_group = count // groups if groups and mask is None else count
         if per_group == 1 or (mask is not None and count < 2 and input.numel() > 0):
@@ -419,6 +450,68 @@ def _check_call(
                 + ("" if groups is None else f" in each of {groups} virtual batches")
             )
     return _Call(ax, use_batch_stats, update, groups, distributed)
+
+
+def _check_moving_state(moving: Any, window: int, channels: int) -> None:
+    """``moving_state`` of a moving-average call: (chi, psi) rings of shape
+    (window, C) in one floating dtype and a long scalar step count."""
+    if moving is None:
+        raise ValueError(
+            "expected moving_state=(chi ring, psi ring, steps) with moving_average in "
+            "training (got None)"
+        )
+    if not (isinstance(moving, tuple) and len(moving) == 3):
+        raise TypeError(
+            "expected moving_state to be a tuple of 3 tensors (chi ring, psi ring, steps) "
+            f"(got {type(moving).__name__})"
+        )
+    chi, psi, steps = moving
+    for name, ring in (("chi", chi), ("psi", psi)):
+        if not isinstance(ring, Tensor) or not ring.is_floating_point():
+            raise TypeError(f"expected the {name} ring to be a floating-point Tensor")
+        if tuple(ring.shape) != (window, channels):
+            raise ValueError(
+                f"expected the {name} ring of shape ({window}, {channels}) for window={window} "
+                f"and {channels} channels (got {tuple(ring.shape)})"
+            )
+    if (
+        not isinstance(steps, Tensor)
+        or steps.dim() != 0
+        or steps.dtype not in (torch.long, torch.int32)
+    ):
+        raise TypeError("expected the moving-average step count to be an integer scalar Tensor")
+
+
+def _moving_average_training(
+    plan: Plan,
+    call: _Call,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    mask: Tensor | None,
+    residual: Tensor | None,
+    moving: MovingState,
+) -> Tensor:
+    """Moving-average batch norm (:mod:`bnorm.kernels.moving_average`), then the
+    activation tail, unfused (autograd ops) when there is one."""
+    ax = call.axis
+    x = input.movedim(ax, 1) if ax != 1 else input
+    running = _running_state(
+        call.update, running_mean, running_var, plan.momentum, num_batches_tracked,
+        num_batches_skipped,
+    )  # fmt: skip
+    warmup = plan.moving_average.warmup_steps  # type: ignore[union-attr]
+    out = batch_norm_moving_average_train(
+        x, weight, bias, plan.eps, moving, warmup, mask=mask, running=running,
+        skip_nonfinite=plan.skip_nonfinite, distributed=call.distributed,
+        process_group=plan.process_group,
+    )  # fmt: skip
+    out = out.movedim(1, ax) if ax != 1 else out
+    return activation_tail(out, residual, plan.activation)
 
 
 def _empty_batch(

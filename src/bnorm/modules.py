@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as F
-from .options import Renorm
-from .plan import Plan, check_renorm_has_running_stats
+from .options import MovingAverage, Renorm
+from .plan import Plan, check_moving_average_has_running_stats, check_renorm_has_running_stats
 
 __all__ = [
     "BatchNorm",
@@ -48,7 +48,10 @@ def _batch_norm_layer(
     plan = layer._plan
     _check_layer_input(input, name, layer._ranks, layer.num_features, plan.axis)
     try:
-        return F.run_plan(plan, input, *layer._state(), mask=mask, residual=residual)
+        return F.run_plan(
+            plan, input, *layer._state(), mask=mask, residual=residual,
+            moving=layer._moving_state(),
+        )  # fmt: skip
     except (TypeError, ValueError) as err:
         raise type(err)(f"{name}: {err}") from None
 
@@ -84,6 +87,8 @@ def _checked_batch_norm(
     _check_layer_input(input, name, ranks, num_features, options["axis"])
     if isinstance(options.get("renorm"), tuple):
         options = {**options, "renorm": Renorm(*options["renorm"])}
+    if isinstance(options.get("moving_average"), tuple):
+        options = {**options, "moving_average": MovingAverage(*options["moving_average"])}
     try:
         return F.batch_norm(input, mask=mask, residual=residual, **options)
     except (TypeError, ValueError) as err:
@@ -118,6 +123,8 @@ def _record_in_fx_graph(
         "renorm": None if plan.renorm is None else astuple(plan.renorm), "sync": plan.sync,
         "process_group": plan.process_group, "activation": plan.activation,
         "memory_efficient": plan.memory_efficient,
+        "moving_average": None if plan.moving_average is None else astuple(plan.moving_average),
+        "moving_state": layer._moving_state(),
     }  # fmt: skip
     return _checked_batch_norm(
         input,  # type: ignore[arg-type]  # a Proxy: fx records the call (torch.fx.wrap)
@@ -146,6 +153,10 @@ class _Planned(nn.Module):
         """The layer's current options, as :meth:`Plan.build` takes them."""
         raise NotImplementedError
 
+    def _moving_state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The moving-average state a training call updates (None: the layer has none)."""
+        return None
+
     def _make_plan(self, **options: Any) -> Plan:
         plan = Plan.build(**options)
         if self._ranks is not None and not -min(self._ranks) <= plan.axis < min(self._ranks):
@@ -161,10 +172,20 @@ class _Planned(nn.Module):
             super().__setattr__(name, value)
             return
         new = self._make_plan(**{**self._plan_options(), name: value})
-        if name == "renorm":
-            value = new.renorm  # True → the paper's schedule
+        if name in ("renorm", "moving_average"):
+            value = getattr(new, name)  # True → the paper's schedule / defaults
+            if name == "moving_average":
+                self._check_moving_average(value)
         super().__setattr__(name, value)
         self.__dict__["_plan"] = new
+        if name == "moving_average":
+            self._reset_moving_buffers()
+
+    def _check_moving_average(self, moving_average: MovingAverage | None) -> None:
+        """Raise if this layer cannot take ``moving_average`` (before anything changes)."""
+
+    def _reset_moving_buffers(self) -> None:
+        """(Re)make the moving-average state for the current option: empty windows."""
 
 
 class _BatchNormBase(_Planned, _BatchNorm):
@@ -201,7 +222,16 @@ class _BatchNormBase(_Planned, _BatchNorm):
     groups' moments merged, i.e. as if from the whole batch); k must divide a batch larger
     than k, and a batch of at most k samples is one group.
     ``renorm``: Batch Renormalization (a :class:`bnorm.Renorm`, or True for the paper's
-    schedule), driven by ``num_batches_tracked``. ``forward(input, mask)``: a boolean
+    schedule), driven by ``num_batches_tracked``. ``moving_average``: moving-average
+    batch norm (MABN; a :class:`bnorm.MovingAverage`, or True for the paper's defaults):
+    reduced normalization by the moving average of the last batches' mean of x², and a
+    backward with the moving average of the gradient statistic; its windows are the
+    persistent buffers ``moving_chi``, ``moving_psi`` (window × C) and ``moving_steps``,
+    and its running statistics are EMAs of the normalizer (``running_var``) and of 0
+    (``running_mean``), so evaluation stays torch's batch-norm op. Loading a checkpoint
+    without those buffers (plain batch norm) keeps its running statistics and restarts
+    the windows empty (warm-up again); one whose windows have another shape is refused.
+    ``forward(input, mask)``: a boolean
     ``mask`` of the input's shape without the channel axis (True = valid) restricts the
     batch statistics to the valid positions; every position, padded ones included, is
     normalized with them.
@@ -227,15 +257,18 @@ class _BatchNormBase(_Planned, _BatchNorm):
         skip_nonfinite: bool = True,
         virtual_batch_size: int | None = None,
         renorm: Renorm | bool | None = None,
+        moving_average: MovingAverage | bool | None = None,
         _options: dict[str, Any] | None = None,
     ) -> None:
         _options = _options or {}
         _check_num_features(num_features)
         plan = self._make_plan(
             momentum=momentum, eps=eps, axis=axis, skip_nonfinite=skip_nonfinite,
-            virtual_batch_size=virtual_batch_size, renorm=renorm, **_options,
+            virtual_batch_size=virtual_batch_size, renorm=renorm,
+            moving_average=moving_average, **_options,
         )  # fmt: skip
         check_renorm_has_running_stats(plan.renorm, bool(track_running_stats))
+        check_moving_average_has_running_stats(plan.moving_average, bool(track_running_stats))
         super().__init__(
             num_features,
             plan.eps,
@@ -256,8 +289,38 @@ class _BatchNormBase(_Planned, _BatchNorm):
         self.skip_nonfinite = plan.skip_nonfinite
         self.virtual_batch_size = plan.virtual_batch_size
         self.renorm: Renorm | None = plan.renorm
+        self.moving_average: MovingAverage | None = plan.moving_average
         self.__dict__.update(_options)  # the subclass's own options (already in the plan)
         self.__dict__["_plan"] = plan
+        self._reset_moving_buffers()
+
+    _MOVING_BUFFERS = ("moving_chi", "moving_psi", "moving_steps")
+
+    def _check_moving_average(self, moving_average: MovingAverage | None) -> None:
+        check_moving_average_has_running_stats(moving_average, self.track_running_stats)
+
+    def _reset_moving_buffers(self) -> None:
+        """Empty windows for the current ``moving_average`` (or none without one): the
+        rings of the last ``window`` batches' χ_B and ψ_B, (window, C) in the running
+        statistics' floating dtype (float32 at least), and the count of recorded steps."""
+        for name in self._MOVING_BUFFERS:
+            self._buffers.pop(name, None)
+        moving = self.moving_average
+        if moving is None:
+            return
+        ref = self._buffers.get("running_var")
+        device = None if ref is None else ref.device
+        dtype = torch.float32 if ref is None else torch.promote_types(ref.dtype, torch.float32)
+        shape = (moving.window, self.num_features)
+        self.register_buffer("moving_chi", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("moving_psi", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("moving_steps", torch.zeros((), dtype=torch.long, device=device))
+
+    def _moving_state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        buffers = self._buffers
+        if self.__dict__["_plan"].moving_average is None or "moving_chi" not in buffers:
+            return None
+        return (buffers["moving_chi"], buffers["moving_psi"], buffers["moving_steps"])  # type: ignore[return-value]
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters 0."""
@@ -277,6 +340,8 @@ class _BatchNormBase(_Planned, _BatchNorm):
             text += f", virtual_batch_size={self.virtual_batch_size}"
         if self.renorm is not None:
             text += f", renorm={self.renorm}"
+        if self.moving_average is not None:
+            text += f", moving_average={self.moving_average}"
         return text
 
     def _load_from_state_dict(
@@ -289,15 +354,48 @@ class _BatchNormBase(_Planned, _BatchNorm):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        absent = self._check_moving_checkpoint(state_dict, prefix)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if absent:  # a checkpoint without windows (plain batch norm): warm-up restarts
+            for name in self._MOVING_BUFFERS:
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+                self._buffers[name].zero_()  # type: ignore[union-attr]
         # num_batches_skipped is not in the state_dict: a layer built on the meta device
         # and loaded with assign=True gets it beside the loaded running statistics.
         skipped = self._buffers.get("num_batches_skipped")
         ref = self._buffers.get("num_batches_tracked")
         if skipped is not None and ref is not None and skipped.device != ref.device:
             self._buffers["num_batches_skipped"] = torch.zeros_like(ref)
+
+    def _check_moving_checkpoint(self, state_dict: dict[str, Any], prefix: str) -> bool:
+        """Refuse, before anything of this layer changes, a checkpoint whose moving-average
+        windows do not fit it (another window or channel count, or only some of them);
+        True when it has none at all (a plain batch-norm checkpoint)."""
+        if self.moving_average is None:
+            return False
+        present = [n for n in self._MOVING_BUFFERS if prefix + n in state_dict]
+        if not present:
+            return True
+        if len(present) != len(self._MOVING_BUFFERS):
+            missing = sorted(set(self._MOVING_BUFFERS) - set(present))
+            raise ValueError(
+                f"{type(self).__name__}: expected a checkpoint with all of "
+                f"{', '.join(self._MOVING_BUFFERS)} or none of them (got {', '.join(present)} "
+                f"without {', '.join(missing)} under {prefix!r})"
+            )
+        for name in self._MOVING_BUFFERS:
+            value, own = state_dict[prefix + name], self._buffers[name]
+            if isinstance(value, Tensor) and own is not None and value.shape != own.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: expected {prefix}{name} of shape "
+                    f"{tuple(own.shape)} (moving_average window={self.moving_average.window}, "
+                    f"{self.num_features} channels) (got {tuple(value.shape)}): a checkpoint "
+                    "of another window or channel count"
+                )
+        return False
 
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (bool, input's shape without the channel axis,
@@ -313,6 +411,7 @@ class _BatchNormBase(_Planned, _BatchNorm):
             "skip_nonfinite": self.skip_nonfinite,
             "virtual_batch_size": self.virtual_batch_size,
             "renorm": self.renorm,
+            "moving_average": self.moving_average,
         }
 
     def _state(self) -> tuple[Any, ...]:

@@ -1,6 +1,7 @@
 """The option types of the layers, each validated once when it is built.
 
 * :class:`Renorm` — Batch Renormalization and its clipping schedule;
+* :class:`MovingAverage` — moving-average batch normalization (MABN) and its window;
 * :class:`Activation` — the activation of a fused tail, one table per activation: its
   forward, its derivative and (where it exists) its inverse.
 """
@@ -13,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ACTIVATIONS", "IDENTITY", "INVERTIBLE_ACTIVATIONS", "Activation", "Renorm"]
+__all__ = [
+    "ACTIVATIONS",
+    "IDENTITY",
+    "INVERTIBLE_ACTIVATIONS",
+    "Activation",
+    "MovingAverage",
+    "Renorm",
+]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
 """Activations of the fused kernels (gelu is the exact, erf-based one)."""
@@ -72,6 +80,44 @@ class Renorm:
         r = 1.0 + (self.r_max - 1.0) * ramp(self.r_ramp_steps)
         d = self.d_max * ramp(self.d_ramp_steps)
         return r, d
+
+
+@dataclass(frozen=True)
+class MovingAverage:
+    """Moving-average batch normalization (MABN; Yan et al., ICLR 2020, "Towards
+    Stabilizing Batch Statistics in Backward Propagation of Batch Normalization").
+
+    Per channel, with χ_B = mean of x² over the batch ("reduced" normalization: a second
+    moment about 0, no centering) and g = γ·∂L/∂y the gradient with respect to x̂::
+
+        forward   χ̄_t = (1/k) Σ_{s<k} χ_B(t−s),   k = min(t, window)
+                  x̂ = x / √(χ̄_t + ε),   y = γ·x̂ + β
+        backward  ψ_B = (1/n) Σ g·x̂,   ψ̄_t = (1/k) Σ_{s<k} ψ_B(t−s)
+                  ∂L/∂x = (g − x̂·ψ̄_t) / √(χ̄_t + ε)
+
+    t counts this layer's recorded training steps (1 for the first); for
+    t ≤ ``warmup_steps`` both averages are this batch's own statistics (k = 1). The
+    backward is deliberately not the gradient of the forward: the batch's gradient
+    statistic ψ_B is replaced by its moving average, as the batch's χ_B is in forward.
+    With ``window=1`` (or during warm-up) it is exactly the gradient of reduced batch
+    normalization y = γ·x/√(χ_B + ε) + β.
+
+    Defaults are the reference implementation's (megvii-model/MABN): ``window=16`` (its
+    ImageNet ``buffer_size``: normalization batch 2 averaged to 32 samples) and
+    ``warmup_steps=100`` (its ``warmup_iters``). Put the moving average of the last
+    ``window`` batches' statistics at roughly the batch size plain batch norm needs
+    (window × batch ≈ 32).
+    """
+
+    window: int = 16
+    warmup_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"expected window to be an int >= 1 (got {self.window!r})")
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"expected warmup_steps to be an int >= 0 (got {w!r})")
 
 
 @dataclass(frozen=True)

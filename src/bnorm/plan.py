@@ -16,9 +16,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .options import IDENTITY, Activation, Renorm
+from .options import IDENTITY, Activation, MovingAverage, Renorm
 
-__all__ = ["Plan", "check_ghost_with_sync", "check_renorm_has_running_stats"]
+__all__ = [
+    "Plan",
+    "check_ghost_with_sync",
+    "check_moving_average_has_running_stats",
+    "check_renorm_has_running_stats",
+]
 
 
 def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: bool) -> None:
@@ -28,6 +33,58 @@ def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: boo
             "renorm needs running statistics (got track_running_stats=False or "
             "running_mean=None)"
         )
+
+
+def check_moving_average_has_running_stats(
+    moving_average: MovingAverage | None, has_running_stats: bool
+) -> None:
+    """A moving-average layer carries its windows from step to step and evaluates with the
+    running statistics of its normalizer: it needs the state (``track_running_stats``)."""
+    if moving_average is not None and not has_running_stats:
+        raise ValueError(
+            "expected track_running_stats=True with moving_average (got "
+            "track_running_stats=False): the layer keeps its moving averages as buffers"
+        )
+
+
+def _moving_average(option: MovingAverage | bool | None) -> MovingAverage | None:
+    """``True`` → the paper's defaults, ``False``/``None`` → off; else a MovingAverage."""
+    if option is True:
+        return MovingAverage()
+    if option is None or option is False:
+        return None
+    if not isinstance(option, MovingAverage):
+        raise TypeError(
+            "expected moving_average to be a bnorm.MovingAverage, True or None "
+            f"(got {type(option).__name__})"
+        )
+    return option
+
+
+def check_moving_average_alone(
+    moving_average: MovingAverage | None,
+    virtual_batch_size: int | None,
+    renorm: Renorm | None,
+    memory_efficient: bool,
+) -> None:
+    """The rules of moving-average batch norm with the other statistics options. Ghost
+    batches normalize groups with their own statistics, Batch Renorm corrects the batch
+    statistics towards the running ones, the memory-efficient mode recovers x̂ from the
+    output with the batch's own statistics: each replaces the statistics that the moving
+    average replaces, so none of them combines with it."""
+    if moving_average is None:
+        return
+    for name, on in (
+        ("virtual_batch_size", virtual_batch_size is not None),
+        ("renorm", renorm is not None),
+        ("memory_efficient", memory_efficient),
+    ):
+        if on:
+            value = {"virtual_batch_size": virtual_batch_size, "renorm": renorm}.get(name, True)
+            raise ValueError(
+                f"expected {name} off with moving_average (got {name}={value!r}): both "
+                "replace the batch's statistics; use one of them"
+            )
 
 
 def check_ghost_with_sync(virtual_batch_size: int | None, sync: bool) -> None:
@@ -68,6 +125,7 @@ class Plan:
     process_group: Any = None
     activation: Activation | None = None
     memory_efficient: bool = False
+    moving_average: MovingAverage | None = None
 
     #: Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or the
     #: memory-efficient mode — a training call may take ATen's kernel directly (decided
@@ -91,6 +149,7 @@ class Plan:
             and not self.sync
             and not self.tail
             and not self.memory_efficient
+            and self.moving_average is None
         )
 
     @property
@@ -113,6 +172,7 @@ class Plan:
         negative_slope: float = 0.01,
         alpha: float = 1.0,
         memory_efficient: bool = False,
+        moving_average: MovingAverage | bool | None = None,
     ) -> Plan:
         """Resolve and check the options; raises ``TypeError``/``ValueError`` naming the
         option, what was expected and what was got."""
@@ -149,6 +209,8 @@ class Plan:
                 "expected an invertible activation for memory_efficient=True: identity, "
                 f"leaky_relu with negative_slope > 0 or elu (got {act})"
             )
+        moving = _moving_average(moving_average)
+        check_moving_average_alone(moving, virtual_batch_size, renorm, bool(memory_efficient))
         check_ghost_with_sync(virtual_batch_size, bool(sync))
         check_whole_input(
             bool(memory_efficient),
@@ -169,6 +231,7 @@ class Plan:
             process_group,
             act,
             bool(memory_efficient),
+            moving,
         )
 
 

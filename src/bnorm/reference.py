@@ -21,8 +21,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "MovingAverageState",
     "backward",
     "forward",
+    "moving_average_backward",
+    "moving_average_forward",
+    "moving_average_running",
     "population_statistics",
     "update_running",
 ]
@@ -208,3 +212,139 @@ def population_statistics(batches: Iterable[Any], axis: int = 1) -> tuple[np.nda
     if mean is None or m2 is None or total < 2:
         raise ValueError(f"expected at least 2 values per channel in total (got {total})")
     return mean, m2 / (total - 1)
+
+
+# --- moving-average batch normalization (MABN) ----------------------------------------
+
+
+class MovingAverageState:
+    """The history a moving-average layer carries from step to step: the per-channel
+    statistics of every recorded batch, oldest first — ``chi`` (χ_B = mean of x²) and
+    ``psi`` (ψ_B = mean of g·x̂) — and ``steps``, the number of recorded batches. A plain
+    record, copied by the functions below (they never modify their arguments)."""
+
+    def __init__(self) -> None:
+        self.chi: list[np.ndarray] = []
+        self.psi: list[np.ndarray] = []
+        self.steps = 0
+
+    def copy(self) -> MovingAverageState:
+        new = MovingAverageState()
+        new.chi, new.psi, new.steps = list(self.chi), list(self.psi), self.steps
+        return new
+
+
+def _recent_mean(history: list[np.ndarray], steps: int, window: int, warmup_steps: int) -> Any:
+    """The simple moving average of the last k = min(steps, window) entries; k = 1 while
+    steps ≤ warmup_steps (the batch's own statistic)."""
+    k = 1 if steps <= warmup_steps else min(steps, window)
+    return np.mean(np.stack(history[-k:]), axis=0)
+
+
+def moving_average_forward(
+    x: Any,
+    gamma: Any,
+    beta: Any,
+    state: MovingAverageState,
+    *,
+    window: int = 16,
+    warmup_steps: int = 100,
+    eps: float = 1e-5,
+    axis: int = 1,
+    mask: Any = None,
+) -> tuple[np.ndarray, dict[str, Any], MovingAverageState]:
+    """One training step's forward of moving-average batch normalization (Yan et al.,
+    ICLR 2020), with reduced (uncentered) normalization. Per channel, over the n values
+    of the batch (those where ``mask`` is True, if given)::
+
+        χ_B = (1/n) Σ x_i²
+        χ̄_t = (1/k) Σ_{s=0}^{k−1} χ_B(t − s),   k = min(t, window)   (k = 1 for t ≤ warmup)
+        x̂_i = x_i / √(χ̄_t + ε),   y_i = γ x̂_i + β                    (every position)
+
+    t = ``state.steps`` + 1 counts this batch. Returns ``(y, cache, new_state)``: the
+    cache holds what :func:`moving_average_backward` needs and ``chi`` (χ_B),
+    ``chi_bar`` (χ̄_t); new_state has χ_B recorded.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    axes = _reduce_axes(x.ndim, axis)
+    gamma = np.asarray(gamma, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    valid = np.ones(x.shape, dtype=bool) if mask is None else np.expand_dims(
+        np.asarray(mask, dtype=bool), axis % x.ndim
+    ) & np.ones(x.shape, dtype=bool)
+    count = valid.sum(axis=axes)
+    if np.any(count < 1):
+        raise ValueError(f"expected at least 1 value per channel (got {int(count.min())})")
+    chi = np.where(valid, x * x, 0.0).sum(axis=axes) / count
+    new = state.copy()
+    new.chi.append(chi)
+    new.steps += 1
+    chi_bar = _recent_mean(new.chi, new.steps, window, warmup_steps)
+    invstd = 1.0 / np.sqrt(chi_bar + eps)
+    xhat = x * _per_channel(invstd, x.ndim, axis)
+    y = _per_channel(gamma, x.ndim, axis) * xhat + _per_channel(beta, x.ndim, axis)
+    cache = {
+        "xhat": xhat,
+        "gamma": gamma,
+        "invstd": invstd,
+        "valid": valid,
+        "count": count,
+        "chi": chi,
+        "chi_bar": chi_bar,
+        "axis": axis,
+        "window": window,
+        "warmup_steps": warmup_steps,
+    }
+    return y, cache, new
+
+
+def moving_average_backward(
+    dy: Any, cache: dict[str, Any], state: MovingAverageState
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, MovingAverageState]:
+    """The hand-written backward of :func:`moving_average_forward` — not its gradient:
+    the batch's gradient statistic is replaced by its moving average. With g_i = γ ∂L/∂y_i
+    and the sums over every position of a channel (n: the valid values, as in forward)::
+
+        ∂L/∂β = Σ ∂L/∂y_i,   ∂L/∂γ = Σ ∂L/∂y_i · x̂_i
+        ψ_B = (1/n) Σ g_i x̂_i
+        ψ̄_t = (1/k) Σ_{s=0}^{k−1} ψ_B(t − s)                     (same k as forward)
+        ∂L/∂x_i = (g_i − [i valid] · x̂_i ψ̄_t) / √(χ̄_t + ε)
+
+    ``state`` is the state after this step's forward (its ``steps`` counts this batch).
+    With k = 1 this is the exact gradient of y = γ x/√(χ_B + ε) + β (padded positions are
+    normalized with χ_B but do not enter it: they get no correction term). Returns
+    ``(dx, dgamma, dbeta, new_state)``, new_state with ψ_B recorded.
+    """
+    dy = np.asarray(dy, dtype=np.float64)
+    axis = cache["axis"]
+    axes = _reduce_axes(dy.ndim, axis)
+    xhat = cache["xhat"]
+    gamma = cache["gamma"]
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    g = dy * _per_channel(gamma, dy.ndim, axis)
+    psi = (g * xhat).sum(axis=axes) / cache["count"]
+    new = state.copy()
+    new.psi.append(psi)
+    psi_bar = _recent_mean(new.psi, new.steps, cache["window"], cache["warmup_steps"])
+    correction = np.where(cache["valid"], xhat * _per_channel(psi_bar, dy.ndim, axis), 0.0)
+    dx = (g - correction) * _per_channel(cache["invstd"], dy.ndim, axis)
+    return dx, dgamma, dbeta, new
+
+
+def moving_average_running(
+    running_mean: Any, running_var: Any, chi_bar: Any, momentum: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The running statistics of a moving-average layer, for inference: exponential
+    moving averages of the normalizer χ̄_t and of the center 0 of reduced normalization::
+
+        running_mean ← (1 − α) · running_mean            (→ 0)
+        running_var  ← (1 − α) · running_var + α · χ̄_t   (no m/(m−1): χ is not centered)
+
+    so that evaluation, y = γ (x − running_mean)/√(running_var + ε) + β, is batch norm's
+    own inference formula (with running_mean 0 once the initial value has decayed).
+    """
+    alpha = float(momentum)
+    rm = np.asarray(running_mean, dtype=np.float64)
+    rv = np.asarray(running_var, dtype=np.float64)
+    return (1.0 - alpha) * rm, (1.0 - alpha) * rv + alpha * np.asarray(chi_bar, np.float64)

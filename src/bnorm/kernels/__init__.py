@@ -5,6 +5,8 @@ passes, compiled with ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on 
   input, and its memory-efficient mode;
 * :mod:`~bnorm.kernels.moments` — the moments path: masks, ghost batches, statistics across
   processes, Batch Renormalization;
+* :mod:`~bnorm.kernels.moving_average` — moving-average batch norm (MABN), with its own
+  backward;
 * :mod:`~bnorm.kernels.memory` — the ``memory_saving`` scope (outputs recomputed in
   backward instead of saved);
 * :mod:`~bnorm.kernels.compile` (compile policy, ``BNORM_NO_COMPILE``),
@@ -19,6 +21,7 @@ from .bn_act import MIN_ABS_WEIGHT, batch_norm_act_train
 from .compile import compile_enabled
 from .memory import memory_saving
 from .moments import batch_norm_moments_train
+from .moving_average import MovingState, batch_norm_moving_average_train
 from .running import RunningState, store_running
 
 __all__ = [
@@ -26,9 +29,11 @@ __all__ = [
     "INVERTIBLE_ACTIVATIONS",
     "MIN_ABS_WEIGHT",
     "Activation",
+    "MovingState",
     "RunningState",
     "batch_norm_act_train",
     "batch_norm_moments_train",
+    "batch_norm_moving_average_train",
     "compile_enabled",
     "memory_saving",
     "store_running",

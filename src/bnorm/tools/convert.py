@@ -138,7 +138,7 @@ def _state(m: nn.Module) -> dict[str, Any]:
 
 
 # Options that only change training: in eval mode the running statistics normalize.
-_TRAINING_ONLY = ("renorm", "virtual_batch_size")
+_TRAINING_ONLY = ("renorm", "virtual_batch_size", "moving_average")
 
 
 def _training_only_options(m: nn.Module) -> list[str]:
@@ -166,6 +166,8 @@ def _lossless(m: nn.Module, family: str, for_inference: bool = False) -> str | N
             return "torch's layers have no Batch Renormalization"
         if not for_inference and getattr(m, "virtual_batch_size", None) is not None:
             return "torch's layers have no ghost batches (virtual_batch_size)"
+        if not for_inference and getattr(m, "moving_average", None) is not None:
+            return "torch's layers have no moving-average batch norm (moving_average)"
     if family == "sync" and getattr(m, "virtual_batch_size", None) is not None:
         return "bnorm.SyncBatchNorm has no ghost batches (virtual_batch_size)"
     if family == "frozen" and not st["track_running_stats"]:
@@ -195,7 +197,7 @@ def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str,
     )
     if family in ("bnorm", "sync", "act"):
         kwargs.update(bias=st["bias"], axis=st["axis"])
-        for name in ("skip_nonfinite", "renorm", "virtual_batch_size"):
+        for name in ("skip_nonfinite", "renorm", "virtual_batch_size", "moving_average"):
             if hasattr(old, name):
                 kwargs[name] = getattr(old, name)
         if family == "act":
@@ -217,6 +219,11 @@ def _build(old: nn.Module, cls: type[nn.Module], family: str, options: dict[str,
         src = getattr(old, name, None)
         if src is not None and getattr(new, name, None) is not None:
             setattr(new, name, src)
+    if getattr(new, "moving_average", None) == getattr(old, "moving_average", None):
+        for name in ("moving_chi", "moving_psi", "moving_steps"):  # the same windows
+            src = getattr(old, name, None)
+            if src is not None:
+                setattr(new, name, src)
     new.train(old.training)
     return new
 
@@ -255,6 +262,7 @@ def convert(
     activation, other layers become ``activation="identity"``), ``torch.nn.BatchNorm2d``
     (torch's family, where lossless) or ``torch.nn.SyncBatchNorm``. ``options`` go to
     every new layer's constructor (e.g. ``renorm=True``, ``virtual_batch_size=8``,
+    ``moving_average=True``,
     ``process_group=...``, ``memory_efficient=True``).
 
     The new layers share the old ones' parameter objects (an optimizer keeps working) and
@@ -268,7 +276,8 @@ def convert(
     ``for_inference=True`` (torch's family only) makes torch layers for inference — the
     recipe before tools that match torch's exact classes (``torch.ao.quantization``'s
     fusers, ``torch.fx.experimental.optimization.fuse``, FLOP counters such as thop and
-    ptflops): options that only change training (``renorm``, ``virtual_batch_size``) are
+    ptflops): options that only change training (``renorm``, ``virtual_batch_size``,
+    ``moving_average``) are
     dropped and listed in the report's ``dropped``, since in eval mode the running
     statistics normalize either way. Every such layer must be in eval mode, and every
     batch-norm layer must have a torch equivalent (``axis=1``, a rank-specific class, no
