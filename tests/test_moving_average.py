@@ -500,3 +500,63 @@ def test_sync_moving_averages_are_of_the_global_batch():
             torch.testing.assert_close(r[key], whole[key])
     for key in ("dweight", "dbias"):  # local sums: their total is the whole batch's
         torch.testing.assert_close(ranks[0][key] + ranks[1][key], whole[key])
+
+
+# --- weight centralization -------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = bnorm.BatchNorm2d(4, moving_average=MA)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=2, bias=False)
+        self.relu = nn.ReLU()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 16, 5), bnorm.BatchNorm1d(5))
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.head(self.relu(self.conv2(self.bn1(self.conv1(x))))))
+
+
+def test_centralize_weights_picks_the_layers_before_batch_norm():
+    model = _Block()
+    assert bnorm.centralize_weights(model) == ["conv1", "head.1"]
+    assert bnorm.centralize_weights(model) == []  # already centralized
+    assert bnorm.centralize_weights(model, all_layers=True) == ["conv2", "fc"]
+
+
+@pytest.mark.parametrize("name", ["conv1", "conv2", "head.1"])
+def test_centralized_weights_have_zero_mean_per_output_channel(name):
+    model = _Block()
+    bnorm.centralize_weights(model, all_layers=True)
+    layer = model.get_submodule(name)
+    raw = layer.parametrizations.weight.original.detach()
+    w = layer.weight.detach()
+    dims = tuple(range(1, w.dim()))
+    torch.testing.assert_close(w.mean(dims), torch.zeros(w.shape[0]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(w, raw - raw.mean(dims, keepdim=True))
+    assert raw.mean(dims).abs().max() > 1e-3  # the raw weight itself is not centered
+
+
+def test_centralized_weight_gradient_is_the_projected_gradient():
+    """∂L/∂W_raw = P(∂L/∂W') with P the projection W ↦ W − mean over the fan-in: the
+    gradient of the centered conv, computed with a plain conv, projected by hand."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, bias=False).double()
+    plain = copy.deepcopy(conv)
+    bnorm.centralize_weights(nn.Sequential(conv, nn.BatchNorm2d(4)))
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    dy = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    conv(x).backward(dy)
+    plain(x).backward(dy)
+    g = plain.weight.grad
+    expected = g - g.mean((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(conv.parametrizations.weight.original.grad, expected)
+
+
+def test_centralization_refuses_a_vector():
+    with pytest.raises(ValueError, match=r"expected a weight of at least 2 dimensions"):
+        bnorm.CentralizedWeight()(torch.ones(3))

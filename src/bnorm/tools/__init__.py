@@ -9,6 +9,8 @@
 * :mod:`~bnorm.tools.adapt` — test-time adaptation (BN statistics, prior, Tent).
 * :mod:`~bnorm.tools.accumulate` — one running-statistics update per optimizer step
   under gradient accumulation.
+* :mod:`~bnorm.tools.centralize` — weight centralization of the conv/linear layers before
+  batch norm (the companion of moving-average batch norm).
 
 They share :mod:`~bnorm.tools.layers` (what a batch-norm layer is: one predicate, one walk),
 ``_inputs`` (argument checks, feeding batches, collecting the moments of each layer's
@@ -18,6 +20,7 @@ input, also across ranks) and ``_state`` (putting a model back as it was).
 from .accumulate import Accumulation, accumulate
 from .adapt import AdaptationReport, adapt
 from .calibrate import CalibrationReport, recalibrate
+from .centralize import CentralizedWeight, centralize_weights
 from .convert import ConversionReport, convert
 from .diagnose import DiagnosisReport, StatisticsRecorder, diagnose
 from .fold import FoldReport, fold
@@ -27,6 +30,7 @@ __all__ = [
     "Accumulation",
     "AdaptationReport",
     "CalibrationReport",
+    "CentralizedWeight",
     "ConversionReport",
     "DiagnosisReport",
     "FoldReport",
@@ -34,6 +38,7 @@ __all__ = [
     "accumulate",
     "adapt",
     "batch_norm_layers",
+    "centralize_weights",
     "convert",
     "diagnose",
     "fold",
