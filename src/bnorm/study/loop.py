@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 import bnorm
 from bnorm.tools import batch_norm_layers
@@ -310,7 +311,8 @@ def evaluate(
 
 def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
     """‖∂L/∂W_l‖ (Frobenius) for each layer of ``model.weight_layers``, for the mean
-    cross-entropy of one batch in training mode. Computed on a copy: the model's
+    cross-entropy of one batch in training mode (of a parametrized weight, e.g. a
+    centralized one, its raw tensor's: what SGD updates). Computed on a copy: the model's
     parameters, gradients and running statistics are left untouched."""
     clone = copy.deepcopy(model)
     clone.train()
@@ -319,7 +321,11 @@ def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
     norms = []
     layers: list[nn.Module] = getattr(clone, "weight_layers")  # noqa: B009
     for layer in layers:
-        weight = layer.weight
+        weight = (
+            layer.parametrizations.weight.original
+            if parametrize.is_parametrized(layer, "weight")
+            else layer.weight
+        )
         grad = weight.grad if isinstance(weight, Tensor) else None
         norms.append(float(torch.linalg.vector_norm(grad)) if grad is not None else 0.0)
     return norms

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 import bnorm
 from bnorm.testing import time_alternated
+from bnorm.tools import batch_norm_layers
 
 from .data import Dataset
 from .loop import evaluate, has_batch_norm, layer_grad_norms
@@ -78,10 +79,13 @@ def recalibrated_accuracy(
     model: nn.Module, data: Dataset, spec: TrainSpec, device: torch.device | str = "cpu"
 ) -> float | None:
     """Test accuracy (eval mode) of ``model`` after :func:`bnorm.recalibrate` over the
-    training set in batches of ``batch_size`` (None without batch norms). Against the
-    accuracy with the running statistics it separates what the running statistics cost
-    at test time from what training with batch statistics cost."""
-    if not has_batch_norm(model):
+    training set in batches of ``batch_size``. Against the accuracy with the running
+    statistics it separates what the running statistics cost at test time from what
+    training with batch statistics cost. None without batch norms, and with
+    moving-average ones: recalibrate computes each layer's mean and variance, while their
+    reduced normalization divides by the second moment about 0 and subtracts nothing."""
+    layers = [layer for _, layer in batch_norm_layers(model)]
+    if not layers or any(getattr(m, "moving_average", None) is not None for m in layers):
         return None
     return _test_accuracy(_recalibrated(model, data, spec, device), data, spec, device)
 
