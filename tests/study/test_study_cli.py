@@ -358,7 +358,7 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "lr-negative": (["--lr", "-1"], "expected lr to be a positive number (got '-1')"),
         "unknown-norm": (
             ["--norm", "none,layernorm"],
-            "expected norm from none, bn, renorm, ghost, syncbn, ln, gn (got 'layernorm')",
+            "expected norm from none, bn, renorm, ghost, syncbn, ln, gn, mabn (got 'layernorm')",
         ),
         "repeated-norm": (["--norm", "bn,bn"], "expected no repeated entries in norm"),
         "unknown-experiment": (
