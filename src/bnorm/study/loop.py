@@ -20,12 +20,12 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 import bnorm
 from bnorm.tools import batch_norm_layers
 
 from .data import Dataset
+from .models import raw_weight
 from .spec import TrainSpec
 
 __all__ = [
@@ -321,12 +321,7 @@ def layer_grad_norms(model: nn.Module, x: Tensor, y: Tensor) -> list[float]:
     norms = []
     layers: list[nn.Module] = getattr(clone, "weight_layers")  # noqa: B009
     for layer in layers:
-        weight = (
-            layer.parametrizations.weight.original
-            if parametrize.is_parametrized(layer, "weight")
-            else layer.weight
-        )
-        grad = weight.grad if isinstance(weight, Tensor) else None
+        grad = raw_weight(layer).grad
         norms.append(float(torch.linalg.vector_norm(grad)) if grad is not None else 0.0)
     return norms
 

@@ -55,6 +55,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "initialize",
+    "raw_weight",
 ]
 
 NormFactory = Callable[[int, int], nn.Module]
@@ -341,6 +342,18 @@ def build_model(
     return model
 
 
+def raw_weight(layer: nn.Module) -> Tensor:
+    """The weight tensor SGD updates: ``layer.weight``, or for a parametrized weight (the
+    layers centralized for ``mabn``) its raw tensor, from which ``layer.weight`` is
+    computed."""
+    if parametrize.is_parametrized(layer, "weight"):
+        chain: Any = layer.parametrizations
+        original: Tensor = chain.weight.original
+        return original
+    weight: Tensor = getattr(layer, "weight")  # noqa: B009
+    return weight
+
+
 def initialize(
     model: nn.Module, generator: torch.Generator, scheme: str = "kaiming", std: float = 0.1
 ) -> None:
@@ -359,12 +372,7 @@ def initialize(
         raise TypeError(f"expected a study model with weight_layers (got {type(model).__name__})")
     with torch.no_grad():
         for layer in layers:
-            # A parametrized weight (centralized, for MABN) is drawn into the raw tensor.
-            weight = (
-                layer.parametrizations.weight.original
-                if parametrize.is_parametrized(layer, "weight")
-                else layer.weight
-            )
+            weight = raw_weight(layer)
             fan_in = weight[0].numel()
             fan_out = weight.shape[0] * (weight[0, 0].numel() if weight.dim() > 2 else 1)
             if scheme == "normal":
