@@ -222,3 +222,12 @@ def test_moving_average_networks_are_not_recalibrated(digits: Dataset) -> None:
     spec = TrainSpec(model="mlp", hidden=[8], batch_size=16, steps=5, eval_every=5)
     model = build_model("mlp", digits.image_shape, 10, "mabn", hidden=[8])
     assert recalibrated_accuracy(model, digits, spec) is None
+
+
+def test_only_the_listed_norms_are_recalibrated_in_a_sweep() -> None:
+    exp = Experiment("sb", "batch_sweep", "t",
+                     options={"batch_sizes": [2, 4], "recalibrated": ["bn"]})  # fmt: skip
+    runs = KINDS["batch_sweep"].schedule(exp, TrainSpec(), ["none", "bn", "mabn"], [0, 1])
+    assert len(runs) == 12
+    assert {r.norm for r in runs if r.spec.recalibrate_check} == {"bn"}
+    assert sorted({r.spec.batch_size for r in runs}) == [2, 4]

@@ -85,11 +85,11 @@ EXPERIMENTS: list[Experiment] = [
             "lr": 0.05,
             "eval_every": 10**6,
             "probe": False,
-            "recalibrate_check": True,
         },
         options={
             "batch_sizes": [2, 4, 8, 32],
             "norms": ["none", "bn", "renorm", "ghost", "ln", "mabn"],
+            "recalibrated": ["bn"],  # also evaluated after bnorm.recalibrate
         },
         seeds=[0, 1, 2, 3, 4],
         about="The 3×100 ReLU network trained for one epoch at each batch size, 5 seeds: "

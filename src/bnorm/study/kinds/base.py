@@ -31,7 +31,8 @@ __all__ = [
 @dataclass(frozen=True)
 class Experiment:
     """One entry of the study. ``spec`` overrides :class:`TrainSpec`'s defaults;
-    ``options`` are the kind's (``lrs``, ``batch_sizes``, ``source``, ``norms``);
+    ``options`` are the kind's (``lrs``, ``batch_sizes``, ``source``, ``norms``, a sweep's
+    ``recalibrated``);
     ``follows_model``: ``--model``/``--preset`` replace this experiment's network and
     recipe; ``seeds``: this experiment's own seeds (None: the study's), used unless seeds
     are given (``--seeds``, or ``seeds`` in a config file)."""

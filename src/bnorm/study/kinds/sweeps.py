@@ -53,13 +53,20 @@ SWEEPS: dict[str, Sweep] = {
 def schedule_sweep(
     exp: Experiment, spec: TrainSpec, norms: Sequence[str], seeds: Sequence[int]
 ) -> list[ScheduledRun]:
+    """One run per (grid value, seed, norm); the runs of the norms in
+    ``options["recalibrated"]`` also measure their accuracy after bnorm.recalibrate."""
     sweep = SWEEPS[exp.kind]
+    recalibrated = exp.options.get("recalibrated", [])
     return [
         ScheduledRun(
             f"{norm}-{sweep.field}{v:g}-seed{seed}",
             norm,
             seed,
-            replace(spec, **{sweep.field: sweep.cast(v)}),
+            replace(
+                spec,
+                **{sweep.field: sweep.cast(v)},
+                recalibrate_check=spec.recalibrate_check or norm in recalibrated,
+            ),
         )
         for v in exp.options.get(sweep.option, [])
         for seed in seeds
