@@ -1,8 +1,9 @@
 """The study's experiments, in the order they run: :data:`EXPERIMENTS`.
 
-Each entry names a kind (:data:`bnorm.study.kinds.KINDS`: how its runs are planned and
-summarized), overrides :class:`~bnorm.study.train.TrainSpec`'s defaults (``spec``) and
-gives the kind's options (``options``). Adding an experiment is one entry here.
+Each entry names a kind (:data:`bnorm.study.kinds.KINDS`: how its runs are scheduled,
+summarized and reported), overrides :class:`~bnorm.study.spec.TrainSpec`'s defaults
+(``spec``), gives the kind's options (``options``) and, where it needs more than the
+study's, its own ``seeds``. Adding an experiment is one entry here.
 """
 
 from __future__ import annotations

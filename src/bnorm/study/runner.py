@@ -1,4 +1,4 @@
-"""Running the study: plan the runs, train them (checkpointed, resumable, on every rank
+"""Running the study: schedule the runs, train them (checkpointed, resumable, on every rank
 under ``torchrun``), then write metrics.json and the report.
 
 :func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
@@ -46,7 +46,7 @@ _NO_COMPILE = "BNORM_NO_COMPILE"
 
 @dataclass
 class Study:
-    """A prepared study: its configuration, run directory, data and planned runs, and
+    """A prepared study: its configuration, run directory, data and scheduled runs, and
     (once trained) the records of the runs that finished."""
 
     config: dict[str, Any]
@@ -134,7 +134,7 @@ def _schedule_runs(
 def prepare_study(cli: dict[str, Any]) -> Study:
     """Everything before training, from the command-line options given (``cli``): join
     the process group, resolve (or, with ``resume``, read back) the configuration, apply
-    its runtime settings, load the data, plan the runs, and (rank 0) create the run
+    its runtime settings, load the data, schedule the runs, and (rank 0) create the run
     directory with config.json. Raises UsageError or DataError."""
     wall_start = time.perf_counter()
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
