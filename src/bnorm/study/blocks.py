@@ -41,6 +41,7 @@ _COLOURS = {
     "syncbn": "#16a085",
     "ln": "#c0392b",
     "gn": "#b7950b",
+    "mabn": "#222222",
     "bn+recalibrated": "#5dade2",
 }
 _FALLBACK = ["#c0392b", "#16a085", "#7f8c8d", "#b7950b"]
