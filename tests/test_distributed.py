@@ -38,6 +38,8 @@ def _slice(t: torch.Tensor, rank: int) -> torch.Tensor:
 def _layer(kind: str) -> torch.nn.Module:
     if kind == "renorm":
         layer = bnorm.SyncBatchNorm(3, renorm=bnorm.Renorm(1.5, 0.5, 0, 0, 0))
+    elif kind.startswith("moving"):  # step 1 warm-up, step 2 the window's average
+        layer = bnorm.SyncBatchNorm(3, moving_average=bnorm.MovingAverage(2, warmup_steps=1))
     else:
         layer = bnorm.SyncBatchNorm(3)
     with torch.no_grad():
@@ -55,7 +57,7 @@ def _run_layer(kind: str, rank: int | None) -> dict[str, torch.Tensor]:
         if rank is not None:
             x, dy, mask = _slice(x, rank), _slice(dy, rank), _slice(mask, rank)
         x = x.clone().requires_grad_()
-        y = layer(x, mask=mask) if kind == "mask" else layer(x)
+        y = layer(x, mask=mask) if kind.endswith("mask") else layer(x)
         (y * dy).sum().backward()
         out[f"y{step}"] = y.detach()
         out[f"dx{step}"] = x.grad.detach()
@@ -64,6 +66,9 @@ def _run_layer(kind: str, rank: int | None) -> dict[str, torch.Tensor]:
     out["running_mean"] = layer.running_mean.clone()
     out["running_var"] = layer.running_var.clone()
     out["num_batches_tracked"] = layer.num_batches_tracked.clone()
+    for name in ("moving_chi", "moving_psi"):
+        if hasattr(layer, name):
+            out[name] = layer.get_buffer(name).clone()
     return out
 
 
@@ -122,7 +127,7 @@ def _run_ddp(rank: int | None, world: int) -> dict[str, torch.Tensor]:
 
 
 def _layers_worker(rank: int, world: int) -> dict[str, object]:
-    kinds = ("plain", "mask", "renorm")
+    kinds = ("plain", "mask", "renorm", "moving", "moving+mask")
     results: dict[str, object] = {kind: _run_layer(kind, rank) for kind in kinds}
     results["ddp"] = _run_ddp(rank, world)
     return results
@@ -149,7 +154,7 @@ def three_ranks() -> list[dict]:
     return spawn_gloo(_layers_worker, len(SIZES))
 
 
-@pytest.mark.parametrize("kind", ["plain", "mask", "renorm"])
+@pytest.mark.parametrize("kind", ["plain", "mask", "renorm", "moving", "moving+mask"])
 def test_sync_equals_single_process_bn_on_concatenated_batch(three_ranks, kind):
     ref = _run_layer(kind, None)
     world = len(SIZES)
@@ -163,7 +168,8 @@ def test_sync_equals_single_process_bn_on_concatenated_batch(three_ranks, kind):
         total = sum(three_ranks[r][kind][name] for r in range(world))
         torch.testing.assert_close(total, ref[name], rtol=1e-5, atol=1e-5)
     for r in range(world):  # every rank ends with the global running statistics
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
+        for name in ref.keys() & {"running_mean", "running_var", "num_batches_tracked",
+                                  "moving_chi", "moving_psi"}:  # (the moving-average windows)
             torch.testing.assert_close(three_ranks[r][kind][name], ref[name], rtol=1e-5, atol=1e-6)
 
 

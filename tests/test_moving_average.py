@@ -2,7 +2,7 @@
 (:func:`bnorm.reference.moving_average_forward`/``_backward``) against independent
 computations, then every layer against the spec over consecutive training steps (state
 carried), its state rules (save/load, plain checkpoints, mismatched windows), evaluation,
-the rules with the other options, errors, and sync across two gloo processes."""
+the rules with the other options, errors (sync across gloo processes: test_distributed)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from torch import nn
 
 import bnorm
 from bnorm import reference as R
-from bnorm.testing import spawn_gloo
 
 RNG = np.random.default_rng(20200120)
 MA = bnorm.MovingAverage(window=3, warmup_steps=2)
@@ -457,51 +456,6 @@ def test_convert_carries_the_option():
     torch.testing.assert_close(act[1].moving_chi, converted[1].moving_chi)
 
 
-# --- sync: global-batch statistics over two gloo processes ------------------------------
-
-SYNC_SIZES = [3, 1]
-
-
-def _sync_run(rank: int | None) -> dict[str, torch.Tensor]:
-    layer = bnorm.SyncBatchNorm(3, moving_average=MA).double()
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
-    out: dict[str, torch.Tensor] = {}
-    for step in range(STEPS):
-        g = torch.Generator().manual_seed(step)
-        n = sum(SYNC_SIZES)
-        x = torch.randn(n, 3, 2, 3, generator=g, dtype=torch.float64) + 1
-        dy = torch.randn(n, 3, 2, 3, generator=g, dtype=torch.float64)
-        mask = torch.rand(n, 2, 3, generator=g) > 0.3
-        if rank is not None:
-            start = sum(SYNC_SIZES[:rank])
-            x, dy, mask = (t[start : start + SYNC_SIZES[rank]] for t in (x, dy, mask))
-        x.requires_grad_()
-        y = layer(x, mask=mask)
-        y.backward(dy)
-        out[f"y{step}"], out[f"dx{step}"] = y.detach(), x.grad
-    out.update({k: v.clone() for k, v in layer.state_dict().items()})
-    out["dweight"], out["dbias"] = layer.weight.grad, layer.bias.grad
-    return out
-
-
-def _sync_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
-    return _sync_run(rank)
-
-
-def test_sync_moving_averages_are_of_the_global_batch():
-    ranks = spawn_gloo(_sync_worker, 2)
-    whole = _sync_run(None)
-    for step in range(STEPS):
-        for key in (f"y{step}", f"dx{step}"):
-            torch.testing.assert_close(torch.cat([r[key] for r in ranks]), whole[key])
-    for key in ("running_mean", "running_var", "moving_chi", "moving_psi", "moving_steps"):
-        for r in ranks:
-            torch.testing.assert_close(r[key], whole[key])
-    for key in ("dweight", "dbias"):  # local sums: their total is the whole batch's
-        torch.testing.assert_close(ranks[0][key] + ranks[1][key], whole[key])
-
-
 # --- weight centralization -------------------------------------------------------------
 
 
@@ -560,3 +514,33 @@ def test_centralized_weight_gradient_is_the_projected_gradient():
 def test_centralization_refuses_a_vector():
     with pytest.raises(ValueError, match=r"expected a weight of at least 2 dimensions"):
         bnorm.CentralizedWeight()(torch.ones(3))
+
+
+def test_accumulate_refuses_moving_average_layers():
+    model = nn.Sequential(nn.Linear(3, 4), bnorm.BatchNorm1d(4, moving_average=MA))
+    with pytest.raises(ValueError, match="expected no moving_average layer in an accumulate"):
+        bnorm.accumulate(model)
+
+
+def test_convert_for_inference_drops_the_option_and_keeps_the_outputs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bnorm.BatchNorm2d(4, moving_average=MA))
+    for _ in range(3):
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    kept, report = bnorm.convert(copy.deepcopy(model), nn.BatchNorm2d)
+    assert type(kept[1]) is bnorm.BatchNorm2d and "moving-average" in str(report)
+    plain, report = bnorm.convert(model, nn.BatchNorm2d, for_inference=True)
+    assert type(plain[1]) is nn.BatchNorm2d
+    assert report.dropped == [("1", f"moving_average={MA}")]
+    torch.testing.assert_close(plain(x), expected)
+
+
+def test_reset_running_stats_empties_the_windows():
+    layer = bnorm.BatchNorm2d(3, moving_average=MA)
+    _steps(layer, range(2))
+    layer.reset_running_stats()
+    assert int(layer.moving_steps) == 0
+    assert not layer.moving_chi.any() and not layer.moving_psi.any()
+    torch.testing.assert_close(layer.running_var, torch.ones(3))

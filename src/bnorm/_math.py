@@ -109,15 +109,15 @@ def window_average(
 
         s̄_t = (1/k) Σ_{j=0}^{k−1} s(t − j)
 
-    Returns (average, new ring); rows are filled in order, so rows < k are the last k.
-    Device selects only: no host synchronization."""
+    Returns (average, new ring). Rows are filled in order from an all-zero ring (a new
+    or reset layer), so before the ring is full the rows not yet filled are 0 and the
+    sum of all rows is that of the last k. Device selects only: no host synchronization."""
     m = ring.shape[0]
+    value = value.to(ring.dtype)
     slot = torch.remainder(steps - 1, m).reshape(1)
-    new_ring = ring.index_copy(0, slot, value.to(ring.dtype).unsqueeze(0))
-    k = torch.clamp(steps, 1, m)
-    rows = (torch.arange(m, device=ring.device) < k).to(ring.dtype).unsqueeze(1)
-    average = (new_ring * rows).sum(0) / k.to(ring.dtype)
-    return torch.where(steps <= warmup_steps, value.to(ring.dtype), average), new_ring
+    new_ring = ring.index_copy(0, slot, value.unsqueeze(0))
+    average = new_ring.sum(0) / torch.clamp(steps, 1, m)
+    return torch.where(steps <= warmup_steps, value, average), new_ring
 
 
 def moving_average_running(
@@ -130,7 +130,4 @@ def moving_average_running(
 
     (no m/(m − 1): χ is a second moment about 0, not a variance about an estimated mean)."""
     chi_bar = chi_bar.detach().to(running_var.dtype)
-    return (
-        torch.lerp(running_mean, torch.zeros_like(running_mean), alpha),
-        torch.lerp(running_var, chi_bar, alpha),
-    )
+    return running_mean * (1.0 - alpha), torch.lerp(running_var, chi_bar, alpha)

@@ -323,12 +323,14 @@ class _BatchNormBase(_Planned, _BatchNorm):
         return (buffers["moving_chi"], buffers["moving_psi"], buffers["moving_steps"])  # type: ignore[return-value]
 
     def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, counters 0."""
+        """Running mean 0, running variance 1, counters 0 (and the moving-average windows
+        empty)."""
         super().reset_running_stats()
         # (torch's __init__ calls this before num_batches_skipped exists.)
-        skipped = self._buffers.get("num_batches_skipped")
-        if skipped is not None:
-            skipped.zero_()
+        for name in ("num_batches_skipped", *self._MOVING_BUFFERS):
+            buffer = self._buffers.get(name)
+            if buffer is not None:
+                buffer.zero_()
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -2,12 +2,12 @@
 
 A :class:`Plan` holds what does not change from one call to the next — momentum, ε, the
 channel axis, Batch Renormalization, ghost batches, synchronization, the activation of a
-fused tail, the memory mode — and every rule that combines them, with the messages users
-see. A layer builds its plan when it is constructed and again when one of these options
-is set (``layer.momentum = None``, say); :func:`bnorm.functional.batch_norm` builds one
-per distinct set of arguments (cached). Per call, only what depends on the input is
-decided (its shape, dtype and device, the mask, whether torch.compile is tracing, how
-many processes share the batch).
+fused tail, the memory mode, moving-average batch norm — and every rule that combines
+them, with the messages users see. A layer builds its plan when it is constructed and
+again when one of these options is set (``layer.momentum = None``, say);
+:func:`bnorm.functional.batch_norm` builds one per distinct set of arguments (cached).
+Per call, only what depends on the input is decided (its shape, dtype and device, the
+mask, whether torch.compile is tracing, how many processes share the batch).
 """
 
 from __future__ import annotations

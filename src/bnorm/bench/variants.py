@@ -1,6 +1,6 @@
 """``bnorm bench variants``: the cost of BN's variants — forward+backward of Batch
-Renorm, ghost and masked BN relative to plain bnorm BN, at ResNet-20 shapes (target
-≤ 1.2×)."""
+Renorm, ghost, masked and moving-average BN relative to plain bnorm BN, at ResNet-20
+shapes (target ≤ 1.2×)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..modules import BatchNorm2d
-from ..options import Renorm
+from ..options import MovingAverage, Renorm
 from ..testing import RESNET20_SHAPES, time_alternated
 
 
@@ -47,15 +47,18 @@ def variants_suite(args: argparse.Namespace) -> dict[str, Any]:
             renorm.get_buffer("running_mean").fill_(0.5)
             renorm.get_buffer("running_var").fill_(2.0)
         ghost = BatchNorm2d(c, virtual_batch_size=max(2, n // 4))
+        # No warm-up: every timed step averages over the (full) window.
+        moving = BatchNorm2d(c, moving_average=MovingAverage(window=16, warmup_steps=0))
         cases = {
             "plain": train_step(plain, x, dy),
             "renorm": train_step(renorm, x, dy),
             "ghost": train_step(ghost, x, dy),
             "masked": train_step(plain, x, dy, mask=mask),
+            "moving_average": train_step(moving, x, dy),
         }
         t = time_alternated(cases, args.repeats, args.warmup)
         row: dict[str, Any] = {"shape": f"{n}x{c}x{side}x{side}", "plain_ms": 1e3 * t["plain"]}
-        for name in ("renorm", "ghost", "masked"):
+        for name in ("renorm", "ghost", "masked", "moving_average"):
             ratio = t[name] / t["plain"]
             row[f"{name}/plain"] = ratio
             worst = max(worst, ratio)
@@ -65,4 +68,5 @@ def variants_suite(args: argparse.Namespace) -> dict[str, Any]:
         "summary": [f"worst variant/plain ratio: {worst:.2f}x (target <= 1.2x)"],
         "ghost_virtual_batch_size": "batch/4",
         "mask_valid_fraction": 0.9,
+        "moving_average": "window 16, no warm-up",
     }

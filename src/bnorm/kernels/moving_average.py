@@ -11,12 +11,13 @@ Channels at dim 1, any rank ≥ 2, any memory layout. Per channel::
               ψ_B = γ·S_γ / n, ψ̄ = window average of ψ_B (ring ``psi``)
               dx = γ·dy/√(χ̄ + ε) − v·x·ψ̄/(χ̄ + ε)
 
-Eagerly, for float32/float64 without a mask, the passes are ATen's batch-norm kernels:
-the statistics pass (``batch_norm_update_stats``, χ_B = σ²_B + μ_B²: a sum of two
-non-negative terms, no cancellation), the output and the (dγ, dβ, γ·dy/√(χ̄ + ε)) pass
-as batch norm in evaluation mode with running mean 0 and running variance χ̄ — and one
+Σ x² is a squared 2-norm (``torch.linalg.vector_norm``: one read, no temporary). Eagerly,
+for float32/float64 without a mask, the output is ATen's batch norm in evaluation mode
+with running mean 0 and running variance χ̄ (one pass), and (dγ, dβ) come from its
+evaluation-mode backward (one pass over dy and x), then dx = dy·γ/√(χ̄ + ε) and one
 in-place ``addcmul_`` for the correction term. Elsewhere (a mask, half precision, inside
-torch.compile) the same formulas are plain torch ops, which Inductor fuses.
+torch.compile) the same formulas are plain torch ops, which Inductor fuses. Per call
+the state's small (C,)-vector updates add a fixed cost of ~0.1-0.2 ms on CPU.
 
 **State.** The rings and the step counter are updated in place on their device (selects,
 no host synchronization): χ_B and the running statistics in forward, ψ_B in backward —
@@ -66,9 +67,11 @@ def _channel(v: Tensor, ndim: int) -> Tensor:
 
 
 def _fast(x: Tensor, valid: Tensor | None) -> bool:
-    """ATen's batch-norm kernels apply: eager, float32/float64, no mask."""
+    """ATen's batch-norm kernels apply: eager, float32/float64, no mask, not empty (an
+    empty local batch under sync: ATen's CPU kernels divide by its size)."""
     return (
         valid is None
+        and x.numel() > 0
         and x.dtype in (torch.float32, torch.float64)
         and not torch.compiler.is_compiling()
     )
@@ -78,18 +81,16 @@ def _second_moment_sum(x: Tensor, valid: Tensor | None, sd: torch.dtype) -> tupl
     """(Σ v·x² per channel, n = Σ v) in the statistics' dtype ``sd``."""
     channels = x.shape[1]
     per_channel = x.numel() // max(channels, 1)
-    if _fast(x, valid) and x.numel() > 0:
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
-        total = (var.to(sd) + mean.to(sd).square()) * per_channel
+    # Σ x² as a squared 2-norm: one read of x and no temporary, 2-3x faster on CPU than
+    # ATen's batch-norm statistics pass (Welford) and than x.square().sum().
+    xv = x if valid is None else torch.where(valid, x, 0.0)
+    total = torch.linalg.vector_norm(xv, 2, _dims(x), dtype=sd).square()
+    if valid is not None:
+        return total, valid.sum().to(sd)
+    if not torch.compiler.is_compiling():
         return total, torch.tensor(float(per_channel), dtype=sd, device=x.device)
-    xs = x.to(sd)
-    sq = xs * xs
-    if valid is None:
-        # (A product, not torch.tensor(n): under torch.compile n is a symbolic size.)
-        n = torch.ones((), dtype=sd, device=x.device) * per_channel
-        return sq.sum(_dims(x)), n
-    sq = torch.where(valid, sq, 0.0)
-    return sq.sum(_dims(x)), valid.sum().to(sd)
+    # (A product, not torch.tensor(n): under torch.compile n is a symbolic size.)
+    return total, torch.ones((), dtype=sd, device=x.device) * per_channel
 
 
 class _MovingAverageNorm(torch.autograd.Function):
@@ -157,20 +158,23 @@ class _MovingAverageNorm(torch.autograd.Function):
         psi_ring: Tensor = ctx.psi_ring
         sd = chi_bar.dtype
         dims = _dims(x)
+        scale = invstd if weight is None else invstd * weight.to(sd)
         if _fast(x, valid) and dy.dtype == x.dtype:
+            # The two sums in one pass (batch norm's evaluation-mode backward with mean 0
+            # and variance χ̄); its grad_input costs more than the product below.
             zeros = torch.zeros_like(chi_bar, dtype=x.dtype)
-            dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+            _, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
                 dy, x, weight, zeros, chi_bar.to(x.dtype), None, None, False, spec.eps,
-                [True, True, True],
+                [False, True, True],
             )  # fmt: skip
             dgamma_sd = dgamma.to(sd)
+            dx = dy * _channel(scale.to(dy.dtype), x.dim())
         else:
             ds = dy.to(sd)
             xs = x.to(sd)
             dbeta = ds.sum(dims)
             dgamma_sd = (ds * xs).sum(dims) * invstd
             dgamma = dgamma_sd
-            scale = invstd if weight is None else invstd * weight.to(sd)
             dx = ds * _channel(scale, x.dim())
         psi_total = dgamma_sd if weight is None else dgamma_sd * weight.to(sd)
         if spec.distributed:

@@ -187,6 +187,12 @@ class Accumulation:
                 and getattr(layer, "track_running_stats", True)
             ):
                 continue  # eval mode or no running statistics: untouched
+            if getattr(layer, "moving_average", None) is not None:
+                raise ValueError(
+                    f"expected no moving_average layer in an accumulate block (got layer "
+                    f"{name or '(module)'} with moving_average={layer.moving_average}): its "
+                    "running statistics follow its moving window, not the batches' moments"
+                )
             momentum: Any = layer.momentum
             if momentum is not None and (
                 isinstance(momentum, bool)
