@@ -178,6 +178,7 @@ def train_all(study: Study, quiet: bool) -> None:
     n_train = int(study.data.train_labels.shape[0])
     total_steps = sum(r.spec.total_steps(n_train) for _, p in study.schedule for r in p)
     device = study.config[RUNTIME_KEY]["device"]
+    current: tuple[str, str, Checkpointer | None] | None = None  # (experiment, tag, files)
     try:
         with Progress(total_steps, quiet) as progress:
             for exp, planned in study.schedule:
@@ -189,15 +190,27 @@ def train_all(study: Study, quiet: bool) -> None:
                         Checkpointer(study.out / "checkpoints" / exp.name, run.tag, study.config)
                         if study.rank == 0 or study.resuming else None
                     )
+                    current = (exp.name, run.tag, checkpointer)
                     record = train_run(
                         run.spec, study.data, norm=run.norm, seed=run.seed, device=device,
                         checkpointer=checkpointer, on_progress=progress.step,
                     )  # fmt: skip
-                    record["tag"] = run.tag
-                    study.runs[exp.name].append(record)
+                    _keep(study, exp.name, run.tag, record)
                     progress.finish_run(total)
     except KeyboardInterrupt:
         study.interrupted = True
+        # The signal may have come after the run's last checkpoint said it finished.
+        if current is not None and current[2] is not None:
+            finished = current[2].finished_record()
+            if finished is not None:
+                _keep(study, current[0], current[1], finished)
+
+
+def _keep(study: Study, name: str, tag: str, record: dict[str, Any]) -> None:
+    """Add a finished run's record to ``study.runs`` (once: tags are unique)."""
+    if all(r.get("tag") != tag for r in study.runs[name]):
+        record["tag"] = tag
+        study.runs[name].append(record)
 
 
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
