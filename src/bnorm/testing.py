@@ -6,6 +6,7 @@
 * :func:`time_alternated` — median seconds per call of several cases run in turn, so that
   every case sees the same machine state;
 * :func:`saved_tensor_bytes` — the bytes autograd saves for backward while a call runs;
+* :func:`geometric_mean` — of ratios (benchmarks) and gradient norms (the study);
 * reference models: :class:`TorchTail` (torch's layers for ``act(BN(x) + residual)``),
   :class:`ResNet20` (CIFAR ResNet-20 with a choice of batch norm), its batch-norm input
   shapes :data:`RESNET20_SHAPES`, and :func:`randomize_statistics` (a trained-looking
@@ -17,12 +18,13 @@ This module imports only the layers (:mod:`bnorm.modules`) and torch.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,16 @@ from .modules import BatchNorm2d, BatchNormAct2d
 
 # ResNet-20 on CIFAR at batch 128: (N, C, side) of the inputs of its three stages' BNs.
 RESNET20_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]
+
+
+# --- summary statistics ------------------------------------------------------------------
+
+
+def geometric_mean(values: Iterable[float | None]) -> float | None:
+    """``exp(mean(log v))`` over the positive finite ``values`` (None and others are
+    skipped); None when there is none."""
+    logs = [math.log(v) for v in values if v is not None and 0 < v < math.inf]
+    return math.exp(sum(logs) / len(logs)) if logs else None
 
 
 # --- processes ---------------------------------------------------------------------------

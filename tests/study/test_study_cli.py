@@ -365,7 +365,7 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "lr-negative": (["--lr", "-1"], "expected lr to be a positive number (got '-1')"),
         "unknown-norm": (
             ["--norm", "none,layernorm"],
-            "expected norm from none, bn, renorm, ghost, syncbn (got 'layernorm')",
+            "expected norm from none, bn, renorm, ghost, syncbn, ln, gn, mabn (got 'layernorm')",
         ),
         "repeated-norm": (["--norm", "bn,bn"], "expected no repeated entries in norm"),
         "unknown-experiment": (
@@ -563,8 +563,9 @@ def test_ctrl_c_writes_the_report_and_resume_finishes_identically(tmp_path: Path
     data = load_digits()
     for r in after["experiments"]["curves"]["runs"]:
         straight = json.loads(json.dumps(train_run(spec, data, norm=r["norm"], seed=r["seed"])))
-        got = {k: v for k, v in r.items() if k not in ("wall_s", "tag")}
+        got = {k: v for k, v in r.items() if k not in ("wall_s", "cpu_s", "tag")}
         straight.pop("wall_s")
+        straight.pop("cpu_s")
         for record in (got, straight):  # latencies are measurements, not results
             if record.get("inference"):
                 record["inference"].pop("latency")

@@ -24,7 +24,8 @@ from bnorm.study.data import (
     read_cifar_binary,
     read_idx,
 )
-from bnorm.study.train import TrainSpec, train_run
+from bnorm.study.spec import TrainSpec
+from bnorm.study.train import train_run
 
 # ------------------------------------------------------------------ fixture writers
 

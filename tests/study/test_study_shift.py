@@ -19,9 +19,10 @@ import bnorm
 from bnorm.cli import main as bnorm_main
 from bnorm.study.corruptions import CORRUPTIONS, corrupt
 from bnorm.study.data import Dataset, load_digits, make_synthetic
+from bnorm.study.loop import epoch_batches, evaluate, train_one_epoch
 from bnorm.study.models import build_model, initialize
 from bnorm.study.shift import ADAPT_BATCH, corrupted_inputs, shift_check
-from bnorm.study.train import TrainSpec, epoch_batches, evaluate, train_one_epoch
+from bnorm.study.spec import TrainSpec
 
 BY_NAME = {c.name: c for c in CORRUPTIONS}
 

@@ -15,16 +15,14 @@ from torch import nn
 
 from bnorm.study.checkpoint import Checkpointer, CheckpointError
 from bnorm.study.data import Dataset, load_digits
-from bnorm.study.kinds import _disagreement, mean_std, speedup, steps_to_reach
+from bnorm.study.kinds import mean_std
+from bnorm.study.kinds.curves import speedup, steps_to_reach
+from bnorm.study.kinds.disagreement import compare_predictions
+from bnorm.study.loop import epoch_batches, evaluate, layer_grad_norms, train_one_epoch
+from bnorm.study.measurements import stats_check
 from bnorm.study.models import build_model, initialize
-from bnorm.study.train import (
-    TrainSpec,
-    epoch_batches,
-    evaluate,
-    layer_grad_norms,
-    train_one_epoch,
-    train_run,
-)
+from bnorm.study.spec import TrainSpec
+from bnorm.study.train import train_run
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def test_epoch_batches_are_full_disjoint_and_seeded(digits: Dataset) -> None:
 
 
 def test_augmentation_is_a_shifted_crop_or_its_mirror(digits: Dataset) -> None:
-    from bnorm.study.train import _augment
+    from bnorm.study.loop import _augment
 
     images = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8) + 1
     out = _augment(images, torch.Generator().manual_seed(0))
@@ -250,8 +248,6 @@ def test_accumulation_arms_train_identically_and_differ_in_running_stats(digits:
 
 def test_stats_check_reports_no_drift_for_exact_statistics(digits: Dataset) -> None:
     import bnorm
-    from bnorm.study.train import stats_check
-
     spec = small_spec(batch_size=30)
     model = build_model("mlp", digits.image_shape, 10, "bn", hidden=[16, 16])
     initialize(model, torch.Generator().manual_seed(0), "normal", 0.3)
@@ -275,7 +271,7 @@ def test_stats_check_reports_no_drift_for_exact_statistics(digits: Dataset) -> N
         ({"steps": None}, "expected exactly one of steps and epochs"),
         ({"batch_size": 0}, "expected batch_size to be a positive integer"),
         ({"lr": -1.0}, "expected lr to be a positive number"),
-        ({"lr_milestones": [1.5]}, r"expected lr_milestones as fractions in \(0, 1\)"),
+        ({"lr_milestones": [1.5]}, r"expected lr_milestones to be a list of fractions in \(0, 1\)"),
         ({"activation": "gelu"}, "expected activation in sigmoid, tanh, relu"),
         ({"augment": "yes"}, "expected augment to be true or false"),
         ({"hidden": [10, 0]}, "expected hidden to be a list of positive widths"),
@@ -320,6 +316,7 @@ def test_resumed_run_ends_with_the_same_metrics(digits: Dataset, tmp_path: Path,
     resumed = train_run(spec, digits, norm=norm, seed=4, checkpointer=resumed_ckpt)
     for record in (straight, resumed):
         record.pop("wall_s")
+        record.pop("cpu_s")
     assert resumed == straight
     assert len(straight["curve"]["step"]) == 11 and straight["curve"]["step"][-1] == 100
     # Only the newest tensor file remains.
@@ -347,6 +344,7 @@ def test_resumed_accumulation_run_ends_with_the_same_metrics(
     resumed = train_run(spec, digits, norm="bn", seed=2, checkpointer=ckpt)
     for record in (straight, resumed):
         record.pop("wall_s")
+        record.pop("cpu_s")
     assert resumed == straight
     assert straight["micro_batches"] == 4 and straight["accumulate_stats"] is True
     assert straight["running_stats"]["layers"] == ["body.2", "body.5"]
@@ -451,7 +449,7 @@ def test_disagreement_counts_who_is_right() -> None:
     labels = [0, 1, 2, 3, 4, 5]
     base = [0, 1, 9, 9, 4, 7]
     other = [0, 2, 2, 8, 4, 5]
-    d = _disagreement(base, other, labels, seed=0)
+    d = compare_predictions(base, other, labels, seed=0)
     # Disagree at 1, 2, 3, 5: base right at 1; other right at 2 and 5; both wrong at 3.
     assert d["disagreements"] == 4 and d["rate"] == pytest.approx(4 / 6)
     assert d["baseline_accuracy_on_disagreements"] == pytest.approx(1 / 4)

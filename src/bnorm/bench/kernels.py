@@ -40,10 +40,11 @@ from ..testing import (
     RESNET20_SHAPES,
     ResNet20,
     TorchTail,
+    geometric_mean,
     saved_tensor_bytes,
     time_alternated,
 )
-from .report import format_table, geomean
+from .report import format_table
 
 LAYER_TARGET_EAGER = 0.5
 LAYER_TARGET_COMPILED = 1.0
@@ -181,9 +182,10 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rows": rows,
         "summary": [
-            f"layer fwd+bwd, bnorm/torch eager: geomean {geomean(vs_eager):.2f}x, worst "
+            f"layer fwd+bwd, bnorm/torch eager: geomean {geometric_mean(vs_eager):.2f}x, worst "
             f"{max(vs_eager):.2f}x (target <= {LAYER_TARGET_EAGER}x)",
-            f"layer fwd+bwd, bnorm/torch.compile: geomean {geomean(vs_compiled):.2f}x, worst "
+            f"layer fwd+bwd, bnorm/torch.compile: geomean {geometric_mean(vs_compiled):.2f}x, "
+            "worst "
             f"{max(vs_compiled):.2f}x (target <= {LAYER_TARGET_COMPILED}x)",
             f"bandwidth: fused kernels reach {min(fractions):.0%}..{max(fractions):.0%} of the "
             "copy bandwidth measured alone (target >= 50%), "
@@ -490,7 +492,7 @@ def device_layer_part(args: argparse.Namespace, device: torch.device) -> dict[st
     return {
         "rows": rows,
         "summary": [
-            f"device {device}: layer fwd+bwd, bnorm/torch: geomean {geomean(ratios):.2f}x, "
+            f"device {device}: layer fwd+bwd, bnorm/torch: geomean {geometric_mean(ratios):.2f}x, "
             f"worst {max(ratios):.2f}x",
             f"bandwidth: kernels reach {min(fractions):.0%}..{max(fractions):.0%} of a device "
             "copy of the same size (minimal traffic, fwd+bwd)",

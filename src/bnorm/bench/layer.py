@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..modules import BatchNorm2d
-from ..testing import RESNET20_SHAPES, time_alternated
-from .report import geomean
+from ..testing import RESNET20_SHAPES, geometric_mean, time_alternated
 
 LAYER_TARGET = 1.05  # the bar: bnorm at most 5% slower than torch
 PER_CALL_TARGET_US = 5.0  # fixed cost of a call: at most 5 µs over torch's
@@ -59,7 +58,7 @@ def layer_suite(args: argparse.Namespace) -> dict[str, object]:
                     "bnorm/torch": ratio,
                 }
             )
-    overall = geomean(ratios)
+    overall = geometric_mean(ratios)
     worst = max(ratios)
     verdict = "meets" if worst <= LAYER_TARGET else "misses"
     per_call = _per_call_cost(args, step)

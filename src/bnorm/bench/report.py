@@ -1,9 +1,8 @@
 """What every suite of ``bnorm bench`` reports with: the machine's facts, a plain-text
-table of rows, the geometric mean of ratios."""
+table of rows (ratios are summarized with :func:`bnorm.testing.geometric_mean`)."""
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from typing import Any
@@ -39,8 +38,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
-
-
-def geomean(values: list[float]) -> float:
-    """The geometric mean of positive ``values``."""
-    return math.exp(sum(math.log(v) for v in values) / len(values))

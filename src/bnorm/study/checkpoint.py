@@ -108,6 +108,20 @@ class Checkpointer:
         if old is not None and old != name:
             (self.directory / old).unlink(missing_ok=True)
 
+    def finished_record(self) -> dict[str, Any] | None:
+        """The run's record if its checkpoint says the run finished, else None (no
+        tensors are read): what an interrupt right after the last save must not lose."""
+        try:
+            state = json.loads(self.json_path.read_text())
+            record = state["record"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(record, dict) or record.get("done") is not True:
+            return None
+        if _comparable(state.get("config", {})) != _comparable(self.config):
+            return None
+        return record
+
     def _current_tensor_file(self) -> str | None:
         if not self.json_path.is_file():
             return None

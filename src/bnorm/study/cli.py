@@ -1,8 +1,9 @@
 """Run the classic batch-normalization experiments with and without BN and write a report.
 
-``bnorm study`` (no arguments) trains, on scikit-learn's bundled digits and for three
-seeds, every experiment of :data:`~bnorm.study.experiments.EXPERIMENTS` once per
-normalization (``--norm``), from the same initial weights and on the same batches, and
+``bnorm study`` (no arguments) trains, on scikit-learn's bundled digits and for seeds
+0, 1, 2 (an experiment may have its own: ``small_batch`` runs 0–4), every experiment of
+:data:`~bnorm.study.experiments.EXPERIMENTS` once per normalization (``--norm``, or the
+experiment's own list), from the same initial weights and on the same batches, and
 writes a run directory with ``config.json``, ``metrics.json``, ``report.html``,
 ``report.md`` and the figures. The options and their precedence:
 :mod:`bnorm.study.config`.
@@ -68,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on the test set every N steps "
                         "(default: each experiment's own)")
     parser.add_argument("--seeds", default=S, metavar="LIST",
-                        help="comma-separated seeds, or a range A-B (default: 0,1,2)")
+                        help="comma-separated seeds, or a range A-B, for every experiment "
+                        "(default: 0,1,2, and an experiment's own: small_batch 0-4)")
     parser.add_argument("--device", default=S, metavar="DEV",
                         help="torch device to train on, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument("--threads", default=S, metavar="N",
@@ -112,6 +114,8 @@ def _epilog() -> str:
         "  [curves]             # TrainSpec fields for one experiment",
         "  steps = 50000",
         "  eval_every = 500",
+        "  [small_batch]        # also norms, seeds, and a sweep's grid",
+        "  seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]",
         "",
         "exit codes: 0 done, 2 bad option / config / data file, 130 interrupted (report written).",
     ]

@@ -12,7 +12,6 @@ here; a bad one raises :class:`UsageError` with what was expected and what was g
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from .data import DATASETS
 from .experiments import EXPERIMENTS
 from .kinds import KINDS, SWEEPS, Experiment
 from .models import MODELS, NORM_LAYERS
-from .train import TrainSpec
+from .spec import TrainSpec
 
 __all__ = [
     "DEFAULTS",
@@ -73,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
 _RUNTIME_OPTIONS = ("device", "threads", "quiet")
 _SPEC_OPTIONS = ("steps", "epochs", "batch_size", "lr", "eval_every")
 # Keys of an experiment's config table that are kind options, not TrainSpec fields.
-_OPTION_KEYS = ("lrs", "batch_sizes", "norms")
+_OPTION_KEYS = ("lrs", "batch_sizes", "norms", "seeds")
 
 
 class UsageError(ValueError):
@@ -116,14 +115,28 @@ def _positive_int(key: str, value: Any) -> int:
     return number
 
 
-def _positive_float(key: str, value: Any) -> float:
+def _spec_value(key: str, value: Any) -> Any:
+    """A :class:`TrainSpec` setting given in a config file or on the command line (a
+    number written as text is read as one), checked by :meth:`TrainSpec.check_setting`:
+    the spec's rules are the only copy."""
+    real = isinstance(getattr(TrainSpec(), key), float)  # lr: 1 means 1.0
+    number = value
+    if isinstance(value, str):
+        for parse in (float,) if real else (int, float):
+            try:
+                number = parse(value.strip())
+                break
+            except ValueError:
+                continue
     try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or number <= 0:
-        raise UsageError(f"expected {key} to be a positive number (got {value!r})")
-    return number
+        TrainSpec.check_setting(key, number)
+    except ValueError:
+        try:  # the message shows the value as it was given
+            TrainSpec.check_setting(key, value)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        raise
+    return float(number) if real else number
 
 
 def _seeds(value: Any) -> list[int]:
@@ -210,11 +223,15 @@ def _validate_top(options: dict[str, Any]) -> dict[str, Any]:
         out["experiments"] = names if value == "all" else _choices("experiments", value, names)
     if "seeds" in out:
         out["seeds"] = _seeds(out["seeds"])
-    for key in ("steps", "epochs", "batch_size", "eval_every", "threads"):
+    for key in _SPEC_OPTIONS:
         if out.get(key) is not None:
-            out[key] = _positive_int(key.replace("_", "-"), out[key])
-    if out.get("lr") is not None:
-        out["lr"] = _positive_float("lr", out["lr"])
+            out[key] = _spec_value(key, out[key])
+    try:
+        TrainSpec.check_length(out.get("steps"), out.get("epochs"), required=False)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if out.get("threads") is not None:
+        out["threads"] = _positive_int("threads", out["threads"])
     if "device" in out:
         out["device"] = _device(out["device"])
     if "name" in out and not re.fullmatch(r"[A-Za-z0-9._-]+", str(out["name"])):
@@ -298,8 +315,7 @@ def _options_for(exp: Experiment, table: dict[str, Any]) -> dict[str, Any]:
                 f"expected {sweep.option} for {exp.name!r} to be a non-empty list of numbers "
                 f"(got {value!r})"
             )
-        check = _positive_float if sweep.cast is float else _positive_int
-        options[sweep.option] = [check(sweep.option, v) for v in value]
+        options[sweep.option] = [sweep.cast(_spec_value(sweep.field, v)) for v in value]
     if "norms" in table:
         options["norms"] = _choices(f"norms of {exp.name}", table["norms"], list(NORM_LAYERS))
     return options
@@ -326,10 +342,24 @@ def _read_config_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, An
     return file_options, tables
 
 
+def _seeds_for(
+    exp: Experiment, table: dict[str, Any], top: dict[str, Any], given: bool
+) -> list[int]:
+    """The experiment's seeds. Precedence, lowest first: the study's default seeds, the
+    experiment's own (``exp.seeds``), seeds given for the whole study (``given``: in a
+    config file or on the command line), ``seeds`` in its config table."""
+    if "seeds" in table:
+        return _seeds(table["seeds"])
+    if exp.seeds is not None and not given:
+        return list(exp.seeds)
+    return list(top["seeds"])
+
+
 def _experiment_entry(
     exp: Experiment, spec: TrainSpec | None, options: dict[str, Any], default_norms: list[str]
 ) -> dict[str, Any]:
-    """One experiment's entry of config.json (its kind, texts, norms, spec, options)."""
+    """One experiment's entry of config.json (its kind, texts, norms, spec, options; the
+    caller adds its seeds)."""
     norms = list(options.get("norms", default_norms))
     for norm in norms:
         if norm not in NORM_LAYERS:
@@ -355,9 +385,6 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         file_options, tables = _read_config_file(cli["config"])
     file_top = _validate_top(file_options)
     cli_top = _validate_top({k: v for k, v in cli.items() if k in DEFAULTS})
-    for given in (file_top, cli_top):
-        if given.get("steps") is not None and given.get("epochs") is not None:
-            raise UsageError("expected steps or epochs, not both")
     top = {**DEFAULTS, **file_top, **cli_top}
     if top["preset"] and top["model"] is None:
         top["model"] = PRESETS[top["preset"]]["model"]
@@ -373,6 +400,8 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         table = tables.get(exp.name, {})
         spec = _spec_for(exp, top, file_top, cli_top, table) if KINDS[exp.kind].trains else None
         entry = _experiment_entry(exp, spec, _options_for(exp, table), top["norm"])
+        seeds_given = "seeds" in file_top or "seeds" in cli_top
+        entry["seeds"] = _seeds_for(exp, table, top, seeds_given)
         if exp.kind == "shift" and source is not None:
             # The networks are measured at the end of the source experiment's runs.
             experiments[source]["spec"]["shift_check"] = True
@@ -445,6 +474,7 @@ def experiment_objects(
                 entry["spec"],
                 entry["options"],
                 about=entry.get("about", ""),
+                seeds=entry.get("seeds"),  # absent in config.json before per-experiment seeds
             )
             spec = TrainSpec(**entry["spec"]) if KINDS[entry["kind"]].trains else None
             if spec is not None:

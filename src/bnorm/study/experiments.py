@@ -1,8 +1,9 @@
 """The study's experiments, in the order they run: :data:`EXPERIMENTS`.
 
-Each entry names a kind (:data:`bnorm.study.kinds.KINDS`: how its runs are planned and
-summarized), overrides :class:`~bnorm.study.train.TrainSpec`'s defaults (``spec``) and
-gives the kind's options (``options``). Adding an experiment is one entry here.
+Each entry names a kind (:data:`bnorm.study.kinds.KINDS`: how its runs are scheduled,
+summarized and reported), overrides :class:`~bnorm.study.spec.TrainSpec`'s defaults
+(``spec``), gives the kind's options (``options``) and, where it needs more than the
+study's, its own ``seeds``. Adding an experiment is one entry here.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ EXPERIMENTS: list[Experiment] = [
     Experiment(
         name="small_batch",
         kind="batch_sweep",
-        title="Small batches: BN, Batch Renorm, ghost BN",
+        title="Small batches: BN, Batch Renorm, ghost BN, LayerNorm, moving-average BN",
         spec={
             **_PAPER_MLP,
             "activation": "relu",
@@ -86,13 +87,27 @@ EXPERIMENTS: list[Experiment] = [
             "eval_every": 10**6,
             "probe": False,
         },
-        options={"batch_sizes": [2, 4, 8, 32], "norms": ["none", "bn", "renorm", "ghost"]},
-        about="The 3×100 ReLU network trained for the same number of epochs at each batch "
-        "size: BN's statistics get noisy as the batch shrinks, and the running statistics "
-        "used at test time drift from the batch statistics used in training. Batch Renorm "
-        "corrects the training-time normalization towards the running statistics (the "
-        "paper's schedule scaled to these short runs); ghost BN normalizes groups of 8 "
-        "samples within larger batches.",
+        options={
+            "batch_sizes": [2, 4, 8, 32],
+            "norms": ["none", "bn", "renorm", "ghost", "ln", "mabn"],
+            "recalibrated": ["bn"],  # also evaluated after bnorm.recalibrate
+        },
+        seeds=[0, 1, 2, 3, 4],
+        about="The 3×100 ReLU network trained for one epoch at each batch size, 5 seeds: "
+        "BN's statistics get noisy as the batch shrinks, and the running statistics used "
+        "at test time drift from the batch statistics used in training. 'BN, recalibrated' "
+        "is the same BN networks evaluated after bnorm.recalibrate (the exact training-set "
+        "statistics in place of the running ones): what is left of the gap was lost in "
+        "training, not at test time. Batch Renorm corrects the training-time normalization "
+        "towards the running statistics (the paper's schedule scaled by 1/100 to these "
+        "runs of 44 to 719 steps); ghost BN normalizes groups of 8 samples within larger "
+        "batches. Moving-average BN (MABN, Yan et al. 2020) normalizes by the mean of x² "
+        "averaged over the last 16 batches (the paper's window: batch 2 averaged to 32 "
+        "samples) and uses the same average of the gradient statistic in backward, with "
+        "the weights of each layer before it centered (bnorm.centralize_weights, as in "
+        "the paper); its 100-step warm-up on batch statistics is scaled to 10 steps here. "
+        "LayerNorm normalizes each sample over its 100 features: no batch statistics at "
+        "all.",
     ),
     Experiment(
         name="accumulation",

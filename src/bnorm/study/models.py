@@ -13,9 +13,13 @@
 
 The normalization comes from :data:`NORM_LAYERS`, a dict from a name to a factory
 ``(num_features, spatial_dims) -> nn.Module`` (``spatial_dims`` 0 after a linear layer,
-2 after a convolution); ``None`` means no normalization. A layer followed by a
+2 after a convolution); ``None`` means no normalization. Besides bnorm's batch norms it
+holds the per-sample normalizations users pick when batches are small: ``ln``
+(LayerNorm, Ba et al. 2016: each sample's features — after a convolution its C × H × W
+values — normalized by their own mean and variance, per-feature γ, β) and ``gn``
+(GroupNorm, Wu & He 2018: the same per group of channels). A layer followed by a
 normalization has no bias (the normalization's β replaces it). Adding a variant is one
-entry in that dict.
+entry in that dict (and its label in :data:`NORM_LABELS`).
 
 Every network has a ``probe`` module (an identity) at the input of the last hidden
 nonlinearity — the "input to a sigmoid" that the paper's Fig. 1 follows — and lists its
@@ -34,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 import bnorm
 
@@ -50,6 +55,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "initialize",
+    "raw_weight",
 ]
 
 NormFactory = Callable[[int, int], nn.Module]
@@ -69,6 +75,9 @@ STUDY_RENORM = bnorm.Renorm(
 )
 # Ghost batches of 8 samples (a batch of at most 8 is a single group).
 STUDY_VIRTUAL_BATCH = 8
+# Moving-average BN (MABN): the reference's window of 16 batches (normalization batch 2
+# averaged to 32 samples); its warm-up of 100 steps scaled to the study's short runs.
+STUDY_MOVING_AVERAGE = bnorm.MovingAverage(window=16, warmup_steps=10)
 
 
 def _bn_factory(**options: Any) -> NormFactory:
@@ -83,6 +92,22 @@ def _sync_bn(num_features: int, spatial_dims: int) -> nn.Module:
     return bnorm.SyncBatchNorm(num_features)
 
 
+# GroupNorm's groups: Wu & He's G = 32, or the largest divisor of the channels below it.
+STUDY_GROUPS = 32
+
+
+def _layer_norm(num_features: int, spatial_dims: int) -> nn.Module:
+    # After a linear layer LayerNorm over the features; after a convolution GroupNorm with
+    # one group, which is LayerNorm over (C, H, W) with a γ, β per channel.
+    if spatial_dims == 0:
+        return nn.LayerNorm(num_features)
+    return nn.GroupNorm(1, num_features)
+
+
+def _group_norm(num_features: int, spatial_dims: int) -> nn.Module:
+    return nn.GroupNorm(math.gcd(STUDY_GROUPS, num_features), num_features)
+
+
 # Name → factory (None: no normalization). New variants plug in here.
 NORM_LAYERS: dict[str, NormFactory | None] = {
     "none": None,
@@ -90,6 +115,15 @@ NORM_LAYERS: dict[str, NormFactory | None] = {
     "renorm": _bn_factory(renorm=STUDY_RENORM),
     "ghost": _bn_factory(virtual_batch_size=STUDY_VIRTUAL_BATCH),
     "syncbn": _sync_bn,
+    "ln": _layer_norm,
+    "gn": _group_norm,
+    "mabn": _bn_factory(moving_average=STUDY_MOVING_AVERAGE),
+}
+
+# What a norm needs of the whole network beyond its layers: MABN's reduced normalization
+# does not subtract a mean, so the paper centers the weights of the layer before it.
+NORM_MODEL_STEPS: dict[str, Callable[[nn.Module], object]] = {
+    "mabn": bnorm.centralize_weights,
 }
 
 # How each norm is named in reports (a name missing here is shown as is).
@@ -99,7 +133,11 @@ NORM_LABELS: dict[str, str] = {
     "renorm": "Batch Renorm",
     "ghost": f"ghost BN ({STUDY_VIRTUAL_BATCH})",
     "syncbn": "SyncBN",
+    "ln": "LayerNorm",
+    "gn": "GroupNorm",
+    "mabn": "moving-average BN",
     "bn+accumulate": "BN + accumulate",  # the accumulation experiment's merged arm
+    "bn+recalibrated": "BN, recalibrated",  # the BN networks after bnorm.recalibrate
 }
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -275,26 +313,45 @@ def build_model(
     activation: str | None = None,
 ) -> nn.Module:
     """A network by name (one of :data:`MODELS`) with the normalization ``norm`` (a key of
-    :data:`NORM_LAYERS`). ``hidden``/``activation`` apply to the MLPs (defaults: 3×100
-    sigmoid for ``mlp``, 10×64 sigmoid for ``deep-mlp``)."""
+    :data:`NORM_LAYERS`, then its step of :data:`NORM_MODEL_STEPS` if it has one).
+    ``hidden``/``activation`` apply to the MLPs (defaults: 3×100 sigmoid for ``mlp``,
+    10×64 sigmoid for ``deep-mlp``)."""
     if norm not in NORM_LAYERS:
         raise ValueError(f"expected a norm in {', '.join(NORM_LAYERS)} (got {norm!r})")
     factory = NORM_LAYERS[norm]
     c, h, w = image_shape
+    model: nn.Module
     if name in ("mlp", "deep-mlp"):
         default_hidden = (100,) * 3 if name == "mlp" else (64,) * 10
-        return MLP(
+        model = MLP(
             c * h * w,
             num_classes,
             tuple(hidden) if hidden else default_hidden,
             activation or "sigmoid",
             factory,
         )
-    if name == "cnn":
-        return SimpleCNN(c, num_classes, (h, w), factory)
-    if name.startswith("resnet") and name in MODELS:
-        return CifarResNet(int(name[len("resnet") :]), c, num_classes, factory)
-    raise ValueError(f"expected a model in {', '.join(MODELS)} (got {name!r})")
+    elif name == "cnn":
+        model = SimpleCNN(c, num_classes, (h, w), factory)
+    elif name.startswith("resnet") and name in MODELS:
+        model = CifarResNet(int(name[len("resnet") :]), c, num_classes, factory)
+    else:
+        raise ValueError(f"expected a model in {', '.join(MODELS)} (got {name!r})")
+    step = NORM_MODEL_STEPS.get(norm)
+    if step is not None:
+        step(model)
+    return model
+
+
+def raw_weight(layer: nn.Module) -> Tensor:
+    """The weight tensor SGD updates: ``layer.weight``, or for a parametrized weight (the
+    layers centralized for ``mabn``) its raw tensor, from which ``layer.weight`` is
+    computed."""
+    if parametrize.is_parametrized(layer, "weight"):
+        chain: Any = layer.parametrizations
+        original: Tensor = chain.weight.original
+        return original
+    weight: Tensor = getattr(layer, "weight")  # noqa: B009
+    return weight
 
 
 def initialize(
@@ -306,14 +363,16 @@ def initialize(
     Schemes (fan_in = inputs per output unit, e.g. in_channels·k·k for a conv):
     ``normal`` N(0, std²); ``kaiming`` N(0, 2/fan_in) (He et al., for ReLU);
     ``xavier`` N(0, 2/(fan_in + fan_out)); ``torch`` U(−1/√fan_in, 1/√fan_in), the
-    distribution PyTorch's default initialization gives nn.Linear/nn.Conv weights.
+    distribution PyTorch's default initialization gives nn.Linear/nn.Conv weights. A
+    parametrized weight (``mabn``'s centralized layers) gets the draw in its raw tensor,
+    so every arm starts from the same raw weights.
     """
     layers = getattr(model, "weight_layers", None)
     if layers is None:
         raise TypeError(f"expected a study model with weight_layers (got {type(model).__name__})")
     with torch.no_grad():
         for layer in layers:
-            weight = layer.weight
+            weight = raw_weight(layer)
             fan_in = weight[0].numel()
             fan_out = weight.shape[0] * (weight[0, 0].numel() if weight.dim() > 2 else 1)
             if scheme == "normal":

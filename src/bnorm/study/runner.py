@@ -1,8 +1,8 @@
-"""Running the study: plan the runs, train them (checkpointed, resumable, on every rank
+"""Running the study: schedule the runs, train them (checkpointed, resumable, on every rank
 under ``torchrun``), then write metrics.json and the report.
 
 :func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
-creates the run directory and plans every run; :func:`train_all` trains them in order
+creates the run directory and schedules every run; :func:`train_all` trains them in order
 (an interrupt stops it and keeps what finished); :func:`write_results` writes
 metrics.json and the report. Rank 0 alone writes the run directory.
 """
@@ -24,9 +24,12 @@ import torch
 from .checkpoint import RUNTIME_KEY, Checkpointer, atomic_write, to_json
 from .config import UsageError, experiment_objects, load_resume, resolve_config
 from .data import Dataset, load_dataset
-from .kinds import KINDS, SWEEPS, Experiment, PlannedRun, SummaryInputs
+from .kinds import KINDS, SWEEPS, Experiment, ScheduledRun, SummaryInputs
+from .loop import process_rank
 from .progress import Progress
-from .train import TrainSpec, process_rank, train_run
+from .report import write_report
+from .spec import TrainSpec
+from .train import train_run
 
 __all__ = [
     "Study",
@@ -43,24 +46,25 @@ _NO_COMPILE = "BNORM_NO_COMPILE"
 
 @dataclass
 class Study:
-    """A prepared study: its configuration, run directory, data and planned runs, and
+    """A prepared study: its configuration, run directory, data and scheduled runs, and
     (once trained) the records of the runs that finished."""
 
     config: dict[str, Any]
     out: Path
     data: Dataset
     experiments: list[tuple[Experiment, TrainSpec | None, list[str]]]
-    plans: list[tuple[Experiment, list[PlannedRun]]]
+    schedule: list[tuple[Experiment, list[ScheduledRun]]]
     rank: int
     resuming: bool
     started: str  # local time, ISO 8601
     wall_start: float  # time.perf_counter() when the study started
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     interrupted: bool = False
+    cpu_start: float = field(default_factory=time.process_time)  # this process's CPU time
 
     @property
     def planned(self) -> int:
-        return sum(len(p) for _, p in self.plans)
+        return sum(len(runs) for _, runs in self.schedule)
 
 
 @contextlib.contextmanager
@@ -107,29 +111,30 @@ def _new_out_dir(config: dict[str, Any]) -> Path:
     return out
 
 
-def _plan_runs(
+def _schedule_runs(
     experiments: list[tuple[Experiment, TrainSpec | None, list[str]]],
     seeds: list[int],
     n_train: int,
-) -> list[tuple[Experiment, list[PlannedRun]]]:
+) -> list[tuple[Experiment, list[ScheduledRun]]]:
     """Every experiment's runs, each checked to have at least one step per epoch."""
-    plans = []
+    schedule = []
     for exp, spec, norms in experiments:
-        planned = KINDS[exp.kind].plan(exp, spec, norms, seeds) if spec is not None else []
+        own = exp.seeds if exp.seeds is not None else seeds
+        planned = KINDS[exp.kind].schedule(exp, spec, norms, own) if spec is not None else []
         for run in planned:
             if run.spec.steps_per_epoch(n_train) < 1:
                 raise UsageError(
                     f"experiment {exp.name!r}: expected a batch size ≤ the {n_train} "
                     f"training images (got {run.spec.batch_size})"
                 )
-        plans.append((exp, planned))
-    return plans
+        schedule.append((exp, planned))
+    return schedule
 
 
 def prepare_study(cli: dict[str, Any]) -> Study:
     """Everything before training, from the command-line options given (``cli``): join
     the process group, resolve (or, with ``resume``, read back) the configuration, apply
-    its runtime settings, load the data, plan the runs, and (rank 0) create the run
+    its runtime settings, load the data, schedule the runs, and (rank 0) create the run
     directory with config.json. Raises UsageError or DataError."""
     wall_start = time.perf_counter()
     started = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -147,16 +152,16 @@ def prepare_study(cli: dict[str, Any]) -> Study:
     if not runtime.get("compile_kernels", True):
         os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
     data = load_dataset(config["dataset"], config["data_dir"])
-    plans = _plan_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
+    schedule = _schedule_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resuming and rank == 0:
         atomic_write(out / "config.json", to_json(config).encode())
-    return Study(config, out, data, experiments, plans, rank, resuming, started, wall_start,
-                 runs={exp.name: [] for exp, _ in plans})  # fmt: skip
+    return Study(config, out, data, experiments, schedule, rank, resuming, started, wall_start,
+                 runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
 
 
-def _run_label(exp: Experiment, run: PlannedRun) -> str:
+def _run_label(exp: Experiment, run: ScheduledRun) -> str:
     """The progress display's name of a run, e.g. ``lr_tolerance · bn · seed 0 · lr 0.1``."""
     label = f"{exp.name} · {run.norm} · seed {run.seed}"
     if exp.kind in SWEEPS:
@@ -171,11 +176,12 @@ def train_all(study: Study, quiet: bool) -> None:
     interrupt (Ctrl-C) stops training and sets ``study.interrupted``; what finished is
     kept. Raises CheckpointError for a damaged or foreign checkpoint."""
     n_train = int(study.data.train_labels.shape[0])
-    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.plans for r in p)
+    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.schedule for r in p)
     device = study.config[RUNTIME_KEY]["device"]
+    current: tuple[str, str, Checkpointer | None] | None = None  # (experiment, tag, files)
     try:
         with Progress(total_steps, quiet) as progress:
-            for exp, planned in study.plans:
+            for exp, planned in study.schedule:
                 for run in planned:
                     total = run.spec.total_steps(n_train)
                     progress.start_run(_run_label(exp, run), total)
@@ -184,26 +190,37 @@ def train_all(study: Study, quiet: bool) -> None:
                         Checkpointer(study.out / "checkpoints" / exp.name, run.tag, study.config)
                         if study.rank == 0 or study.resuming else None
                     )
+                    current = (exp.name, run.tag, checkpointer)
                     record = train_run(
                         run.spec, study.data, norm=run.norm, seed=run.seed, device=device,
                         checkpointer=checkpointer, on_progress=progress.step,
                     )  # fmt: skip
-                    record["tag"] = run.tag
-                    study.runs[exp.name].append(record)
+                    _keep(study, exp.name, run.tag, record)
                     progress.finish_run(total)
     except KeyboardInterrupt:
         study.interrupted = True
+        # The signal may have come after the run's last checkpoint said it finished.
+        if current is not None and current[2] is not None:
+            finished = current[2].finished_record()
+            if finished is not None:
+                _keep(study, current[0], current[1], finished)
+
+
+def _keep(study: Study, name: str, tag: str, record: dict[str, Any]) -> None:
+    """Add a finished run's record to ``study.runs`` (once: tags are unique)."""
+    if all(r.get("tag") != tag for r in study.runs[name]):
+        record["tag"] = tag
+        study.runs[name].append(record)
 
 
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     """Write metrics.json and the report (rank 0); return the metrics and the report's
     files."""
-    from .report import write_report
-
     metrics = build_metrics(study, time.perf_counter() - study.wall_start)
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     paths = write_report(study.out, study.config, metrics)
     metrics["wall_s"] = time.perf_counter() - study.wall_start
+    metrics["cpu_s"] = time.process_time() - study.cpu_start
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     return metrics, paths
 
@@ -224,6 +241,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
             "title": exp.title,
             "about": exp.about,
             "norms": norms,
+            "seeds": exp.seeds if exp.seeds is not None else config["seeds"],
             "spec": asdict(spec) if spec is not None else {},
             "options": exp.options,
             "runs": runs,
@@ -244,6 +262,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "started": study.started,
         "wall_s": wall_s,
+        "cpu_s": time.process_time() - study.cpu_start,
         "interrupted": study.interrupted,
         "runs_planned": study.planned,
         "runs_finished": finished,

@@ -37,7 +37,8 @@ def print_summary(metrics: dict[str, Any], out: Path, paths: list[Path]) -> None
             f"finished; the report covers them. Continue with: bnorm study --resume {out}"
         )
     console.print(
-        f"Wall time {metrics['wall_s']:.1f} s · {metrics['runs_finished']} runs · "
+        f"Wall time {metrics['wall_s']:.1f} s · CPU time {metrics.get('cpu_s', 0.0):.1f} s · "
+        f"{metrics['runs_finished']} runs · "
         f"{len(paths) - 2} figures",
         highlight=False,
     )
