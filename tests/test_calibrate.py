@@ -228,3 +228,36 @@ def test_recalibrate_across_two_gloo_ranks_gives_every_rank_the_global_statistic
         np.testing.assert_allclose(
             results[0][var_key].numpy(), values.var(axis=(0, 2, 3), ddof=1), rtol=VAR_RTOL, atol=0
         )
+
+
+def test_moving_average_layers_get_the_second_moment_they_normalize_with() -> None:
+    """A moving-average layer normalizes with the uncentered second moment χ = E[x²]
+    (reduced normalization): recalibrate gives it (0, χ) of all its inputs — not their
+    mean and variance — and diagnose, and adapt("bn"), then agree with it."""
+    batches = uneven_batches(1, (5, 2, 7), (3,))  # means 0, 0.5, 1: far from centered
+    values = torch.cat(batches).double().numpy()
+    chi = (values * values).mean(axis=0)
+    layer = bnorm.BatchNorm1d(3, moving_average=True)
+    report = bnorm.recalibrate(layer, batches, progress=False)
+    assert report.layers[0].status == "updated"
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.0, atol=0)
+    np.testing.assert_allclose(layer.running_var.numpy(), chi, rtol=VAR_RTOL)
+    # The layer's own training rule says the same: one batch of everything, window 1,
+    # no warm-up, momentum 1 leaves running_var = χ̄ = χ of that batch.
+    trained = bnorm.BatchNorm1d(
+        3, momentum=1.0, moving_average=bnorm.MovingAverage(window=1, warmup_steps=0)
+    ).double()
+    trained(torch.cat(batches).double())
+    np.testing.assert_allclose(layer.running_var.numpy(), trained.running_var.numpy(), rtol=1e-6)
+    # Evaluation is then γ x / √(χ + ε) + β.
+    x = batches[0]
+    expected = x.double().numpy() / np.sqrt(chi + layer.eps)
+    np.testing.assert_allclose(layer.eval()(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    # diagnose compares like with like: no drift right after recalibrating.
+    diagnosis = bnorm.diagnose(layer, batches, progress=False)
+    assert diagnosis.layers[0].drift < 1e-6
+    # adapt's "bn" (recalibrate on the test data) writes the same statistics.
+    fresh = bnorm.BatchNorm1d(3, moving_average=True).eval()
+    bnorm.adapt(fresh, batches, "bn", progress=False)
+    np.testing.assert_allclose(fresh.running_var.numpy(), chi, rtol=VAR_RTOL)
+    np.testing.assert_allclose(fresh.running_mean.numpy(), 0.0, atol=0)

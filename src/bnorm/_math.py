@@ -120,6 +120,24 @@ def window_average(
     return torch.where(steps <= warmup_steps, value, average), new_ring
 
 
+def population_statistics(
+    moments: Moments, *, reduced: bool = False, unbiased: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The (mean, variance) that a layer's running statistics stand for, given the
+    moments of its inputs (count m, mean μ, M2)::
+
+        batch norm                          (μ, M2/(m − 1))   — (μ, M2/m) with ``unbiased=False``
+        reduced normalization (moving-avg)  (0, χ),  χ = M2/m + μ²  (a second moment about 0)
+
+    The reduced form is what moving-average batch norm normalizes with (no centering, no
+    m/(m − 1)), so that evaluation, γ (x − 0)/√(χ + ε) + β, is batch norm's own formula.
+    Callers check that m ≥ 2 (m ≥ 1 for the biased and reduced forms) first."""
+    count, mean, m2 = moments
+    if reduced:
+        return torch.zeros_like(mean), m2 / count + mean * mean
+    return mean, m2 / ((count - 1).clamp_min(1) if unbiased else count)
+
+
 def moving_average_running(
     running_mean: Tensor, running_var: Tensor, chi_bar: Tensor, alpha: float | Tensor
 ) -> tuple[Tensor, Tensor]:

@@ -81,11 +81,9 @@ def recalibrated_accuracy(
     """Test accuracy (eval mode) of ``model`` after :func:`bnorm.recalibrate` over the
     training set in batches of ``batch_size``. Against the accuracy with the running
     statistics it separates what the running statistics cost at test time from what
-    training with batch statistics cost. None without batch norms, and with
-    moving-average ones: recalibrate computes each layer's mean and variance, while their
-    reduced normalization divides by the second moment about 0 and subtracts nothing."""
-    layers = [layer for _, layer in batch_norm_layers(model)]
-    if not layers or any(getattr(m, "moving_average", None) is not None for m in layers):
+    training with batch statistics cost. None without batch norms. (Moving-average layers
+    get the second moment of their inputs about 0, which is what they normalize with.)"""
+    if not batch_norm_layers(model):
         return None
     return _test_accuracy(_recalibrated(model, data, spec, device), data, spec, device)
 

@@ -64,6 +64,7 @@ from .layers import (
     check_module,
     has_running_stats,
     is_frozen_batch_norm,
+    layer_statistics,
 )
 
 __all__ = ["METHODS", "AdaptationReport", "LayerAdaptation", "adapt", "entropy"]
@@ -542,8 +543,7 @@ def _prior_hook(layer: Any, strength: float, source: tuple[Tensor, Tensor]) -> C
 
     def mix(x: Tensor, batch: Moments) -> None:
         # (mean, biased variance), as a training-mode layer normalizes with
-        mean = batch.mean.double()
-        var = batch.m2.double() / batch.count.double().clamp_min(1)
+        mean, var = (t.double() for t in layer_statistics(layer, batch, unbiased=False))
         _set_prior_mix(layer, strength, source, float(x.shape[0]), mean, var)
 
     return input_moments_hook(layer, mix)
@@ -617,9 +617,9 @@ def _online_entry(
     count = 0 if mom is None else int(mom.count[0])
     entry = LayerAdaptation(name, type(layer).__name__, "adapted", count)
     if mom is not None and count > 1 and source is not None:
-        var = mom.m2 / (mom.count - 1)
+        mean, var = layer_statistics(layer, mom)
         entry.mean_shift, entry.var_ratio_min, entry.var_ratio_max = statistics_shift(
-            layer, mom.mean, var, *source
+            layer, mean, var, *source
         )
     if count == 0:
         entry.status = "kept: not reached by the data"

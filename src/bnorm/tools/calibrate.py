@@ -43,7 +43,13 @@ from ._inputs import (
     format_table,
     resolve_progress,
 )
-from .layers import batch_norm_layers, check_module, has_running_stats, is_frozen_batch_norm
+from .layers import (
+    batch_norm_layers,
+    check_module,
+    has_running_stats,
+    is_frozen_batch_norm,
+    layer_statistics,
+)
 
 __all__ = ["CalibrationReport", "LayerCalibration", "recalibrate"]
 
@@ -133,6 +139,9 @@ def recalibrate(
 
         running_mean = (1/n) Σ x,   running_var = 1/(n − 1) Σ (x − running_mean)²
 
+    — for a moving-average layer (``moving_average=``), which normalizes with the second
+    moment about 0, ``running_mean = 0`` and ``running_var = (1/n) Σ x²`` instead
+    (:func:`bnorm.tools.layers.layer_statistics`) —
     computed by merging per-batch moments (count, mean, M2) in float64 — equal to the
     statistics of all the values concatenated, for any batch sizes (the law of total
     variance; see the module docstring). Weights are fixed and no gradients are computed.
@@ -264,8 +273,7 @@ def _update_layer(name: str, layer: Any, mom: Moments | None) -> LayerCalibratio
         return LayerCalibration(name, kind, "kept: not reached by the data")
     if count < 2:
         return LayerCalibration(name, kind, f"kept: only {count} value per channel", count)
-    mean = mom.mean
-    var = mom.m2 / (mom.count - 1)
+    mean, var = layer_statistics(layer, mom)
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         return LayerCalibration(name, kind, "kept: non-finite inputs", count)
     running_mean: Tensor = layer.running_mean  # type: ignore[assignment]

@@ -51,6 +51,7 @@ from .layers import (
     has_running_stats,
     is_batch_norm,
     is_frozen_batch_norm,
+    layer_statistics,
 )
 
 __all__ = ["DiagnosisReport", "LayerDiagnosis", "StatisticsRecorder", "diagnose", "percentiles"]
@@ -282,8 +283,7 @@ def _diagnose_layer(
         if entry.nonfinite_running:
             entry.flags.insert(0, "non-finite running stats")
         return entry
-    mean = mom.mean.to(running_mean.device)
-    var = (mom.m2 / max(count - 1, 1)).to(running_mean.device)
+    mean, var = (t.to(running_mean.device) for t in layer_statistics(layer, mom))
     bad_inputs = ~(torch.isfinite(mean) & torch.isfinite(var))
     entry.nonfinite_inputs = int(bad_inputs.sum())
     if entry.nonfinite_running:

@@ -10,8 +10,11 @@ the layers in :mod:`bnorm.modules` (layer conversion uses them too) and exported
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
+from .._math import Moments, population_statistics
 from ..modules import batch_norm_layers, is_batch_norm, is_frozen_batch_norm
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "has_running_stats",
     "is_batch_norm",
     "is_frozen_batch_norm",
+    "layer_statistics",
 ]
 
 
@@ -40,3 +44,15 @@ def has_running_stats(layer: nn.Module) -> bool:
     return isinstance(getattr(layer, "running_mean", None), Tensor) and isinstance(
         getattr(layer, "running_var", None), Tensor
     )
+
+
+def layer_statistics(
+    layer: Any, moments: Moments, *, unbiased: bool = True
+) -> tuple[Tensor, Tensor]:
+    """The (mean, variance) ``layer``'s running statistics stand for, from the moments of
+    its inputs (:func:`bnorm._math.population_statistics`): the inputs' mean and variance
+    for batch norm; (0, the second moment) for a moving-average layer, which normalizes
+    with the uncentered second moment. Every tool that writes or compares running
+    statistics asks this."""
+    reduced = getattr(layer, "moving_average", None) is not None
+    return population_statistics(moments, reduced=reduced, unbiased=unbiased)
