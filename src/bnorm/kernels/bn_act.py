@@ -108,7 +108,10 @@ def fused_pays(x: Tensor, memory_efficient: bool) -> bool:
     so the fixed cost weighs against time per element that halves with 2 threads)."""
     return (
         memory_efficient
-        or x.numel() >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
+        or (
+            x.numel() >= FUSED_MIN_NUMEL
+            and x.numel() >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
+        )
         or not x.is_cpu
         or (current_scope() is not None and torch.is_grad_enabled())
     )
