@@ -204,7 +204,7 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                     args.repeats,
                     args.warmup,
                 )
-                fixed = _fixed_cost(c, side, fmt, pattern, args)
+                small = _fixed_cost(c, side, fmt, pattern, args)
                 fwd_bytes = FWD_PASSES[pattern] * nbytes
                 bwd_bytes = BWD_PASSES[pattern] * nbytes
                 t_bwd = max(t["fused"] - t["fused_fwd"], 1e-9)
@@ -234,10 +234,10 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                         # at the working-set copy's speed.
                         "achieved/bound": traffic_s / t["fused"],
                         "bound/eager": traffic_s / t["eager"],
-                        "fixed_eager_us": 1e6 * fixed["eager"],
-                        "fixed_bnorm_us": 1e6 * fixed["bnorm"],
-                        "fixed_fused_us": 1e6 * fixed["fused"],
-                        "fixed_bnorm/eager": fixed["bnorm"] / fixed["eager"],
+                        "fixed_eager_us": 1e6 * small["eager"],
+                        "fixed_bnorm_us": 1e6 * small["bnorm"],
+                        "fixed_fused_us": 1e6 * small["fused"],
+                        "fixed_bnorm/eager": small["bnorm"] / small["eager"],
                     }
                 )
     vs_eager = [r["bnorm/eager"] for r in rows]
