@@ -56,8 +56,9 @@ reuse it, and Inductor's on-disk cache makes later processes faster. Tensors of 
 code run with torch's thread count at each call (smaller ones run serial code). After
 compiling, a call skips Dynamo's frame evaluation (the compiled code's own guards are
 checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
-wrappers, output allocation), and a layer's forward+backward ~0.3 ms of Python and
-autograd in all (torch's eager layers ~0.1 ms), so small tensors gain little. Plain batch
+wrappers, output allocation), and a layer's forward+backward ~0.11–0.14 ms more than
+torch's eager layers in all (Python and autograd), so on CPU inputs below
+:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`). Plain batch
 norm (no activation, no residual) keeps ATen's kernel: these kernels measured no
 consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
