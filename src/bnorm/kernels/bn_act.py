@@ -56,7 +56,7 @@ reuse it, and Inductor's on-disk cache makes later processes faster. Tensors of 
 code run with torch's thread count at each call (smaller ones run serial code). After
 compiling, a call skips Dynamo's frame evaluation (the compiled code's own guards are
 checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
-wrappers, output allocation), and a layer's forward+backward ~0.11–0.14 ms more than
+wrappers, output allocation), and a layer's forward+backward ~0.1–0.2 ms more than
 torch's eager layers in all (Python and autograd), so on CPU inputs below
 :data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`). Plain batch
 norm (no activation, no residual) keeps ATen's kernel: these kernels measured no
@@ -93,7 +93,7 @@ MIN_ABS_WEIGHT = 1e-3
 FUSED_MIN_NUMEL = 1 << 18
 """On CPU, the smallest input (elements, per thread of torch's up to 2) whose training
 step runs the fused Function when nothing else needs it. Its forward+backward has a fixed
-cost of ~0.13 ms over torch's three eager ops (the Function's Python and autograd node,
+cost of ~0.1–0.2 ms over torch's three eager ops (the Function's Python and autograd node,
 two kernel calls with their output allocation — the same in the eager fallback), which the
 traffic it saves repays only from about here on (docs/kernels.md gives the measured
 sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen, as in
