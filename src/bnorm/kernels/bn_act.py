@@ -58,9 +58,9 @@ compiling, a call skips Dynamo's frame evaluation (the compiled code's own guard
 checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
 wrappers, output allocation), and a layer's forward+backward ~0.1–0.2 ms more than
 torch's eager layers in all (Python and autograd), so on CPU inputs below
-:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`). Plain batch
-norm (no activation, no residual) keeps ATen's kernel: these kernels measured no
-consistent gain for it.
+:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`).
+Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
+measured no consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
 ATen's ``native_batch_norm``/``native_batch_norm_backward`` with ATen's activation ops
 (memory-efficient mode: the same torch functions as the compiled kernels, run eagerly).
