@@ -57,3 +57,15 @@ def compiled(eager_fallback: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BNORM_NO_COMPILE", raising=False)
     if not kernels.compile_enabled():
         pytest.skip("torch.compile is not available here")
+
+
+@pytest.fixture(autouse=True)
+def fused_at_every_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused BN + activation Function at every input size: the tests use small
+    tensors, which a training step would otherwise run through ATen's batch norm, add and
+    activation (:func:`bnorm.kernels.fused_pays`). A test of that size dispatch itself
+    opts out with ``@pytest.mark.size_dispatch``."""
+    if request.node.get_closest_marker("size_dispatch") is None:
+        from bnorm.kernels import bn_act
+
+        monkeypatch.setattr(bn_act, "FUSED_MIN_NUMEL", 0)

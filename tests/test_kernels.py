@@ -375,6 +375,72 @@ def test_layer_matches_torch_layers_over_steps(rank, momentum):
     torch.testing.assert_close(ours(x), torch.relu(theirs(x)), rtol=1e-5, atol=1e-6)
 
 
+def _fused_function_ran(y: torch.Tensor) -> bool:
+    return y.grad_fn is not None and "BatchNormAct" in type(y.grad_fn).__name__
+
+
+@pytest.mark.size_dispatch
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_inputs_run_torchs_ops_with_torchs_results(threads, channels_last, monkeypatch):
+    # Below the size threshold the layer is ATen's batch norm, then the add and the
+    # activation: bit for bit what torch's layers give, running statistics included.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    ours = bnorm.BatchNormAct2d(8, activation="relu")
+    theirs = nn.BatchNorm2d(8)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for step in range(3):
+        x = (torch.randn(4, 8, 5, 5) * (step + 1) + step).to(memory_format=memory_format)
+        r = torch.randn(4, 8, 5, 5)
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ro, rt = r.clone().requires_grad_(), r.clone().requires_grad_()
+        yo = ours(xo, ro)
+        yt = torch.relu(theirs(xt) + rt)
+        assert not _fused_function_ran(yo)
+        dy = torch.randn(4, 8, 5, 5)
+        yo.backward(dy)
+        yt.backward(dy)
+        for a, b in [(yo, yt), (xo.grad, xt.grad), (ro.grad, rt.grad)]:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0, atol=0)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=0, atol=0)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.size_dispatch
+def test_size_threshold_and_what_always_runs_the_fused_function(monkeypatch):
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    # The threshold counts elements per thread, for up to 2 threads.
+    monkeypatch.setattr(kernels.bn_act, "FUSED_MIN_NUMEL", x.numel() // 2)
+    assert _fused_function_ran(bnorm.BatchNormAct2d(8)(x))
+    monkeypatch.setattr(kernels.bn_act, "FUSED_MIN_NUMEL", x.numel() // 2 + 1)
+    assert not _fused_function_ran(bnorm.BatchNormAct2d(8)(x))
+    assert not _fused_function_ran(bnorm.BatchNormAct2d(8, activation="identity")(x, x))
+    # The memory-efficient mode and a memory_saving scope need the Function's backward.
+    layer = bnorm.BatchNormAct2d(8, activation="leaky_relu", memory_efficient=True)
+    assert _fused_function_ran(layer(x))
+    with bnorm.memory_saving():
+        assert _fused_function_ran(bnorm.BatchNormAct2d(8)(x))
+
+
+@pytest.mark.size_dispatch
+def test_small_input_path_skips_a_non_finite_batch():
+    layer = bnorm.BatchNormAct2d(3, activation="relu")
+    layer(torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("inf")
+    layer(x, torch.randn(4, 3, 2, 2))
+    after = layer.state_dict()
+    torch.testing.assert_close(after["running_mean"], before["running_mean"], rtol=0, atol=0)
+    torch.testing.assert_close(after["running_var"], before["running_var"], rtol=0, atol=0)
+    assert int(after["num_batches_tracked"]) == 1
+    assert int(layer.num_batches_skipped) == 1
+
+
 def test_torch_checkpoint_loads_and_repr_names_the_activation():
     theirs = nn.BatchNorm2d(3)
     theirs.running_mean.fill_(0.3)

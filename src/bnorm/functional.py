@@ -61,6 +61,7 @@ from .kernels import (
     batch_norm_moments_train,
     batch_norm_moving_average_train,
     compile_enabled,
+    fused_pays,
     store_running,
 )
 from .ops import (
@@ -334,10 +335,10 @@ def run_plan(
     """:func:`batch_norm` with its options resolved into ``plan``: check the input,
     decide what depends on it (the path), run that one path. A layer calls this with the
     plan it keeps."""
-    if training and plan.plain and mask is None and residual is None and type(input) is Tensor:
+    if training and mask is None and type(input) is Tensor and _plain_or_tail(plan):
         out = _plain_training(
             plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
-            num_batches_skipped,
+            num_batches_skipped, residual,
         )  # fmt: skip
         if out is not None:
             return out
@@ -682,11 +683,15 @@ def _plain_training(
     bias: Tensor | None,
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
+    residual: Tensor | None = None,
 ) -> Tensor | None:
     """The common call — plain batch norm training on CPU with running statistics of the
     input's dtype — straight to ATen's kernel, when the input and state make every check
     of :func:`run_plan` pass by construction; None otherwise (the general path then
-    checks, and raises its own errors). Checks here only compare shapes and numbers."""
+    checks, and raises its own errors). Checks here only compare shapes and numbers.
+    With a residual or an activation, only for an input too small for the fused kernels
+    (:func:`bnorm.kernels.fused_pays`): ATen's batch norm, then the add and the
+    activation (:func:`bnorm.ops.activation_tail`)."""
     if (
         running_mean is None
         or running_var is None
@@ -717,12 +722,37 @@ def _plain_training(
         or input.numel() <= channels  # (one value per channel, or none)
     ):
         return None
+    tail = residual is not None or plan.tail
+    if tail and (
+        (
+            residual is not None
+            and (
+                type(residual) is not Tensor
+                or residual.shape != input.shape
+                or residual.dtype != input.dtype
+            )
+        )
+        or fused_pays(input, False)
+    ):
+        return None
     x = input.movedim(ax, 1) if ax != 1 else input
     out = _native_training_cpu_update(
         x, weight, bias, running_mean, running_var, plan.momentum, plan.eps,
         num_batches_tracked, num_batches_skipped, plan.skip_nonfinite,
     )  # fmt: skip
-    return out.movedim(1, ax) if ax != 1 else out
+    out = out.movedim(1, ax) if ax != 1 else out
+    return activation_tail(out, residual, plan.activation) if tail else out
+
+
+def _plain_or_tail(plan: Plan) -> bool:
+    """Plain batch norm (:attr:`Plan.plain`), or plain batch norm followed by an
+    activation (and a residual add): the plans :func:`_plain_training` may run."""
+    return plan.plain or (
+        plan.renorm is None
+        and plan.virtual_batch_size is None
+        and not plan.sync
+        and not plan.memory_efficient
+    )
 
 
 def _snapshot(t: Tensor) -> Tensor:
@@ -840,10 +870,13 @@ def _native_training(
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
     # The fused kernels, except inside an enclosing torch.compile: there Inductor fusing
     # ATen's batch norm with the add and the activation itself measured faster (ResNet-20
-    # step, 1 thread: 681 ms vs 882 ms tracing the kernels' Function). The memory-efficient
-    # mode's saving needs the kernels' own backward, compiled or not.
+    # step, 1 thread: 681 ms vs 882 ms tracing the kernels' Function); and except for small
+    # CPU inputs, where their fixed cost exceeds what they save (kernels.fused_pays). The
+    # memory-efficient mode's saving needs the kernels' own backward, compiled or not.
     tail = residual is not None or (activation is not None and activation.name != "identity")
-    if memory_efficient or (tail and not torch.compiler.is_compiling()):
+    if memory_efficient or (
+        tail and not torch.compiler.is_compiling() and fused_pays(x, memory_efficient)
+    ):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
         running = _running_state(
             update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
@@ -853,7 +886,7 @@ def _native_training(
             skip_nonfinite=skip_nonfinite,
         )[0]
         return out.movedim(1, ax) if ax != 1 else out
-    elif not tail and (
+    elif (
         update
         and x.device.type == "cpu"
         and running_mean is not None
@@ -865,7 +898,8 @@ def _native_training(
             x, weight, bias, running_mean, running_var, momentum, eps,
             num_batches_tracked, num_batches_skipped, skip_nonfinite,
         )  # fmt: skip
-        return out.movedim(1, ax) if ax != 1 else out
+        out = out.movedim(1, ax) if ax != 1 else out
+        return activation_tail(out, residual, activation) if tail else out
     else:
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, None, None, True, 0.0, eps

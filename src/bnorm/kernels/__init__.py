@@ -17,7 +17,7 @@ passes, compiled with ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on 
 from __future__ import annotations
 
 from ..options import ACTIVATIONS, INVERTIBLE_ACTIVATIONS, Activation
-from .bn_act import MIN_ABS_WEIGHT, batch_norm_act_train
+from .bn_act import FUSED_MIN_NUMEL, MIN_ABS_WEIGHT, batch_norm_act_train, fused_pays
 from .compile import compile_enabled
 from .memory import memory_saving
 from .moments import batch_norm_moments_train
@@ -26,6 +26,7 @@ from .running import RunningState, store_running
 
 __all__ = [
     "ACTIVATIONS",
+    "FUSED_MIN_NUMEL",
     "INVERTIBLE_ACTIVATIONS",
     "MIN_ABS_WEIGHT",
     "Activation",
@@ -35,6 +36,7 @@ __all__ = [
     "batch_norm_moments_train",
     "batch_norm_moving_average_train",
     "compile_enabled",
+    "fused_pays",
     "memory_saving",
     "store_running",
 ]

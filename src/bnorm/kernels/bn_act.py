@@ -56,10 +56,11 @@ reuse it, and Inductor's on-disk cache makes later processes faster. Tensors of 
 code run with torch's thread count at each call (smaller ones run serial code). After
 compiling, a call skips Dynamo's frame evaluation (the compiled code's own guards are
 checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
-wrappers, output allocation), and a layer's forward+backward ~0.3 ms of Python and
-autograd in all (torch's eager layers ~0.1 ms), so small tensors gain little. Plain batch
-norm (no activation, no residual) keeps ATen's kernel: these kernels measured no
-consistent gain for it.
+wrappers, output allocation), and a layer's forward+backward ~0.1–0.2 ms more than
+torch's eager layers in all (Python and autograd), so on CPU inputs below
+:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`).
+Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
+measured no consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
 ATen's ``native_batch_norm``/``native_batch_norm_backward`` with ATen's activation ops
 (memory-efficient mode: the same torch functions as the compiled kernels, run eagerly).
@@ -84,10 +85,37 @@ from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
 from .memory import current_scope, memory_saving
 from .running import Running, RunningState, store_running
 
-__all__ = ["MIN_ABS_WEIGHT", "batch_norm_act_train"]
+__all__ = ["FUSED_MIN_NUMEL", "MIN_ABS_WEIGHT", "batch_norm_act_train", "fused_pays"]
 
 MIN_ABS_WEIGHT = 1e-3
 """Memory-efficient mode uses γ' = sign(γ)·max(|γ|, MIN_ABS_WEIGHT) so that x̂ = (z − β)/γ'."""
+
+FUSED_MIN_NUMEL = 1 << 18
+"""On CPU, the smallest input (elements, per thread of torch's up to 2) whose training
+step runs the fused Function when nothing else needs it. Its forward+backward has a fixed
+cost of ~0.1–0.2 ms over torch's three eager ops (the Function's Python and autograd node,
+two kernel calls with their output allocation — the same in the eager fallback), which the
+traffic it saves repays only from about here on (docs/kernels.md gives the measured
+sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen, as in
+the plain layers), then the add and the activation: torch's own ops, torch's cost."""
+
+
+def fused_pays(x: Tensor, memory_efficient: bool) -> bool:
+    """Whether a training step of ``act(BN(x) + r)`` should run the fused Function rather
+    than ATen's batch norm, add and activation: always in memory-efficient mode and inside
+    a :func:`bnorm.memory_saving` scope (their saving needs the Function), off CPU (the
+    threshold was measured on CPU), and from :data:`FUSED_MIN_NUMEL` elements per thread
+    on (1 or 2 threads: the range measured; ATen's ops and the kernels both parallelize,
+    so the fixed cost weighs against time per element that halves with 2 threads)."""
+    return (
+        memory_efficient
+        or (
+            x.numel() >= FUSED_MIN_NUMEL
+            and x.numel() >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
+        )
+        or not x.is_cpu
+        or (current_scope() is not None and torch.is_grad_enabled())
+    )
 
 
 def _forward_kernel(
