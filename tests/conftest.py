@@ -59,12 +59,14 @@ def compiled(eager_fallback: None, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("torch.compile is not available here")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def fused_at_every_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused BN + activation Function at every input size: the tests use small
-    tensors, which a training step would otherwise run through ATen's batch norm, add and
-    activation (:func:`bnorm.kernels.fused_pays`). A test of that size dispatch itself
-    opts out with ``@pytest.mark.size_dispatch``."""
+    """The fused BN + activation Function at every input size, for tests of the fused
+    kernels themselves on small tensors (a module opts in with ``pytestmark =
+    pytest.mark.usefixtures("fused_at_every_size")``). Everywhere else the suite runs what
+    users get: small CPU inputs take ATen's batch norm, add and activation
+    (:func:`bnorm.kernels.fused_pays`). Tests of that size dispatch in such a module keep
+    the real threshold with ``@pytest.mark.size_dispatch``."""
     if request.node.get_closest_marker("size_dispatch") is None:
         from bnorm.kernels import bn_act
 

@@ -31,7 +31,8 @@ from bnorm.testing import TorchTail, saved_tensor_bytes
 SLOPE = 0.1
 ALPHA = 0.7
 
-pytestmark = pytest.mark.usefixtures("eager_fallback")
+# Tests of the fused kernels themselves, on small tensors: the Function at every size.
+pytestmark = pytest.mark.usefixtures("eager_fallback", "fused_at_every_size")
 
 
 def make_act(name: str) -> Activation:

@@ -19,7 +19,8 @@ import bnorm
 from bnorm.kernels.memory import current_scope
 from bnorm.testing import saved_tensor_bytes
 
-pytestmark = pytest.mark.usefixtures("eager_fallback")
+# Tests of the fused kernels themselves, on small tensors: the Function at every size.
+pytestmark = pytest.mark.usefixtures("eager_fallback", "fused_at_every_size")
 
 
 class Net(nn.Module):

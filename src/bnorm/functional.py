@@ -335,7 +335,7 @@ def run_plan(
     """:func:`batch_norm` with its options resolved into ``plan``: check the input,
     decide what depends on it (the path), run that one path. A layer calls this with the
     plan it keeps."""
-    if training and mask is None and type(input) is Tensor and _plain_or_tail(plan):
+    if training and mask is None and type(input) is Tensor and plan.plain_statistics:
         out = _plain_training(
             plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
             num_batches_skipped, residual,
@@ -742,17 +742,6 @@ def _plain_training(
     )  # fmt: skip
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, residual, plan.activation) if tail else out
-
-
-def _plain_or_tail(plan: Plan) -> bool:
-    """Plain batch norm (:attr:`Plan.plain`), or plain batch norm followed by an
-    activation (and a residual add): the plans :func:`_plain_training` may run."""
-    return plan.plain or (
-        plan.renorm is None
-        and plan.virtual_batch_size is None
-        and not plan.sync
-        and not plan.memory_efficient
-    )
 
 
 def _snapshot(t: Tensor) -> Tensor:

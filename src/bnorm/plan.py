@@ -140,27 +140,31 @@ class Plan:
     memory_efficient: bool = False
     moving_average: MovingAverage | None = None
 
-    #: Plain batch norm: none of Batch Renorm, ghost batches, sync, an activation or the
-    #: memory-efficient mode — a training call may take ATen's kernel directly (decided
-    #: here once; per call only the input and the state can still rule it out).
+    #: The statistics of plain batch norm — those of the whole local input, none of Batch
+    #: Renorm, ghost batches, sync, the memory-efficient mode or moving averages: a
+    #: training call may take ATen's kernel (followed by the activation tail, if any).
+    plain_statistics: bool = field(init=False, compare=False, repr=False)
+    #: Plain batch norm: plain statistics and no activation — a training call may take
+    #: ATen's kernel directly (decided here once; per call only the input and the state
+    #: can still rule it out).
     plain: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "plain", self._is_plain())
+        object.__setattr__(self, "plain_statistics", self._plain_statistics())
+        object.__setattr__(self, "plain", self.plain_statistics and not self.tail)
 
     def __getattr__(self, name: str) -> Any:
-        # Only for attributes not found: a plan pickled before ``plain`` existed.
-        if name == "plain":
-            object.__setattr__(self, "plain", self._is_plain())
-            return self.plain
+        # Only for attributes not found: a plan pickled before these fields existed.
+        if name in ("plain", "plain_statistics"):
+            self.__post_init__()
+            return getattr(self, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def _is_plain(self) -> bool:
+    def _plain_statistics(self) -> bool:
         return (
             self.renorm is None
             and self.virtual_batch_size is None
             and not self.sync
-            and not self.tail
             and not self.memory_efficient
             and self.moving_average is None
         )
