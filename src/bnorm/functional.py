@@ -870,7 +870,7 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     ax, update = call.axis, call.update
     running_mean, running_var, weight, bias = t.running_mean, t.running_var, t.weight, t.bias
     eps, activation, memory_efficient = plan.eps, plan.activation, plan.memory_efficient
-    residual = t.residual
+    residual, skip_nonfinite = t.residual, plan.skip_nonfinite
     x = t.input.movedim(ax, 1) if ax != 1 else t.input
     count = x.numel() // x.shape[1]
     limits = _renorm_limits(plan, t)
@@ -895,15 +895,8 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
         running = _running_state(plan, call, t)
         out = batch_norm_act_train(
-            x,
-            weight,
-            bias,
-            res,
-            eps,
-            activation,
-            memory_efficient,
-            running=running,
-            skip_nonfinite=plan.skip_nonfinite,
+            x, weight, bias, res, eps, activation, memory_efficient, running=running,
+            skip_nonfinite=skip_nonfinite,
         )[0]
         return out.movedim(1, ax) if ax != 1 else out
     elif not tail and (

@@ -30,10 +30,8 @@ from ...modules import (
     BatchNorm3d,
     BatchNormAct,
     FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
     SyncBatchNorm,
+    input_ranks,
 )
 from ..layers import channel_axis, has_running_stats, is_batch_norm, is_frozen_batch_norm
 from .weights import fold_bn_conv_weights, fold_conv_bn_weights
@@ -143,19 +141,7 @@ def folded_weights(norm: NormView, layer: LayerView, side: Side) -> tuple[Tensor
     return fold_bn_conv_weights(layer.weight, layer.bias, *tensors, groups=layer.groups)
 
 
-# The input ranks a batch-norm class accepts (classes not listed: any rank).
-_INPUT_RANKS: dict[type[nn.Module], tuple[int, ...]] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    FrozenBatchNorm1d: (2, 3),
-    FrozenBatchNorm2d: (4,),
-    FrozenBatchNorm3d: (5,),
-}
-
-
 def norm_view(bn: Any) -> NormView:
-    ranks = next((_INPUT_RANKS[c] for c in type(bn).__mro__ if c in _INPUT_RANKS), None)
     return NormView(
         type(bn).__name__,
         bn.running_mean,
@@ -164,7 +150,7 @@ def norm_view(bn: Any) -> NormView:
         getattr(bn, "bias", None),
         float(bn.eps),
         channel_axis(bn),
-        ranks,
+        input_ranks(bn),
     )
 
 
