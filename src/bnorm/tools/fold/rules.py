@@ -47,7 +47,7 @@ CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ProvenPair:
     """Fold batch norm ``bn`` into ``layer`` (qualified names); ``position`` "after"
     (``bn(layer(x))``) or "before" (``layer(bn(x))``); ``proof``: the source that proved
     single use ("torch.fx", "torch.export", "nn.Sequential")."""
@@ -60,9 +60,9 @@ class Plan:
 
 @dataclass
 class Findings:
-    """What one source found: the plans by batch-norm name, and why the others are kept."""
+    """What one source found: the pairs by batch-norm name, and why the others are kept."""
 
-    plans: dict[str, Plan] = field(default_factory=dict)
+    pairs: dict[str, ProvenPair] = field(default_factory=dict)
     reasons: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, bn_name: str, reason: str) -> None:
@@ -70,15 +70,15 @@ class Findings:
         if reason not in reasons:
             reasons.append(reason)
 
-    def add(self, plan: Plan) -> None:
-        self.plans[plan.bn] = plan
+    def add(self, pair: ProvenPair) -> None:
+        self.pairs[pair.bn] = pair
 
     def absorbs_before(self, layer_name: str) -> bool:
         """Whether ``layer_name`` already absorbs a batch norm on its input side."""
-        return any(p.layer == layer_name and p.position == "before" for p in self.plans.values())
+        return any(p.layer == layer_name and p.position == "before" for p in self.pairs.values())
 
     def merge(self, other: Findings) -> None:
-        self.plans.update(other.plans)
+        self.pairs.update(other.pairs)
         for name, reasons in other.reasons.items():
             for reason in reasons:
                 self.note(name, reason)
@@ -301,7 +301,7 @@ def pair_problem(
 def module_pair_problem(
     bn: Any, layer: Any, side: Side, *, axis_proven: bool = False
 ) -> str | None:
-    """The check of a pair of modules: every source's last word before a plan."""
+    """The check of a pair of modules: every source's last word before a pair is proven."""
     return (
         bn_problem(bn)
         or layer_problem(layer, side)
