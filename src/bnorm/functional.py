@@ -141,17 +141,10 @@ def _check_vector(name: str, v: Tensor | None, channels: int) -> None:
         )
 
 
-def check_input(
-    input: Tensor,
-    axis: int,
-    *,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    mask: Tensor | None = None,
-) -> int:
-    """Validate the arguments of :func:`batch_norm`; returns the channel axis, normalized."""
+def _check_input(t: _Tensors, axis: int) -> int:
+    """Validate the tensors of a call (:func:`batch_norm`'s arguments); returns the
+    channel axis, normalized."""
+    input, mask = t.input, t.mask
     if not isinstance(input, Tensor):
         raise TypeError(f"expected input to be a Tensor (got {type(input).__name__})")
     if not input.is_floating_point():
@@ -160,13 +153,8 @@ def check_input(
         raise ValueError(f"expected an input of at least 2 dimensions (got {input.dim()}D input)")
     ax = _channel_axis(input.dim(), axis)
     channels = input.shape[ax]
-    for name, v in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        _check_vector(name, v, channels)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        _check_vector(name, getattr(t, name), channels)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(
@@ -275,31 +263,14 @@ def batch_norm(
         residual: like input; running_mean, running_var, weight, bias: (C,);
         output: like input.
     """
+    plan = _plan_for(
+        momentum, eps, axis, skip_nonfinite, virtual_batch_size, renorm, sync, process_group,
+        activation, memory_efficient, moving_average,
+    )
+    tracked, skipped = num_batches_tracked, num_batches_skipped
     return run_plan(
-        _plan_for(
-            momentum,
-            eps,
-            axis,
-            skip_nonfinite,
-            virtual_batch_size,
-            renorm,
-            sync,
-            process_group,
-            activation,
-            memory_efficient,
-            moving_average,
-        ),
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        mask=mask,
-        num_batches_tracked=num_batches_tracked,
-        num_batches_skipped=num_batches_skipped,
-        residual=residual,
-        moving=moving_state,
+        plan, input, running_mean, running_var, weight, bias, training, tracked, skipped,
+        mask=mask, residual=residual, moving=moving_state,
     )
 
 
@@ -313,32 +284,15 @@ def _plan_for(*options: Any) -> Plan:
         return _build_plan(*options)  # (raises the option's own error)
 
 
-def _build_plan(
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    skip_nonfinite: bool,
-    virtual_batch_size: int | None,
-    renorm: Renorm | None,
-    sync: bool,
-    process_group: Any,
-    activation: str | Activation | None,
-    memory_efficient: bool,
-    moving_average: MovingAverage | bool | None = None,
-) -> Plan:
-    return Plan.build(
-        momentum=momentum,
-        eps=eps,
-        axis=axis,
-        skip_nonfinite=skip_nonfinite,
-        virtual_batch_size=virtual_batch_size,
-        renorm=renorm,
-        sync=sync,
-        process_group=process_group,
-        activation=activation,
-        memory_efficient=memory_efficient,
-        moving_average=moving_average,
-    )
+# batch_norm's options, in the order _plan_for takes them.
+_OPTIONS = (
+    "momentum", "eps", "axis", "skip_nonfinite", "virtual_batch_size", "renorm", "sync",
+    "process_group", "activation", "memory_efficient", "moving_average",
+)
+
+
+def _build_plan(*options: Any) -> Plan:
+    return Plan.build(**dict(zip(_OPTIONS, options, strict=True)))
 
 
 _cached_plan = functools.lru_cache(maxsize=256)(_build_plan)
@@ -365,28 +319,14 @@ def run_plan(
     if training and plan.plain and mask is None and residual is None and type(input) is Tensor:
         # (The common call, before anything else is built: see _plain_training.)
         out = _plain_training(
-            plan,
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            num_batches_tracked,
+            plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
             num_batches_skipped,
         )
         if out is not None:
             return out
     t = _Tensors(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        num_batches_tracked,
-        num_batches_skipped,
-        mask,
-        residual,
-        moving,
+        input, running_mean, running_var, weight, bias, num_batches_tracked,
+        num_batches_skipped, mask, residual, moving,
     )
     call = _check_call(plan=plan, t=t, training=training)
     if call.compute_dtype is not None:  # mixed dtypes: see _check_dtypes
@@ -446,15 +386,7 @@ def _check_call(*, plan: Plan, t: _Tensors, training: bool) -> _Call:
     """Every check of one call's input and state against the plan (raising before
     anything changes), and what they decide."""
     input, running_mean, running_var, mask = t.input, t.running_mean, t.running_var, t.mask
-    ax = check_input(
-        input,
-        plan.axis,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=t.weight,
-        bias=t.bias,
-        mask=mask,
-    )
+    ax = _check_input(t, plan.axis)
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
     compute_dtype = _check_dtypes(input, running_mean, running_var, t.weight, t.bias)
@@ -613,18 +545,11 @@ def _moving_average_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     ax = call.axis
     x = t.input.movedim(ax, 1) if ax != 1 else t.input
     warmup = plan.moving_average.warmup_steps  # type: ignore[union-attr]
+    moving: MovingState = t.moving  # type: ignore[assignment]  # (checked: _check_batch_size)
     out = batch_norm_moving_average_train(
-        x,
-        t.weight,
-        t.bias,
-        plan.eps,
-        t.moving,  # type: ignore[arg-type]  # (checked: _check_batch_size)
-        warmup,
-        mask=t.mask,
-        running=_running_state(plan, call, t),
-        skip_nonfinite=plan.skip_nonfinite,
-        distributed=call.distributed,
-        process_group=plan.process_group,
+        x, t.weight, t.bias, plan.eps, moving, warmup, mask=t.mask,
+        running=_running_state(plan, call, t), skip_nonfinite=plan.skip_nonfinite,
+        distributed=call.distributed, process_group=plan.process_group,
     )
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, t.residual, plan.activation)
@@ -658,35 +583,16 @@ def _moments_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     running = _running_state(plan, call, t)
     if not torch.compiler.is_compiling():
         out = batch_norm_moments_train(
-            x,
-            t.weight,
-            t.bias,
-            plan.eps,
-            groups=groups or 1,
-            mask=mask,
-            residual=res,
-            activation=plan.activation,
-            renorm=renorm_args,
-            running=running,
-            skip_nonfinite=plan.skip_nonfinite,
-            process_group=plan.process_group,
+            x, t.weight, t.bias, plan.eps, groups=groups or 1, mask=mask, residual=res,
+            activation=plan.activation, renorm=renorm_args, running=running,
+            skip_nonfinite=plan.skip_nonfinite, process_group=plan.process_group,
             distributed=call.distributed,
         )
         return out.movedim(1, ax) if ax != 1 else out
     # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
     out, batch = _moments_composite(
-        x,
-        t.weight,
-        t.bias,
-        res,
-        mask,
-        None,
-        None,
-        renorm_args=renorm_args,
-        eps=plan.eps,
-        groups=groups,
-        act=plan.activation,
-        distributed=call.distributed,
+        x, t.weight, t.bias, res, mask, None, None, renorm_args=renorm_args, eps=plan.eps,
+        groups=groups, act=plan.activation, distributed=call.distributed,
         process_group=plan.process_group,
     )
     if running is not None:
@@ -927,16 +833,10 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
         out = activation_tail(out, residual, activation)
     if update:
         var = invstd.detach().to(_stats_dtype(x.dtype)).pow(-2) - eps
+        rm, rv = running_mean, running_var  # (given: call.update)
+        tracked, skipped = t.num_batches_tracked, t.num_batches_skipped
         update_running_stats(
-            running_mean,  # type: ignore[arg-type]
-            running_var,  # type: ignore[arg-type]
-            mean,
-            var,
-            count,
-            plan.momentum,
-            t.num_batches_tracked,
-            t.num_batches_skipped,
-            plan.skip_nonfinite,
+            rm, rv, mean, var, count, plan.momentum, tracked, skipped, skip_nonfinite  # type: ignore[arg-type]
         )
     return out
 
