@@ -660,16 +660,8 @@ def _plain_training(
         return None
     check_cumulative_average_has_count(plan.momentum, num_batches_tracked)
     x = input.movedim(ax, 1) if ax != 1 else input
-    out = _native_training_cpu_update(
-        plan,
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        num_batches_skipped,
-    )
+    rm, rv, tracked, skipped = running_mean, running_var, num_batches_tracked, num_batches_skipped
+    out = _native_training_cpu_update(plan, x, weight, bias, rm, rv, tracked, skipped)
     return out.movedim(1, ax) if ax != 1 else out
 
 
@@ -813,15 +805,9 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
         and running_mean.dtype == _stats_dtype(x.dtype)
         and not torch.compiler.is_compiling()
     ):
+        tracked, skipped = t.num_batches_tracked, t.num_batches_skipped
         out = _native_training_cpu_update(
-            plan,
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            t.num_batches_tracked,
-            t.num_batches_skipped,
+            plan, x, weight, bias, running_mean, running_var, tracked, skipped
         )
         return out.movedim(1, ax) if ax != 1 else out
     else:
