@@ -76,7 +76,13 @@ from .ops import (
     renorm_correction,
 )
 from .options import Activation, MovingAverage, Renorm
-from .plan import Plan, check_eps, check_renorm_has_running_stats, check_whole_input
+from .plan import (
+    Plan,
+    check_cumulative_average_has_count,
+    check_eps,
+    check_renorm_has_running_stats,
+    check_whole_input,
+)
 
 __all__ = [
     "Moments",
@@ -116,14 +122,12 @@ def update_running_stats(
     ``num_batches_skipped`` instead. The decision is a select on the tensors' device: no
     host synchronization.
     """
-    state = _running_state(
-        True, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
+    check_cumulative_average_has_count(momentum, num_batches_tracked)
+    state = _running_buffers(
+        running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
     )
-    if state is not None:  # (always: both buffers are given)
-        new = running_update(
-            running_mean, running_var, mean, var, count, state[2], skip_nonfinite
-        )
-        store_running(state, *new)
+    new = running_update(running_mean, running_var, mean, var, count, state[2], skip_nonfinite)
+    store_running(state, *new)
 
 
 def _check_vector(name: str, v: Tensor | None, channels: int) -> None:
@@ -138,17 +142,10 @@ def _check_vector(name: str, v: Tensor | None, channels: int) -> None:
         )
 
 
-def check_input(
-    input: Tensor,
-    axis: int,
-    *,
-    running_mean: Tensor | None = None,
-    running_var: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    mask: Tensor | None = None,
-) -> int:
-    """Validate the arguments of :func:`batch_norm`; returns the channel axis, normalized."""
+def _check_input(t: _Tensors, axis: int) -> int:
+    """Validate the tensors of a call (:func:`batch_norm`'s arguments); returns the
+    channel axis, normalized."""
+    input, mask = t.input, t.mask
     if not isinstance(input, Tensor):
         raise TypeError(f"expected input to be a Tensor (got {type(input).__name__})")
     if not input.is_floating_point():
@@ -157,13 +154,8 @@ def check_input(
         raise ValueError(f"expected an input of at least 2 dimensions (got {input.dim()}D input)")
     ax = _channel_axis(input.dim(), axis)
     channels = input.shape[ax]
-    for name, v in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        _check_vector(name, v, channels)
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        _check_vector(name, getattr(t, name), channels)
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError(
@@ -272,15 +264,15 @@ def batch_norm(
         residual: like input; running_mean, running_var, weight, bias: (C,);
         output: like input.
     """
+    plan = _plan_for(
+        momentum, eps, axis, skip_nonfinite, virtual_batch_size, renorm, sync, process_group,
+        activation, memory_efficient, moving_average,
+    )
+    tracked, skipped = num_batches_tracked, num_batches_skipped
     return run_plan(
-        _plan_for(
-            momentum, eps, axis, skip_nonfinite, virtual_batch_size, renorm, sync,
-            process_group, activation, memory_efficient, moving_average,
-        ),
-        input, running_mean, running_var, weight, bias, training, mask=mask,
-        num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
-        residual=residual, moving=moving_state,
-    )  # fmt: skip
+        plan, input, running_mean, running_var, weight, bias, training, tracked, skipped,
+        mask=mask, residual=residual, moving=moving_state,
+    )
 
 
 def _plan_for(*options: Any) -> Plan:
@@ -293,25 +285,15 @@ def _plan_for(*options: Any) -> Plan:
         return _build_plan(*options)  # (raises the option's own error)
 
 
-def _build_plan(
-    momentum: float | None,
-    eps: float,
-    axis: int,
-    skip_nonfinite: bool,
-    virtual_batch_size: int | None,
-    renorm: Renorm | None,
-    sync: bool,
-    process_group: Any,
-    activation: str | Activation | None,
-    memory_efficient: bool,
-    moving_average: MovingAverage | bool | None = None,
-) -> Plan:
-    return Plan.build(
-        momentum=momentum, eps=eps, axis=axis, skip_nonfinite=skip_nonfinite,
-        virtual_batch_size=virtual_batch_size, renorm=renorm, sync=sync,
-        process_group=process_group, activation=activation, memory_efficient=memory_efficient,
-        moving_average=moving_average,
-    )  # fmt: skip
+# batch_norm's options, in the order _plan_for takes them.
+_OPTIONS = (
+    "momentum", "eps", "axis", "skip_nonfinite", "virtual_batch_size", "renorm", "sync",
+    "process_group", "activation", "memory_efficient", "moving_average",
+)
+
+
+def _build_plan(*options: Any) -> Plan:
+    return Plan.build(**dict(zip(_OPTIONS, options, strict=True)))
 
 
 _cached_plan = functools.lru_cache(maxsize=256)(_build_plan)
@@ -336,66 +318,56 @@ def run_plan(
     decide what depends on it (the path), run that one path. A layer calls this with the
     plan it keeps."""
     if training and mask is None and type(input) is Tensor and plan.plain_statistics:
+        # (The common call, before anything else is built: see _plain_training.)
         out = _plain_training(
             plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
             num_batches_skipped, residual,
-        )  # fmt: skip
+        )
         if out is not None:
             return out
-    call = _check_call(
-        plan, input, running_mean, running_var, weight, bias, training, num_batches_tracked,
-        mask, residual, moving,
-    )  # fmt: skip
+    t = _Tensors(
+        input, running_mean, running_var, weight, bias, num_batches_tracked,
+        num_batches_skipped, mask, residual, moving,
+    )
+    call = _check_call(plan=plan, t=t, training=training)
     if call.compute_dtype is not None:  # mixed dtypes: see _check_dtypes
-        weight = None if weight is None else weight.to(call.compute_dtype)
-        bias = None if bias is None else bias.to(call.compute_dtype)
-    if not call.distributed and input.numel() == 0:
-        return _empty_batch(
-            input, weight, bias, residual, plan.activation,
-            num_batches_tracked if call.update else None,
-        )  # fmt: skip
-    if not call.batch_stats:
-        # torch's own op (aten::batch_norm), so that export, ONNX, jit.freeze,
-        # quantization and FLOP counters see the standard batch norm.
-        ax = call.axis
-        x = input.movedim(ax, 1) if ax != 1 else input
-        if call.compute_dtype is not None and running_mean is not None:
-            running_mean = running_mean.to(call.compute_dtype)  # (read only: no update)
-            running_var = running_var.to(call.compute_dtype)  # type: ignore[union-attr]
-        out = torch.nn.functional.batch_norm(
-            x, running_mean, running_var, weight, bias, False, 0.0, plan.eps
+        cast = call.compute_dtype
+        t = t._replace(
+            weight=None if weight is None else weight.to(cast),
+            bias=None if bias is None else bias.to(cast),
         )
-        return activation_tail(out.movedim(1, ax) if ax != 1 else out, residual, plan.activation)
+    if not call.distributed and input.numel() == 0:
+        return _empty_batch(plan=plan, call=call, t=t)
+    if not call.batch_stats:
+        return _evaluation(plan=plan, call=call, t=t)
     if plan.moving_average is not None:
-        return _moving_average_training(
-            plan, call, input, running_mean, running_var, weight, bias, num_batches_tracked,
-            num_batches_skipped, mask, residual, moving,  # type: ignore[arg-type]
-        )  # fmt: skip
-    limits = None
-    if plan.renorm is not None:
-        if num_batches_tracked is not None:
-            step = _snapshot(num_batches_tracked.to(input.device))
-        else:
-            step = torch.zeros((), dtype=torch.long, device=input.device)
-        limits = plan.renorm.limits(step)
+        return _moving_average_training(plan=plan, call=call, t=t)
     # Batch Renorm's extra statistics pass costs more in ATen than in the compiled
     # moments kernel, which computes the statistics, (r, d) and the output in one call;
     # inside an enclosing torch.compile the moments path emits differentiable ops.
     renorm_fused = (
-        limits is not None
+        plan.renorm is not None
         and not plan.memory_efficient
         and (torch.compiler.is_compiling() or compile_enabled())  # Dynamo: never traces the 2nd
     )
     if mask is None and call.groups is None and not call.distributed and not renorm_fused:
-        return _native_training(
-            input, call.axis, running_mean, running_var, weight, bias, plan.momentum, plan.eps,
-            call.update, limits, num_batches_tracked, num_batches_skipped, plan.skip_nonfinite,
-            residual, plan.activation, plan.memory_efficient,
-        )  # fmt: skip
-    return _moments_training(
-        plan, call, input, running_mean, running_var, weight, bias, num_batches_tracked,
-        num_batches_skipped, mask, residual, limits,
-    )  # fmt: skip
+        return _native_training(plan=plan, call=call, t=t)
+    return _moments_training(plan=plan, call=call, t=t)
+
+
+class _Tensors(NamedTuple):
+    """The tensors of one call, as given (built once, past the plain path)."""
+
+    input: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    num_batches_tracked: Tensor | None
+    num_batches_skipped: Tensor | None
+    mask: Tensor | None
+    residual: Tensor | None
+    moving: MovingState | None
 
 
 class _Call(NamedTuple):
@@ -411,40 +383,20 @@ class _Call(NamedTuple):
     compute_dtype: torch.dtype | None = None
 
 
-def _check_call(
-    plan: Plan,
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    num_batches_tracked: Tensor | None,
-    mask: Tensor | None,
-    residual: Tensor | None,
-    moving: MovingState | None = None,
-) -> _Call:
+def _check_call(*, plan: Plan, t: _Tensors, training: bool) -> _Call:
     """Every check of one call's input and state against the plan (raising before
     anything changes), and what they decide."""
-    eps = plan.eps
-    ax = check_input(
-        input,
-        plan.axis,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-        mask=mask,
-    )
+    input, running_mean, running_var, mask = t.input, t.running_mean, t.running_var, t.mask
+    ax = _check_input(t, plan.axis)
     if (running_mean is None) != (running_var is None):
         raise ValueError("expected running_mean and running_var both given or both None")
-    compute_dtype = _check_dtypes(input, running_mean, running_var, weight, bias)
-    _check_residual(input, residual)
+    compute_dtype = _check_dtypes(input, running_mean, running_var, t.weight, t.bias)
+    _check_residual(input, t.residual)
     use_batch_stats = training or running_mean is None
-    check_eps(eps, use_batch_stats)
-    update = training and running_mean is not None and running_var is not None
-    if plan.momentum is None and update and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    check_eps(plan.eps, use_batch_stats)
+    update = training and running_mean is not None
+    if update:
+        check_cumulative_average_has_count(plan.momentum, t.num_batches_tracked)
     groups = None
     if use_batch_stats and plan.virtual_batch_size is not None:
         groups = _ghost_groups(input, ax, plan.virtual_batch_size)
@@ -452,19 +404,30 @@ def _check_call(
         check_renorm_has_running_stats(plan.renorm, running_mean is not None)
         check_whole_input(plan.memory_efficient, "a mask" if mask is not None else "")
     distributed = use_batch_stats and plan.sync and world_size(plan.process_group) > 1
+    if use_batch_stats:
+        _check_batch_size(plan, t, ax, groups, distributed)
+    return _Call(ax, use_batch_stats, update, groups, distributed, compute_dtype)
+
+
+def _check_batch_size(
+    plan: Plan, t: _Tensors, ax: int, groups: int | None, distributed: bool
+) -> None:
+    """Enough values per channel for the batch's statistics (and the moving-average
+    state, with its option)."""
+    input, mask = t.input, t.mask
     # Under torch.compile a mask's count of valid values is data: reading it would break
     # the graph (and synchronize). There a batch with fewer than 2 valid values per
     # channel is not an error; it leaves the running statistics unchanged and counts in
     # num_batches_skipped (a device select, in the moments path).
     host_mask_check = mask is not None and not torch.compiler.is_compiling()
-    if use_batch_stats and plan.moving_average is not None:
-        _check_moving_state(moving, plan.moving_average.window, input.shape[ax])
+    if plan.moving_average is not None:
+        _check_moving_state(t.moving, plan.moving_average.window, input.shape[ax])
         if not distributed and host_mask_check and _values_per_channel(input, ax, mask) < 1:
             raise ValueError(
                 "expected at least 1 valid value per channel when training with "
                 f"moving_average (got 0 for input of shape {tuple(input.shape)} with its mask)"
             )
-    elif use_batch_stats and not distributed and (mask is None or host_mask_check):
+    elif not distributed and (mask is None or host_mask_check):
         count = _values_per_channel(input, ax, mask)
         per_group = count // groups if groups and mask is None else count
         if per_group == 1 or (mask is not None and count < 2 and input.numel() > 0):
@@ -474,7 +437,6 @@ def _check_call(
                 + (" with its mask)" if mask is not None else ")")
                 + ("" if groups is None else f" in each of {groups} virtual batches")
             )
-    return _Call(ax, use_batch_stats, update, groups, distributed, compute_dtype)
 
 
 def _check_dtypes(
@@ -506,11 +468,13 @@ def _check_dtypes(
     given = [
         (name, t)
         for name, t in (
-            ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
             ("running_var", running_var),
         )
         if t is not None
-    ]  # fmt: skip
+    ]
     for name, t in given:
         if not t.is_floating_point():
             raise TypeError(f"expected a floating-point {name} (got dtype {t.dtype})")
@@ -560,114 +524,90 @@ def _check_moving_state(moving: Any, window: int, channels: int) -> None:
         raise TypeError("expected the moving-average step count to be an integer scalar Tensor")
 
 
-def _moving_average_training(
-    plan: Plan,
-    call: _Call,
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-    mask: Tensor | None,
-    residual: Tensor | None,
-    moving: MovingState,
-) -> Tensor:
+def _evaluation(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
+    """The running statistics normalize: torch's own op (aten::batch_norm), so that
+    export, ONNX, jit.freeze, quantization and FLOP counters see the standard batch norm;
+    then the activation tail."""
+    ax = call.axis
+    x = t.input.movedim(ax, 1) if ax != 1 else t.input
+    running_mean, running_var = t.running_mean, t.running_var
+    if call.compute_dtype is not None and running_mean is not None:
+        running_mean = running_mean.to(call.compute_dtype)  # (read only: no update)
+        running_var = running_var.to(call.compute_dtype)  # type: ignore[union-attr]
+    out = torch.nn.functional.batch_norm(
+        x, running_mean, running_var, t.weight, t.bias, False, 0.0, plan.eps
+    )
+    return activation_tail(out.movedim(1, ax) if ax != 1 else out, t.residual, plan.activation)
+
+
+def _moving_average_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     """Moving-average batch norm (:mod:`bnorm.kernels.moving_average`), then the
     activation tail, unfused (autograd ops) when there is one."""
     ax = call.axis
-    x = input.movedim(ax, 1) if ax != 1 else input
-    running = _running_state(
-        call.update, running_mean, running_var, plan.momentum, num_batches_tracked,
-        num_batches_skipped,
-    )  # fmt: skip
+    x = t.input.movedim(ax, 1) if ax != 1 else t.input
     warmup = plan.moving_average.warmup_steps  # type: ignore[union-attr]
+    moving: MovingState = t.moving  # type: ignore[assignment]  # (checked: _check_batch_size)
     out = batch_norm_moving_average_train(
-        x, weight, bias, plan.eps, moving, warmup, mask=mask, running=running,
-        skip_nonfinite=plan.skip_nonfinite, distributed=call.distributed,
-        process_group=plan.process_group,
-    )  # fmt: skip
+        x, t.weight, t.bias, plan.eps, moving, warmup, mask=t.mask,
+        running=_running_state(plan, call, t), skip_nonfinite=plan.skip_nonfinite,
+        distributed=call.distributed, process_group=plan.process_group,
+    )
     out = out.movedim(1, ax) if ax != 1 else out
-    return activation_tail(out, residual, plan.activation)
+    return activation_tail(out, t.residual, plan.activation)
 
 
-def _empty_batch(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    act: Activation | None,
-    num_batches_tracked: Tensor | None,
-) -> Tensor:
-    """Nothing to normalize, nothing learned: torch's convention (the batch counts; the
-    output stays connected to γ and β)."""
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    out = input.clone()
-    if weight is not None:
-        out = out * weight.reshape(-1)[:1].sum().to(out.dtype)
-    if bias is not None:
-        out = out + bias.reshape(-1)[:1].sum().to(out.dtype)
-    return activation_tail(out, residual, act)
+def _empty_batch(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
+    """Nothing to normalize, nothing learned: torch's convention (the batch counts, when
+    the running statistics are updated; the output stays connected to γ and β)."""
+    if call.update and t.num_batches_tracked is not None:
+        t.num_batches_tracked.add_(1)
+    out = t.input.clone()
+    if t.weight is not None:
+        out = out * t.weight.reshape(-1)[:1].sum().to(out.dtype)
+    if t.bias is not None:
+        out = out + t.bias.reshape(-1)[:1].sum().to(out.dtype)
+    return activation_tail(out, t.residual, plan.activation)
 
 
-def _moments_training(
-    plan: Plan,
-    call: _Call,
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-    mask: Tensor | None,
-    residual: Tensor | None,
-    limits: tuple[Tensor, Tensor] | None,
-) -> Tensor:
+def _moments_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     """The moments path (masks, ghost batches, sync, fused Batch Renorm): one fused
     Function with an analytic backward (:mod:`bnorm.kernels.moments`); eagerly, or inside
     an enclosing torch.compile its differentiable twin ``_moments_composite`` (which
     double backward differentiates too), with the running update as device selects."""
-    ax, groups = call.axis, call.groups
-    x = input.movedim(ax, 1) if ax != 1 else input
-    res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+    ax, groups, mask = call.axis, call.groups, t.mask
+    x = t.input.movedim(ax, 1) if ax != 1 else t.input
+    res = t.residual.movedim(ax, 1) if t.residual is not None and ax != 1 else t.residual
     renorm_args = None
-    if limits is not None and running_mean is not None and running_var is not None:
-        renorm_args = (_snapshot(running_mean), _snapshot(running_var), *limits)
-    running = _running_state(
-        call.update, running_mean, running_var, plan.momentum, num_batches_tracked,
-        num_batches_skipped,
-    )  # fmt: skip
+    limits = _renorm_limits(plan, t)
+    if limits is not None and t.running_mean is not None and t.running_var is not None:
+        renorm_args = (_snapshot(t.running_mean), _snapshot(t.running_var), *limits)
+    running = _running_state(plan, call, t)
     if not torch.compiler.is_compiling():
         out = batch_norm_moments_train(
-            x, weight, bias, plan.eps, groups=groups or 1, mask=mask, residual=res,
+            x, t.weight, t.bias, plan.eps, groups=groups or 1, mask=mask, residual=res,
             activation=plan.activation, renorm=renorm_args, running=running,
             skip_nonfinite=plan.skip_nonfinite, process_group=plan.process_group,
             distributed=call.distributed,
-        )  # fmt: skip
+        )
         return out.movedim(1, ax) if ax != 1 else out
     # Inside an enclosing torch.compile: the differentiable ops, which Inductor fuses.
     out, batch = _moments_composite(
-        x, weight, bias, res, mask, None, None, renorm_args=renorm_args, eps=plan.eps,
+        x, t.weight, t.bias, res, mask, None, None, renorm_args=renorm_args, eps=plan.eps,
         groups=groups, act=plan.activation, distributed=call.distributed,
         process_group=plan.process_group,
-    )  # fmt: skip
+    )
     if running is not None:
         total = pool_moments(batch) if groups is not None else batch
         var = total.m2 / total.count.clamp_min(1)
-        new = running_update(
-            running[0], running[1], total.mean, var, total.count, running[2],
-            plan.skip_nonfinite,
-        )  # fmt: skip
+        rm, rv, alpha = running[0], running[1], running[2]
+        new = running_update(rm, rv, total.mean, var, total.count, alpha, plan.skip_nonfinite)
         if mask is not None:
             # The eager host check (fewer than 2 valid values raises) as a select:
             # such a batch leaves the running statistics unchanged and counts as skipped.
             enough = (total.count > 1).all()
             new = (
-                torch.where(enough, new[0], running[0]),
-                torch.where(enough, new[1], running[1]),
+                torch.where(enough, new[0], rm),
+                torch.where(enough, new[1], rv),
                 new[2] & enough,
             )
         store_running(running, *new)
@@ -688,7 +628,9 @@ def _plain_training(
     """The common call — plain batch norm training on CPU with running statistics of the
     input's dtype — straight to ATen's kernel, when the input and state make every check
     of :func:`run_plan` pass by construction; None otherwise (the general path then
-    checks, and raises its own errors). Checks here only compare shapes and numbers.
+    checks, and raises its own errors). Checks here only compare shapes and numbers. It
+    takes the call's tensors as they come: it runs before anything is decided, and builds
+    no object (``_Tensors``, ``_Call``) the other paths need, to keep its per-call cost.
     With a residual or an activation, only for an input too small for the fused kernels
     (:func:`bnorm.kernels.fused_pays`): ATen's batch norm, then the add and the
     activation (:func:`bnorm.ops.activation_tail`)."""
@@ -700,7 +642,6 @@ def _plain_training(
         or running_mean.dtype != input.dtype
         or running_var.dtype != input.dtype
         or plan.eps <= 0
-        or (plan.momentum is None and num_batches_tracked is None)
         or torch.compiler.is_compiling()
     ):
         return None
@@ -735,11 +676,10 @@ def _plain_training(
         or fused_pays(input, False)
     ):
         return None
+    check_cumulative_average_has_count(plan.momentum, num_batches_tracked)
     x = input.movedim(ax, 1) if ax != 1 else input
-    out = _native_training_cpu_update(
-        x, weight, bias, running_mean, running_var, plan.momentum, plan.eps,
-        num_batches_tracked, num_batches_skipped, plan.skip_nonfinite,
-    )  # fmt: skip
+    rm, rv, tracked, skipped = running_mean, running_var, num_batches_tracked, num_batches_skipped
+    out = _native_training_cpu_update(plan, x, weight, bias, rm, rv, tracked, skipped)
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, residual, plan.activation) if tail else out
 
@@ -768,29 +708,6 @@ def _snapshot_op(t: Tensor) -> Tensor:
 @_snapshot_op.register_fake
 def _(t: Tensor) -> Tensor:
     return torch.empty_like(t)
-
-
-def _running_state(
-    update: bool,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    num_batches_skipped: Tensor | None,
-) -> RunningState | None:
-    """The buffers a fused kernel updates in place, with this batch's weight α (momentum,
-    or 1/t for the cumulative average); None when there is nothing to update."""
-    if not update or running_mean is None or running_var is None:
-        return None
-    alpha: float | Tensor
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
-        alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)
-    else:
-        alpha = momentum
-    return (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
 
 
 def _check_residual(input: Tensor, residual: Tensor | None) -> None:
@@ -822,32 +739,61 @@ def _ghost_groups(input: Tensor, ax: int, virtual_batch_size: int) -> int | None
     return n // virtual_batch_size
 
 
-def _native_training(
-    input: Tensor,
-    ax: int,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
+def _renorm_limits(plan: Plan, t: _Tensors) -> tuple[Tensor, Tensor] | None:
+    """Batch Renorm's (r_max, d_max) at step ``num_batches_tracked`` (None: no renorm)."""
+    if plan.renorm is None:
+        return None
+    if t.num_batches_tracked is not None:
+        step = _snapshot(t.num_batches_tracked.to(t.input.device))
+    else:
+        step = torch.zeros((), dtype=torch.long, device=t.input.device)
+    return plan.renorm.limits(step)
+
+
+def _running_state(plan: Plan, call: _Call, t: _Tensors) -> RunningState | None:
+    """The buffers a fused kernel updates in place (None: nothing to update)."""
+    if not call.update:
+        return None
+    return _running_buffers(
+        t.running_mean,  # type: ignore[arg-type]  # (given: call.update)
+        t.running_var,  # type: ignore[arg-type]
+        plan.momentum,
+        t.num_batches_tracked,
+        t.num_batches_skipped,
+    )
+
+
+def _running_buffers(
+    running_mean: Tensor,
+    running_var: Tensor,
     momentum: float | None,
-    eps: float,
-    update: bool,
-    limits: tuple[Tensor, Tensor] | None,
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
-    skip_nonfinite: bool,
-    residual: Tensor | None = None,
-    activation: Activation | None = None,
-    memory_efficient: bool = False,
-) -> Tensor:
+) -> RunningState:
+    """The running buffers with this batch's weight α: momentum, or 1/t for the cumulative
+    average (``check_cumulative_average_has_count`` passed: t is given)."""
+    alpha: float | Tensor
+    if momentum is None:
+        # Divide in the statistics' dtype: 1.0 / long_tensor would be float32.
+        alpha = 1.0 / (num_batches_tracked + 1).to(running_mean.dtype)  # type: ignore[operator,union-attr]
+    else:
+        alpha = momentum
+    return (running_mean, running_var, alpha, num_batches_tracked, num_batches_skipped)
+
+
+def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     """Training with the statistics of the whole input: ATen's fused kernel, or
     :mod:`bnorm.kernels`' fused one with a residual, an activation or memory_efficient."""
-    x = input.movedim(ax, 1) if ax != 1 else input
+    ax, update = call.axis, call.update
+    running_mean, running_var, weight, bias = t.running_mean, t.running_var, t.weight, t.bias
+    eps, activation, memory_efficient = plan.eps, plan.activation, plan.memory_efficient
+    residual, skip_nonfinite = t.residual, plan.skip_nonfinite
+    x = t.input.movedim(ax, 1) if ax != 1 else t.input
     count = x.numel() // x.shape[1]
+    limits = _renorm_limits(plan, t)
     if limits is not None:
-        weight, bias = _renorm_affine(
-            x, weight, bias, running_mean, running_var, limits, eps  # type: ignore[arg-type]
-        )
+        rm, rv = running_mean, running_var  # (given: renorm needs them, _check_call)
+        weight, bias = _renorm_affine(x, weight, bias, rm, rv, limits, eps)  # type: ignore[arg-type]
     if (
         update
         and weight is None
@@ -867,9 +813,7 @@ def _native_training(
         tail and not torch.compiler.is_compiling() and fused_pays(x, memory_efficient)
     ):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
-        running = _running_state(
-            update, running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped
-        )
+        running = _running_state(plan, call, t)
         out = batch_norm_act_train(
             x, weight, bias, res, eps, activation, memory_efficient, running=running,
             skip_nonfinite=skip_nonfinite,
@@ -883,10 +827,10 @@ def _native_training(
         and running_mean.dtype == _stats_dtype(x.dtype)
         and not torch.compiler.is_compiling()
     ):
+        tracked, skipped = t.num_batches_tracked, t.num_batches_skipped
         out = _native_training_cpu_update(
-            x, weight, bias, running_mean, running_var, momentum, eps,
-            num_batches_tracked, num_batches_skipped, skip_nonfinite,
-        )  # fmt: skip
+            plan, x, weight, bias, running_mean, running_var, tracked, skipped
+        )
         out = out.movedim(1, ax) if ax != 1 else out
         return activation_tail(out, residual, activation) if tail else out
     else:
@@ -897,17 +841,11 @@ def _native_training(
     if tail:
         out = activation_tail(out, residual, activation)
     if update:
-        var = invstd.detach().to(_stats_dtype(input.dtype)).pow(-2) - eps
+        var = invstd.detach().to(_stats_dtype(x.dtype)).pow(-2) - eps
+        rm, rv = running_mean, running_var  # (given: call.update)
+        tracked, skipped = t.num_batches_tracked, t.num_batches_skipped
         update_running_stats(
-            running_mean,  # type: ignore[arg-type]
-            running_var,  # type: ignore[arg-type]
-            mean,
-            var,
-            count,
-            momentum,
-            num_batches_tracked,
-            num_batches_skipped,
-            skip_nonfinite,
+            rm, rv, mean, var, count, plan.momentum, tracked, skipped, skip_nonfinite  # type: ignore[arg-type]
         )
     return out
 
@@ -941,28 +879,27 @@ def _renorm_affine(
 
 
 def _native_training_cpu_update(
+    plan: Plan,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     running_mean: Tensor,
     running_var: Tensor,
-    momentum: float | None,
-    eps: float,
     num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None,
-    skip_nonfinite: bool,
 ) -> Tensor:
-    """The plain training step on CPU: ATen's kernel updates the running statistics
-    itself (torch's exact numbers, no extra pass over small tensors), and a batch whose
-    statistics are not finite is undone from a copy. Reading a CPU scalar costs no device
-    synchronization, so the check is a host branch here; elsewhere (CUDA, torch.compile)
-    :func:`update_running_stats` decides with a select on the device (the same rule,
-    :func:`bnorm._math.finite_stats`)."""
-    if momentum is None:  # cumulative average: this batch gets weight 1/t
-        alpha = 1.0 / (int(num_batches_tracked) + 1) if num_batches_tracked is not None else 1.0
+    """The plain training step on CPU (channels at dim 1): ATen's kernel updates the
+    running statistics itself (torch's exact numbers, no extra pass over small tensors),
+    and a batch whose statistics are not finite is undone from a copy. Reading a CPU
+    scalar costs no device synchronization, so the check is a host branch here; elsewhere
+    (CUDA, torch.compile) :func:`update_running_stats` decides with a select on the device
+    (the same rule, :func:`bnorm._math.finite_stats`)."""
+    momentum, eps = plan.momentum, plan.eps
+    if momentum is None:  # cumulative average: batch t gets weight 1/t (t is given)
+        alpha = 1.0 / (int(num_batches_tracked) + 1)  # type: ignore[arg-type]
     else:
         alpha = momentum
-    saved = _save_running(running_mean, running_var) if skip_nonfinite else None
+    saved = _save_running(running_mean, running_var) if plan.skip_nonfinite else None
     out, mean, invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, True, alpha, eps
     )

@@ -40,6 +40,11 @@ __all__ = [
 ]
 
 
+# The input ranks of the layers of each family rank (the key of ``_RANK_OF``; None: any
+# rank from 2), as torch's BatchNorm1d/2d/3d accept them.
+_INPUT_RANKS: dict[int | None, tuple[int, ...] | None] = {1: (2, 3), 2: (4,), 3: (5,), None: None}
+
+
 def _batch_norm_layer(
     layer: _BatchNormBase | FrozenBatchNorm,
     input: Tensor,
@@ -65,8 +70,11 @@ def _batch_norm_layer(
 def _check_layer_input(
     input: Tensor, name: str, ranks: tuple[int, ...] | None, num_features: int, axis: int
 ) -> None:
+    """The layer's own checks: the input's rank and channel count. The rest (a tensor, of
+    a floating dtype, matching the state) is :func:`bnorm.functional.run_plan`'s, whose
+    errors the layer prefixes with its name."""
     if not isinstance(input, Tensor):
-        raise TypeError(f"{name}: expected input to be a Tensor (got {type(input).__name__})")
+        return  # (run_plan raises)
     if ranks is not None and input.dim() not in ranks:
         want = " or ".join(f"{r}D" for r in ranks)
         raise ValueError(f"{name}: expected {want} input (got {input.dim()}D input)")
@@ -467,7 +475,7 @@ class BatchNorm1d(_BatchNormBase, nn.BatchNorm1d):
         input: (N, C) or (N, C, L); output: same shape.
     """
 
-    _ranks = (2, 3)
+    _ranks = _INPUT_RANKS[1]
 
 
 class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
@@ -477,7 +485,7 @@ class BatchNorm2d(_BatchNormBase, nn.BatchNorm2d):
         input: (N, C, H, W) (any memory layout); output: same shape.
     """
 
-    _ranks = (4,)
+    _ranks = _INPUT_RANKS[2]
 
 
 class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
@@ -487,7 +495,7 @@ class BatchNorm3d(_BatchNormBase, nn.BatchNorm3d):
         input: (N, C, D, H, W); output: same shape.
     """
 
-    _ranks = (5,)
+    _ranks = _INPUT_RANKS[3]
 
 
 class SyncBatchNorm(_BatchNormBase):
@@ -632,19 +640,19 @@ class BatchNormAct(_BatchNormBase):
 class BatchNormAct1d(BatchNormAct, nn.BatchNorm1d):
     """:class:`BatchNormAct` for (N, C) or (N, C, L) input."""
 
-    _ranks = (2, 3)
+    _ranks = _INPUT_RANKS[1]
 
 
 class BatchNormAct2d(BatchNormAct, nn.BatchNorm2d):
     """:class:`BatchNormAct` for (N, C, H, W) input (any memory layout)."""
 
-    _ranks = (4,)
+    _ranks = _INPUT_RANKS[2]
 
 
 class BatchNormAct3d(BatchNormAct, nn.BatchNorm3d):
     """:class:`BatchNormAct` for (N, C, D, H, W) input."""
 
-    _ranks = (5,)
+    _ranks = _INPUT_RANKS[3]
 
 
 class FrozenBatchNorm(_Planned):
@@ -728,19 +736,19 @@ class FrozenBatchNorm(_Planned):
 class FrozenBatchNorm1d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for (N, C) or (N, C, L) input."""
 
-    _ranks = (2, 3)
+    _ranks = _INPUT_RANKS[1]
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for (N, C, H, W) input."""
 
-    _ranks = (4,)
+    _ranks = _INPUT_RANKS[2]
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for (N, C, D, H, W) input."""
 
-    _ranks = (5,)
+    _ranks = _INPUT_RANKS[3]
 
 
 # --- conversion between layer families: bnorm.convert, SyncBatchNorm.convert_sync_batchnorm
@@ -824,6 +832,15 @@ class ConversionReport:
             for n, what in self.dropped
         ]
         return "\n".join(lines)
+
+
+def input_ranks(m: nn.Module) -> tuple[int, ...] | None:
+    """The input ranks a batch-norm layer accepts, by the known class it derives from
+    (torch's or bnorm's); None: any rank (from 2), or a class that is not known."""
+    for cls in type(m).__mro__:
+        if cls in _RANK_OF:
+            return _INPUT_RANKS[_RANK_OF[cls]]
+    return None
 
 
 def _known_base(m: nn.Module) -> type[nn.Module] | None:

@@ -20,6 +20,7 @@ from .options import IDENTITY, Activation, MovingAverage, Renorm
 
 __all__ = [
     "Plan",
+    "check_cumulative_average_has_count",
     "check_eps",
     "check_ghost_with_sync",
     "check_moving_average_has_running_stats",
@@ -31,8 +32,7 @@ def check_renorm_has_running_stats(renorm: Renorm | None, has_running_stats: boo
     """Batch Renormalization corrects towards the running statistics: it needs them."""
     if renorm is not None and not has_running_stats:
         raise ValueError(
-            "renorm needs running statistics (got track_running_stats=False or "
-            "running_mean=None)"
+            "renorm needs running statistics (got track_running_stats=False or running_mean=None)"
         )
 
 
@@ -48,6 +48,8 @@ def check_eps(eps: float, batch_statistics: bool) -> None:
         )
     if not eps >= 0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_moving_average_has_running_stats(
     moving_average: MovingAverage | None, has_running_stats: bool
 ) -> None:
@@ -232,9 +234,7 @@ class Plan:
         check_whole_input(
             bool(memory_efficient),
             " and ".join(
-                w
-                for w, on in (("virtual_batch_size", virtual_batch_size), ("sync", sync))
-                if on
+                w for w, on in (("virtual_batch_size", virtual_batch_size), ("sync", sync)) if on
             ),
         )
         return Plan(
@@ -264,3 +264,12 @@ def _activation(
             ):
                 raise ValueError(f"expected {name} to be a finite number (got {value!r})")
     return Activation.parse(activation, negative_slope, alpha)
+
+
+def check_cumulative_average_has_count(
+    momentum: float | None, num_batches_tracked: object | None
+) -> None:
+    """``momentum=None`` weighs batch t by 1/t (a cumulative average): updating the running
+    statistics needs the count t, ``num_batches_tracked``."""
+    if momentum is None and num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")

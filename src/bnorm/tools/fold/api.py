@@ -18,7 +18,7 @@ from . import sequential as sequential_source
 from .rules import (
     Findings,
     LayerView,
-    Plan,
+    ProvenPair,
     Side,
     bn_problem,
     folded_weights,
@@ -149,12 +149,12 @@ def report_of(findings: Findings, order: list[str], hint: str = "") -> FoldRepor
     report = FoldReport()
     position = {name: i for i, name in enumerate(order)}
     for name in order:
-        if name in findings.plans:
+        if name in findings.pairs:
             continue
         reason = "; ".join(findings.reasons.get(name, ["never called by its parent's forward"]))
         report.not_folded.append(NotFoldedLayer(name, reason + hint))
     report.folded = sorted(
-        (FoldedLayer(p.bn, p.layer, p.position, p.proof) for p in findings.plans.values()),
+        (FoldedLayer(p.bn, p.layer, p.position, p.proof) for p in findings.pairs.values()),
         key=lambda f: position.get(f.batch_norm, 0),
     )
     return report
@@ -233,40 +233,40 @@ def _find(
                     "no neighbour can be proven to be its only one",
                 )
     # The export graph's verdict on each batch norm it saw as a batch_norm op stands (it
-    # sees every use in the forward); the others' plans fill in for the batch norms it did
+    # sees every use in the forward); the others' pairs fill in for the batch norms it did
     # not see, where they do not touch a layer already used on the same side.
-    decided = set(found.plans) | set(found.reasons)
-    used = {(p.layer, p.position) for p in found.plans.values()}
-    for name, plan in more.plans.items():
-        if name not in decided and (plan.layer, plan.position) not in used:
-            found.add(plan)
-            used.add((plan.layer, plan.position))
+    decided = set(found.pairs) | set(found.reasons)
+    used = {(p.layer, p.position) for p in found.pairs.values()}
+    for name, pair in more.pairs.items():
+        if name not in decided and (pair.layer, pair.position) not in used:
+            found.add(pair)
+            used.add((pair.layer, pair.position))
             found.reasons.pop(name, None)
     for name, reasons in more.reasons.items():
-        if name not in found.plans:
+        if name not in found.pairs:
             for reason in reasons:
                 found.note(name, reason)
     return found, hint
 
 
-def _apply(module: nn.Module, plans: list[Plan]) -> None:
-    """Fold every plan: all new weights are computed first (a layer that absorbs batch
+def _apply(module: nn.Module, pairs: list[ProvenPair]) -> None:
+    """Fold every pair: all new weights are computed first (a layer that absorbs batch
     norms on both sides composes them), then set, then the batch norms replaced."""
     views: dict[str, LayerView] = {}
     with torch.no_grad():
-        for plan in plans:
-            view = views.get(plan.layer) or layer_view(module.get_submodule(plan.layer))
-            bn = module.get_submodule(plan.bn)
-            weight, bias = folded_weights(norm_view(bn), view, plan.position)  # type: ignore[arg-type]
-            views[plan.layer] = LayerView(
+        for pair in pairs:
+            view = views.get(pair.layer) or layer_view(module.get_submodule(pair.layer))
+            bn = module.get_submodule(pair.bn)
+            weight, bias = folded_weights(norm_view(bn), view, pair.position)  # type: ignore[arg-type]
+            views[pair.layer] = LayerView(
                 view.kind, weight, bias, view.linear, view.transposed, view.groups, view.zero_pads
             )
     for name, view in views.items():
         assert view.bias is not None
         _set_weights(module.get_submodule(name), view.weight, view.bias)
-    for plan in plans:
-        parent_name, _, child = plan.bn.rpartition(".")
-        setattr(module.get_submodule(parent_name), child, Folded(plan.layer))
+    for pair in pairs:
+        parent_name, _, child = pair.bn.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, Folded(pair.layer))
 
 
 @overload
@@ -412,9 +412,9 @@ def fold(
     findings, hint = _find(module, example)
     order = [name for name, _ in batch_norm_layers(module, frozen=True)]
     layers = dict(batch_norm_layers(module, frozen=True))
-    hints = {n for n in order if n not in findings.plans and bn_problem(layers[n]) is None}
-    plans = [findings.plans[name] for name in order if name in findings.plans]
-    _apply(module, plans)
+    hints = {n for n in order if n not in findings.pairs and bn_problem(layers[n]) is None}
+    pairs = [findings.pairs[name] for name in order if name in findings.pairs]
+    _apply(module, pairs)
     report = report_of(findings, order)
     if hint:
         report.not_folded = [

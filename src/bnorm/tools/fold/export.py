@@ -39,7 +39,7 @@ from .rules import (
     Findings,
     LayerView,
     NormView,
-    Plan,
+    ProvenPair,
     Side,
     axes_through_permute,
     axes_through_reduce,
@@ -524,7 +524,7 @@ def _module(root: nn.Module, fqn: str | None) -> tuple[str, nn.Module | None]:
 
 
 def find(root: nn.Module, program: torch.export.ExportedProgram) -> Findings:
-    """The pairs of ``program`` (an export of ``root``) as plans on ``root``'s modules."""
+    """The pairs of ``program`` (an export of ``root``) as proven pairs of ``root``'s modules."""
     registrations = Counter(id(m) for _, m in root.named_modules(remove_duplicate=False))
     pairs, reasons = find_pairs(program.graph, GraphTensors.of_program(program))
     found = Findings()
@@ -562,7 +562,7 @@ def find(root: nn.Module, program: torch.export.ExportedProgram) -> Findings:
         if problem:
             found.note(bn_name, problem)
         else:
-            found.add(Plan(bn_name, layer_name, pair.side, "torch.export"))
-    for name in found.plans:
+            found.add(ProvenPair(bn_name, layer_name, pair.side, "torch.export"))
+    for name in found.pairs:
         found.reasons.pop(name, None)
     return found

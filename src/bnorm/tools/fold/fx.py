@@ -19,7 +19,7 @@ from torch import nn
 
 from .rules import (
     Findings,
-    Plan,
+    ProvenPair,
     bn_problem,
     has_hooks,
     is_any_batch_norm,
@@ -306,7 +306,7 @@ def _graph_pair(
     problem = uses.problem(layer, site) or module_pair_problem(bn, layer, side)  # type: ignore[arg-type]
     if problem:
         return problem
-    found.add(Plan(bn_name, qualified(parent_name, target), side, "torch.fx"))
+    found.add(ProvenPair(bn_name, qualified(parent_name, target), side, "torch.fx"))
     return None
 
 
@@ -324,7 +324,7 @@ def _graph_findings(
     for side in ("after", "before"):
         for node in bn_nodes:
             bn_name = qualified(parent_name, str(node.target))
-            if bn_name in found.plans:
+            if bn_name in found.pairs:
                 continue
             reason = _graph_pair(parent_name, parent, node, side, site, uses, found)
             if reason is not None:
@@ -333,33 +333,33 @@ def _graph_findings(
 
 
 def find(root: nn.Module, traces: Traces) -> Findings:
-    """The pairs proven by the graphs of every traced parent: a plan holds only if every
+    """The pairs proven by the graphs of every traced parent: a pair holds only if every
     graph of its parent (symbolic, and at the defaults) makes it."""
     result = Findings()
     for name, parent in parents(root):
         graphs = traces.graphs.get(name)
         if graphs is None:
             continue
-        agreed: dict[str, Plan] | None = None
+        agreed: dict[str, ProvenPair] | None = None
         where = f"{name or 'the model'}.forward"
         for index, graph in enumerate(graphs):
             found = _graph_findings(name, parent, graph, (name, index), traces.uses)
             for bn_name, reasons in found.reasons.items():
-                if bn_name not in found.plans:
+                if bn_name not in found.pairs:
                     for reason in reasons:
                         result.note(bn_name, reason)
             if agreed is None:
-                agreed = dict(found.plans)
+                agreed = dict(found.pairs)
                 continue
-            for bn_name, plan in list(agreed.items()):
-                if found.plans.get(bn_name) != plan:
+            for bn_name, pair in list(agreed.items()):
+                if found.pairs.get(bn_name) != pair:
                     del agreed[bn_name]
-                    if bn_name in found.plans:
+                    if bn_name in found.pairs:
                         result.note(
                             bn_name,
                             f"it would fold differently depending on the arguments of {where}",
                         )
                     elif bn_name not in result.reasons:
                         result.note(bn_name, f"it is called on some paths of {where} only")
-        result.plans.update(agreed or {})
+        result.pairs.update(agreed or {})
     return result

@@ -30,10 +30,8 @@ from ...modules import (
     BatchNorm3d,
     BatchNormAct,
     FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
     SyncBatchNorm,
+    input_ranks,
 )
 from ..layers import channel_axis, has_running_stats, is_batch_norm, is_frozen_batch_norm
 from .weights import fold_bn_conv_weights, fold_conv_bn_weights
@@ -49,7 +47,7 @@ CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ProvenPair:
     """Fold batch norm ``bn`` into ``layer`` (qualified names); ``position`` "after"
     (``bn(layer(x))``) or "before" (``layer(bn(x))``); ``proof``: the source that proved
     single use ("torch.fx", "torch.export", "nn.Sequential")."""
@@ -62,9 +60,9 @@ class Plan:
 
 @dataclass
 class Findings:
-    """What one source found: the plans by batch-norm name, and why the others are kept."""
+    """What one source found: the pairs by batch-norm name, and why the others are kept."""
 
-    plans: dict[str, Plan] = field(default_factory=dict)
+    pairs: dict[str, ProvenPair] = field(default_factory=dict)
     reasons: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, bn_name: str, reason: str) -> None:
@@ -72,15 +70,15 @@ class Findings:
         if reason not in reasons:
             reasons.append(reason)
 
-    def add(self, plan: Plan) -> None:
-        self.plans[plan.bn] = plan
+    def add(self, pair: ProvenPair) -> None:
+        self.pairs[pair.bn] = pair
 
     def absorbs_before(self, layer_name: str) -> bool:
         """Whether ``layer_name`` already absorbs a batch norm on its input side."""
-        return any(p.layer == layer_name and p.position == "before" for p in self.plans.values())
+        return any(p.layer == layer_name and p.position == "before" for p in self.pairs.values())
 
     def merge(self, other: Findings) -> None:
-        self.plans.update(other.plans)
+        self.pairs.update(other.pairs)
         for name, reasons in other.reasons.items():
             for reason in reasons:
                 self.note(name, reason)
@@ -143,19 +141,7 @@ def folded_weights(norm: NormView, layer: LayerView, side: Side) -> tuple[Tensor
     return fold_bn_conv_weights(layer.weight, layer.bias, *tensors, groups=layer.groups)
 
 
-# The input ranks a batch-norm class accepts (classes not listed: any rank).
-_INPUT_RANKS: dict[type[nn.Module], tuple[int, ...]] = {
-    nn.BatchNorm1d: (2, 3),
-    nn.BatchNorm2d: (4,),
-    nn.BatchNorm3d: (5,),
-    FrozenBatchNorm1d: (2, 3),
-    FrozenBatchNorm2d: (4,),
-    FrozenBatchNorm3d: (5,),
-}
-
-
 def norm_view(bn: Any) -> NormView:
-    ranks = next((_INPUT_RANKS[c] for c in type(bn).__mro__ if c in _INPUT_RANKS), None)
     return NormView(
         type(bn).__name__,
         bn.running_mean,
@@ -164,7 +150,7 @@ def norm_view(bn: Any) -> NormView:
         getattr(bn, "bias", None),
         float(bn.eps),
         channel_axis(bn),
-        ranks,
+        input_ranks(bn),
     )
 
 
@@ -315,7 +301,7 @@ def pair_problem(
 def module_pair_problem(
     bn: Any, layer: Any, side: Side, *, axis_proven: bool = False
 ) -> str | None:
-    """The check of a pair of modules: every source's last word before a plan."""
+    """The check of a pair of modules: every source's last word before a pair is proven."""
     return (
         bn_problem(bn)
         or layer_problem(layer, side)

@@ -8,7 +8,7 @@ from torch import nn
 from .fx import Site, Uses, qualified
 from .rules import (
     Findings,
-    Plan,
+    ProvenPair,
     bn_problem,
     is_any_batch_norm,
     is_consumer,
@@ -46,7 +46,7 @@ def _sequence_pair(
     problem = uses.problem(other, site) or module_pair_problem(bn, other, side)  # type: ignore[arg-type]
     if problem:
         return problem
-    found.add(Plan(bn_name, layer_name, side, "nn.Sequential"))
+    found.add(ProvenPair(bn_name, layer_name, side, "nn.Sequential"))
     return None
 
 
@@ -60,7 +60,7 @@ def find(parent_name: str, parent: nn.Sequential, uses: Uses) -> Findings:
             if child is None or not is_any_batch_norm(child):
                 continue
             bn_name = qualified(parent_name, child_name)
-            if bn_name in found.plans:
+            if bn_name in found.pairs:
                 continue
             problem = bn_problem(child) or uses.problem(child, site)
             if problem is None:
@@ -74,6 +74,6 @@ def find(parent_name: str, parent: nn.Sequential, uses: Uses) -> Findings:
                     problem = "no neighbour in its nn.Sequential on that side"
             if problem:
                 found.note(bn_name, problem)
-    for bn_name in found.plans:
+    for bn_name in found.pairs:
         found.reasons.pop(bn_name, None)
     return found
