@@ -163,22 +163,31 @@ def test_mabn_arm_centralizes_the_layers_before_its_moving_average_batch_norms()
     assert not parametrize.is_parametrized(head, "weight")
 
 
-def test_recalibrated_accuracy_uses_the_exact_training_set_statistics(digits: Dataset) -> None:
+@pytest.mark.parametrize("norm", ["bn", "mabn"])
+def test_recalibrated_accuracy_uses_the_exact_training_set_statistics(
+    digits: Dataset, norm: str
+) -> None:
     spec = TrainSpec(model="mlp", hidden=[16], activation="relu", init="kaiming", batch_size=4,
                      steps=30, lr=0.05, eval_every=30, probe=False)  # fmt: skip
-    model = build_model("mlp", digits.image_shape, 10, "bn", hidden=[16], activation="relu")
+    model = build_model("mlp", digits.image_shape, 10, norm, hidden=[16], activation="relu")
     initialize(model, torch.Generator().manual_seed(0), "kaiming")
     optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
     train_one_epoch(model, epoch_batches(digits, spec, 0, 0), optimizer, max_steps=30)
     got = recalibrated_accuracy(model, digits, spec)
     # One batch norm, right after the first linear layer: its exact statistics are those of
-    # W x over the training samples the batches cover (1436 of 1438: 359 batches of 4).
+    # W x over the training samples the batches cover (1436 of 1438: 359 batches of 4) —
+    # mean and unbiased variance for BN; for moving-average BN, which normalizes by the
+    # second moment about 0, (0, E[h²]).
     n = (digits.train_labels.shape[0] // 4) * 4
     with torch.no_grad():
         h = model.weight_layers[0](digits.inputs(digits.train_images[:n], False).flatten(1))
         bn = next(m for m in model.modules() if isinstance(m, bnorm.BatchNorm1d))
-        bn.running_mean.copy_(h.mean(0))
-        bn.running_var.copy_(h.var(0, unbiased=True))
+        if norm == "bn":
+            bn.running_mean.copy_(h.mean(0))
+            bn.running_var.copy_(h.var(0, unbiased=True))
+        else:
+            bn.running_mean.zero_()
+            bn.running_var.copy_(h.double().square().mean(0))
     expected = evaluate(model, digits.test_images, digits.test_labels, digits).accuracy
     assert got == expected
     without = build_model("mlp", digits.image_shape, 10, "none")
@@ -215,25 +224,6 @@ def test_a_small_batch_run_records_its_recalibrated_accuracy(digits: Dataset) ->
     assert 0.0 <= with_bn["recalibrated_accuracy"] <= 1.0
     assert with_bn["cpu_s"] > 0.0
     assert train_run(spec, digits, norm="ln", seed=0)["recalibrated_accuracy"] is None
-
-
-def test_moving_average_networks_are_recalibrated_to_the_second_moment(digits: Dataset) -> None:
-    # MABN normalizes by E[x²] about 0: recalibrate gives it (0, E[h²]) over the batches.
-    spec = TrainSpec(model="mlp", hidden=[16], activation="relu", init="kaiming", batch_size=4,
-                     steps=30, lr=0.05, eval_every=30, probe=False)  # fmt: skip
-    model = build_model("mlp", digits.image_shape, 10, "mabn", hidden=[16], activation="relu")
-    initialize(model, torch.Generator().manual_seed(0), "kaiming")
-    optimizer = torch.optim.SGD(model.parameters(), lr=spec.lr)
-    train_one_epoch(model, epoch_batches(digits, spec, 0, 0), optimizer, max_steps=30)
-    got = recalibrated_accuracy(model, digits, spec)
-    n = (digits.train_labels.shape[0] // 4) * 4
-    with torch.no_grad():
-        h = model.weight_layers[0](digits.inputs(digits.train_images[:n], False).flatten(1))
-        bn = next(m for m in model.modules() if isinstance(m, bnorm.BatchNorm1d))
-        bn.running_mean.zero_()
-        bn.running_var.copy_(h.double().square().mean(0))
-    expected = evaluate(model, digits.test_images, digits.test_labels, digits).accuracy
-    assert got == expected
 
 
 def test_only_the_listed_norms_are_recalibrated_in_a_sweep() -> None:
