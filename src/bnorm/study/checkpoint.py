@@ -116,6 +116,25 @@ class Checkpointer:
         except (ValueError, KeyError):
             return None
 
+    def finished_record(self) -> dict[str, Any] | None:
+        """The record of this run if its checkpoint says it finished, for this
+        configuration; else None (no checkpoint, not finished, or one that :meth:`load`
+        will refuse). Reads no tensors."""
+        if not self.json_path.is_file():
+            return None
+        try:
+            state = json.loads(self.json_path.read_text())
+        except ValueError:
+            return None
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            return None
+        record = state.get("record")
+        if _comparable(state["config"]) != _comparable(self.config):
+            return None
+        if isinstance(record, dict) and record.get("done"):
+            return record
+        return None
+
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The saved state (after loading the tensors into ``model``/``optimizer``), or
         None if there is no checkpoint. Raises CheckpointError if the checkpoint belongs

@@ -2,9 +2,10 @@
 under ``torchrun``), then write metrics.json and the report.
 
 :func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
-creates the run directory and schedules every run; :func:`train_all` trains them in order
-(an interrupt stops it and keeps what finished); :func:`write_results` writes
-metrics.json and the report. Rank 0 alone writes the run directory.
+schedules every run, sets up the executor that will train them (:mod:`.executors`) and
+creates the run directory; :func:`train_all` trains them (an interrupt stops it and keeps
+what finished); :func:`write_results` writes metrics.json and the report from the
+records, in schedule order. Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch
 from .checkpoint import RUNTIME_KEY, Checkpointer, atomic_write, to_json
 from .config import UsageError, experiment_objects, load_resume, resolve_config
 from .data import Dataset, load_dataset
+from .executors import Executor, RunTask, make_executor, worker_threads
 from .kinds import KINDS, SWEEPS, Experiment, ScheduledRun, SummaryInputs
 from .loop import process_rank
 from .progress import Progress
 from .report import write_report
 from .spec import TrainSpec
-from .train import train_run
 
 __all__ = [
     "Study",
@@ -58,6 +59,7 @@ class Study:
     resuming: bool
     started: str  # local time, ISO 8601
     wall_start: float  # time.perf_counter() when the study started
+    executor: Executor
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     interrupted: bool = False
     cpu_start: float = field(default_factory=time.process_time)  # this process's CPU time
@@ -153,12 +155,13 @@ def prepare_study(cli: dict[str, Any]) -> Study:
         os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
     data = load_dataset(config["dataset"], config["data_dir"])
     schedule = _schedule_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
+    executor = make_executor(runtime, out, data, process_rank()[1])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resuming and rank == 0:
         atomic_write(out / "config.json", to_json(config).encode())
     return Study(config, out, data, experiments, schedule, rank, resuming, started, wall_start,
-                 runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
+                 executor, runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
 
 
 def _run_label(exp: Experiment, run: ScheduledRun) -> str:
@@ -171,33 +174,67 @@ def _run_label(exp: Experiment, run: ScheduledRun) -> str:
     return label
 
 
-def train_all(study: Study, quiet: bool) -> None:
-    """Train every planned run in order, appending each record to ``study.runs``. An
-    interrupt (Ctrl-C) stops training and sets ``study.interrupted``; what finished is
-    kept. Raises CheckpointError for a damaged or foreign checkpoint."""
-    n_train = int(study.data.train_labels.shape[0])
-    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.schedule for r in p)
-    device = study.config[RUNTIME_KEY]["device"]
-    try:
-        with Progress(total_steps, quiet) as progress:
-            for exp, planned in study.schedule:
-                for run in planned:
-                    total = run.spec.total_steps(n_train)
-                    progress.start_run(_run_label(exp, run), total)
+def _tasks(study: Study) -> list[RunTask]:
+    """Every planned run as a task, in schedule order."""
+    runtime = study.config[RUNTIME_KEY]
+    threads = worker_threads(runtime)
+    tasks: list[RunTask] = []
+    for exp, planned in study.schedule:
+        for run in planned:
+            tasks.append(
+                RunTask(
+                    index=len(tasks), experiment=exp.name, label=_run_label(exp, run),
+                    tag=run.tag, norm=run.norm, seed=run.seed, spec=run.spec,
+                    out=str(study.out), config=study.config, threads=threads,
                     # Every rank resumes from the same files; rank 0 alone writes them.
-                    checkpointer = (
-                        Checkpointer(study.out / "checkpoints" / exp.name, run.tag, study.config)
-                        if study.rank == 0 or study.resuming else None
-                    )
-                    record = train_run(
-                        run.spec, study.data, norm=run.norm, seed=run.seed, device=device,
-                        checkpointer=checkpointer, on_progress=progress.step,
-                    )  # fmt: skip
-                    record["tag"] = run.tag
-                    study.runs[exp.name].append(record)
-                    progress.finish_run(total)
+                    checkpoint=study.rank == 0 or study.resuming,
+                )
+            )
+    return tasks
+
+
+def train_all(study: Study, quiet: bool) -> None:
+    """Train every planned run with the study's executor (one run after another, in
+    worker processes, Ray tasks or Slurm jobs: :mod:`bnorm.study.executors`) and put
+    the records in ``study.runs`` in schedule order, whatever order they finished in.
+    Runs whose checkpoint says they finished are not trained again. An interrupt
+    (Ctrl-C) stops training and sets ``study.interrupted``; what finished is kept.
+    Raises CheckpointError for a damaged or foreign checkpoint, RunFailed for a run
+    that raised (the runs that finished stay checkpointed)."""
+    n_train = int(study.data.train_labels.shape[0])
+    tasks = _tasks(study)
+    records: dict[int, dict[str, Any]] = {}
+    todo = []
+    for task in tasks:
+        done = (
+            Checkpointer(study.out / "checkpoints" / task.experiment, task.tag, study.config)
+            .finished_record()
+            if study.resuming else None
+        )  # fmt: skip
+        if done is not None:
+            done["tag"] = task.tag
+            records[task.index] = done
+        else:
+            todo.append(task)
+    totals = {t.index: t.spec.total_steps(n_train) for t in tasks}
+    executor = study.executor
+    try:
+        with Progress(sum(totals.values()), quiet) as progress:
+            progress.finish_run(-1, sum(totals[i] for i in records))
+            for index, record in executor.run(
+                todo,
+                on_start=lambda i: progress.start_run(i, tasks[i].label, totals[i]),
+                on_step=progress.step,
+            ):
+                records[index] = record
+                progress.finish_run(index, totals[index])
     except KeyboardInterrupt:
         study.interrupted = True
+    finally:
+        executor.close()
+    for task in tasks:
+        if task.index in records:
+            study.runs[task.experiment].append(records[task.index])
 
 
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
