@@ -227,6 +227,31 @@ def test_an_executor_without_its_extra_says_which_to_install(
     assert not out.exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="needs bnorm[slurm]")
+def test_slurm_without_a_cluster_points_to_slurm_local(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    out = tmp_path / "out"
+    assert bnorm_main(["study", "--quiet", "--out", str(out), "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a Slurm cluster for --executor slurm (no sbatch command here" in err, err
+    assert "--executor slurm-local" in err and not out.exists()
+
+
+def test_slurm_parameters_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnorm.study.executors import slurm_parameters
+
+    for key in [k for k in os.environ if k.startswith("BNORM_SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("BNORM_SLURM_PARTITION", "gpu")
+    monkeypatch.setenv("BNORM_SLURM_GPUS_PER_NODE", "1")
+    monkeypatch.setenv("BNORM_SLURM_TIMEOUT_MIN", "720")
+    assert slurm_parameters() == {"slurm_partition": "gpu", "gpus_per_node": 1, "timeout_min": 720}
+
+
 def test_resume_keeps_the_placement_unless_given_and_checks_it(tmp_path: Path) -> None:
     from bnorm.study.config import UsageError, load_resume
 

@@ -27,7 +27,7 @@ at the same path (a shared filesystem). A run that raises stops the study with
   ``jobs`` running at once), its logs under ``<run directory>/submitit``;
   ``slurm-local`` runs the same path with submitit's local executor (no Slurm). Needs
   ``bnorm[slurm]``. Slurm parameters (partition, GPUs, time limit) come from
-  ``BNORM_SLURM_*`` environment variables (docs/study.md).
+  ``BNORM_SLURM_*`` environment variables (:func:`slurm_parameters`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_module
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,8 @@ __all__ = [
     "RunTask",
     "execute",
     "make_executor",
+    "slurm_parameters",
+    "worker_threads",
 ]
 
 # The optional extra that provides each cluster executor's engine.
@@ -313,7 +316,7 @@ class RayTasks:
 
     name = "ray"
 
-    def __init__(self, address: str | None, jobs: int | None, threads: int) -> None:
+    def __init__(self, address: str | None, jobs: int | None, threads: int, device: str) -> None:
         import ray
 
         self.ray = ray
@@ -332,7 +335,8 @@ class RayTasks:
             except (ConnectionError, RuntimeError, ValueError) as err:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise UsageError(f"expected to reach {where} (got: {err})") from None
-        self.remote = ray.remote(execute).options(num_cpus=threads, max_retries=0)
+        gpus = 1 if device.startswith("cuda") else 0  # one GPU per run on a CUDA study
+        self.remote = ray.remote(execute).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
         self.refs: list[Any] = []
 
     def run(
@@ -372,9 +376,11 @@ class RayTasks:
             self.ray.shutdown()
 
 
-def _slurm_parameters() -> dict[str, Any]:
-    """Slurm parameters from ``BNORM_SLURM_<NAME>`` environment variables, e.g.
-    ``BNORM_SLURM_PARTITION=gpu`` → ``slurm_partition="gpu"``; integers as integers."""
+def slurm_parameters() -> dict[str, Any]:
+    """submitit's Slurm parameters from ``BNORM_SLURM_<NAME>`` environment variables:
+    ``TIMEOUT_MIN``, ``GPUS_PER_NODE``, ``CPUS_PER_TASK`` and ``MEM_GB`` as submitit's
+    generic parameters, any other as ``slurm_<name>`` (``BNORM_SLURM_PARTITION=gpu`` →
+    ``slurm_partition="gpu"``); digits become integers."""
     params: dict[str, Any] = {}
     prefix = "BNORM_SLURM_"
     for key, value in os.environ.items():
@@ -392,10 +398,10 @@ class SubmititJobs:
         import submitit
 
         self.name = "slurm-local" if cluster == "local" else "slurm"
-        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster or "slurm")
         params: dict[str, Any] = {"cpus_per_task": threads, "name": "bnorm-study"}
         if self.executor.cluster == "slurm":
-            params.update(_slurm_parameters())
+            params.update(slurm_parameters())
             if jobs is not None:
                 params["slurm_array_parallelism"] = jobs
         self.executor.update_parameters(**params)
@@ -454,8 +460,13 @@ def make_executor(runtime: dict[str, Any], out: Path, data: Dataset, world: int)
                 f"expected {module} for --executor {name} (not installed: "
                 f"pip install 'bnorm[{extra}]')"
             )
+    if name == "slurm" and shutil.which("sbatch") is None:
+        raise UsageError(
+            "expected a Slurm cluster for --executor slurm (no sbatch command here; "
+            "--executor slurm-local runs the same job arrays on this machine)"
+        )
     if name == "ray":
-        return RayTasks(runtime.get("address"), jobs, threads)
+        return RayTasks(runtime.get("address"), jobs, threads, str(runtime.get("device", "cpu")))
     if name in ("slurm", "slurm-local"):
         return SubmititJobs(out / "submitit", "local" if name == "slurm-local" else None,
                             jobs, threads)  # fmt: skip
