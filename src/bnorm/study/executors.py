@@ -179,9 +179,11 @@ class Executor(Protocol):
     """Trains tasks: ``run`` yields ``(index, record)`` as each finishes (any order), and
     ``on_start(index)`` / ``on_step(index, step, total, accuracy)`` where the executor can
     tell. Raises :class:`RunFailed` for a run that raised; KeyboardInterrupt stops it and
-    cancels what had not started."""
+    cancels what had not started. ``parallel``: whether runs may train at once (then the
+    runner hands them over longest first, so that no long run is left to finish alone)."""
 
     name: str
+    parallel: bool
 
     def run(
         self,
@@ -197,6 +199,7 @@ class InProcess:
     """``--jobs 1``: one run after another in this process, on the data already loaded."""
 
     name = "local"
+    parallel = False
 
     def __init__(self, data: Dataset) -> None:
         self.data = data
@@ -225,6 +228,7 @@ class ProcessPool:
     """``--jobs N``: N spawned worker processes on this machine."""
 
     name = "local"
+    parallel = True
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
@@ -315,6 +319,7 @@ class RayTasks:
     """``--executor ray``: one Ray task per run."""
 
     name = "ray"
+    parallel = True
 
     def __init__(self, address: str | None, jobs: int | None, threads: int, device: str) -> None:
         import ray
@@ -393,6 +398,8 @@ def slurm_parameters() -> dict[str, Any]:
 
 class SubmititJobs:
     """``--executor slurm`` / ``slurm-local``: a submitit job array, one job per run."""
+
+    parallel = True
 
     def __init__(self, folder: Path, cluster: str | None, jobs: int | None, threads: int) -> None:
         import submitit

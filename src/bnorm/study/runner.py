@@ -225,6 +225,8 @@ def train_all(study: Study, quiet: bool) -> None:
             todo.append(task)
     totals = {t.index: t.spec.total_steps(n_train) for t in tasks}
     executor = study.executor
+    if executor.parallel:  # longest first: the last runs to start are short ones
+        todo.sort(key=lambda t: -totals[t.index])
     try:
         with Progress(sum(totals.values()), quiet) as progress:
             progress.finish_run(-1, sum(totals[i] for i in records))
