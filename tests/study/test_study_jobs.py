@@ -170,6 +170,56 @@ def test_ctrl_c_with_jobs_2_then_resume_ends_with_the_sequential_metrics(
     assert without_timings(got) == without_timings(sequential)
 
 
+def spawned_workers(pid: int) -> list[int]:
+    """The pool's worker processes among ``pid``'s children (not its resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(c) for c in children
+        if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_a_killed_worker_fails_the_study_and_resume_finishes_it(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    for steps in (300, 1200, 4800):  # longer runs if all finished before the kill
+        config = tmp_path / f"c{steps}.json"
+        options = {"experiments": ["curves"], "seeds": [0, 1]}
+        config.write_text(json.dumps({**options, "curves": {"steps": steps, "eval_every": steps}}))
+        out = tmp_path / f"run{steps}"
+        cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out), "--jobs", "2"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any((out / "checkpoints").glob("*/*.json")):
+                break
+            time.sleep(0.05)
+        workers = spawned_workers(proc.pid) if proc.poll() is None else []
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
+    assert proc.returncode == 1, (proc.returncode, stderr)
+    assert "a worker process died" in stderr and f"--resume {out}" in stderr, stderr
+    assert not (out / "metrics.json").exists()
+    resumed = subprocess.run(
+        [*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["runs_finished"] == 4
+    straight = tmp_path / "straight"
+    assert bnorm_main(["study", "--config", str(config), "--out", str(straight), "--quiet"]) == 0
+    expected = json.loads((straight / "metrics.json").read_text())
+    assert without_timings(got["experiments"]) == without_timings(expected["experiments"])
+
+
 # ------------------------------------------------------------------- bad input
 
 
