@@ -108,6 +108,20 @@ class Checkpointer:
         if old is not None and old != name:
             (self.directory / old).unlink(missing_ok=True)
 
+    def finished_record(self) -> dict[str, Any] | None:
+        """The run's record if its checkpoint says the run finished, else None (no
+        tensors are read): what an interrupt right after the last save must not lose."""
+        try:
+            state = json.loads(self.json_path.read_text())
+            record = state["record"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(record, dict) or record.get("done") is not True:
+            return None
+        if _comparable(state.get("config", {})) != _comparable(self.config):
+            return None
+        return record
+
     def _current_tensor_file(self) -> str | None:
         if not self.json_path.is_file():
             return None
@@ -115,25 +129,6 @@ class Checkpointer:
             return str(json.loads(self.json_path.read_text())["tensors"])
         except (ValueError, KeyError):
             return None
-
-    def finished_record(self) -> dict[str, Any] | None:
-        """The record of this run if its checkpoint says it finished, for this
-        configuration; else None (no checkpoint, not finished, or one that :meth:`load`
-        will refuse). Reads no tensors."""
-        if not self.json_path.is_file():
-            return None
-        try:
-            state = json.loads(self.json_path.read_text())
-        except ValueError:
-            return None
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-            return None
-        record = state.get("record")
-        if _comparable(state["config"]) != _comparable(self.config):
-            return None
-        if isinstance(record, dict) and record.get("done"):
-            return record
-        return None
 
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The saved state (after loading the tensors into ``model``/``optimizer``), or

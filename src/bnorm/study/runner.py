@@ -200,6 +200,10 @@ def _tasks(study: Study) -> list[RunTask]:
     return tasks
 
 
+def _checkpointer(study: Study, task: RunTask) -> Checkpointer:
+    return Checkpointer(study.out / "checkpoints" / task.experiment, task.tag, study.config)
+
+
 def train_all(study: Study, quiet: bool) -> None:
     """Train every planned run with the study's executor (one run after another, in
     worker processes, Ray tasks or Slurm jobs: :mod:`bnorm.study.executors`) and put
@@ -213,11 +217,7 @@ def train_all(study: Study, quiet: bool) -> None:
     records: dict[int, dict[str, Any]] = {}
     todo = []
     for task in tasks:
-        done = (
-            Checkpointer(study.out / "checkpoints" / task.experiment, task.tag, study.config)
-            .finished_record()
-            if study.resuming else None
-        )  # fmt: skip
+        done = _checkpointer(study, task).finished_record() if study.resuming else None
         if done is not None:
             done["tag"] = task.tag
             records[task.index] = done
@@ -241,6 +241,15 @@ def train_all(study: Study, quiet: bool) -> None:
         study.interrupted = True
     finally:
         executor.close()
+    if study.interrupted:
+        # A signal may have come after a run's last checkpoint said it finished (in this
+        # process or in a worker) and before its record got here.
+        for task in todo:
+            if task.index not in records and task.checkpoint:
+                done = _checkpointer(study, task).finished_record()
+                if done is not None:
+                    done["tag"] = task.tag
+                    records[task.index] = done
     for task in tasks:
         if task.index in records:
             study.runs[task.experiment].append(records[task.index])
