@@ -178,7 +178,8 @@ def _init_worker(steps: Any) -> None:
 class Executor(Protocol):
     """Trains tasks: ``run`` yields ``(index, record)`` as each finishes (any order), and
     ``on_start(index)`` / ``on_step(index, step, total, accuracy)`` where the executor can
-    tell. Raises :class:`RunFailed` for a run that raised; KeyboardInterrupt stops it and
+    tell (this machine's workers; a Ray task or Slurm job reports only its end). Raises
+    :class:`RunFailed` for a run that raised; KeyboardInterrupt stops it and
     cancels what had not started. ``parallel``: whether runs may train at once (then the
     runner hands them over longest first, so that no long run is left to finish alone)."""
 
@@ -358,7 +359,6 @@ class RayTasks:
             while waiting and len(by_ref) < limit:
                 task = waiting.pop(0)
                 by_ref[self.remote.remote(task)] = task
-                on_start(task.index)
             self.refs = list(by_ref)
             done, _ = ray.wait(list(by_ref), num_returns=1)
             for ref in done:
@@ -423,8 +423,6 @@ class SubmititJobs:
         if not tasks:
             return
         self.jobs = self.executor.map_array(execute, list(tasks))
-        for task in tasks:
-            on_start(task.index)
         waiting = dict(zip(self.jobs, tasks))
         while waiting:
             finished = [job for job in waiting if job.done()]
