@@ -170,13 +170,14 @@ def test_ctrl_c_with_jobs_2_then_resume_ends_with_the_sequential_metrics(
     assert without_timings(got) == without_timings(sequential)
 
 
-def spawned_workers(pid: int) -> list[int]:
-    """The pool's worker processes among ``pid``'s children (not its resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [
-        int(c) for c in children
-        if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-    ]  # fmt: skip
+def pool_workers(pid: int) -> list[int]:
+    """The pool's worker processes: the children of ``pid``'s forkserver."""
+
+    def children(p: int | str) -> list[str]:
+        return Path(f"/proc/{p}/task/{p}/children").read_text().split()
+
+    servers = [c for c in children(pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [int(w) for server in servers for w in children(server)]
 
 
 @pytest.mark.slow
@@ -198,7 +199,7 @@ def test_a_killed_worker_fails_the_study_and_resume_finishes_it(tmp_path: Path) 
             if any((out / "checkpoints").glob("*/*.json")):
                 break
             time.sleep(0.05)
-        workers = spawned_workers(proc.pid) if proc.poll() is None else []
+        workers = pool_workers(proc.pid) if proc.poll() is None else []
         if workers:
             os.kill(workers[0], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=120)

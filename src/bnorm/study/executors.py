@@ -17,7 +17,8 @@ at the same path (a shared filesystem). A run that raises stops the study with
 
 - ``local`` with ``jobs`` = 1: in this process (and on every rank under ``torchrun``).
 - ``local`` with ``jobs`` > 1: a :class:`~concurrent.futures.ProcessPoolExecutor` with
-  the spawn start method (torch and fork do not mix), each worker with
+  the forkserver start method (spawn where there is none; torch and fork do not mix),
+  each worker with
   ``threads // jobs`` torch threads (at least 1); their steps reach the progress
   display through a queue.
 - ``ray``: one ``ray.remote`` task per run with ``num_cpus`` = threads, at most ``jobs``
@@ -225,6 +226,17 @@ class InProcess:
         pass
 
 
+def _worker_context() -> Any:
+    """forkserver where there is one (Linux, macOS): a server process imports torch and
+    bnorm once, and each worker is forked from it — a fresh process that has run no torch
+    code, as with spawn, without importing torch again; spawn elsewhere."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class ProcessPool:
     """``--jobs N``: N spawned worker processes on this machine."""
 
@@ -233,7 +245,7 @@ class ProcessPool:
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
-        self.context = mp.get_context("spawn")
+        self.context = _worker_context()
         self.steps = self.context.Queue()
         self.pool: cf.ProcessPoolExecutor | None = None
 
