@@ -62,6 +62,9 @@ def test_jobs_2_gives_the_sequential_metrics(
     assert without_timings(parallel) == without_timings(sequential)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["runtime"]["jobs"] == 2 and config["runtime"]["threads"] == 1
+    # The study's CPU time counts the runs trained in the workers.
+    runs = [r for e in parallel["experiments"].values() for r in e["runs"]]
+    assert parallel["cpu_s"] >= sum(r["cpu_s"] for r in runs)
     # The runs consumed by disagreement and shift were there when they were summarized.
     assert parallel["experiments"]["disagreement"]["summary"]["headline"]["values"]
     assert parallel["experiments"]["shift"]["summary"]["headline"]["values"]

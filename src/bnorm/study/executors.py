@@ -61,6 +61,7 @@ __all__ = [
     "RunFailed",
     "RunTask",
     "execute",
+    "execute_timed",
     "make_executor",
     "slurm_parameters",
     "worker_threads",
@@ -163,6 +164,13 @@ def execute(
     return record
 
 
+def execute_timed(task: RunTask) -> tuple[dict[str, Any], float]:
+    """:func:`execute` in a worker, with the CPU seconds the worker spent on it."""
+    start = time.process_time()
+    record = execute(task)
+    return record, time.process_time() - start
+
+
 def _queue_report(q: Any) -> StepReport:
     def report(index: int, step: int, total: int, accuracy: float | None) -> None:
         if step % 10 == 0 or step == total:  # the display shows every 10th step anyway
@@ -186,6 +194,7 @@ class Executor(Protocol):
 
     name: str
     parallel: bool
+    worker_cpu_s: float  # CPU seconds the runs took in other processes (0 in this one)
 
     def run(
         self,
@@ -202,6 +211,7 @@ class InProcess:
 
     name = "local"
     parallel = False
+    worker_cpu_s = 0.0  # this process's own CPU time counts its runs
 
     def __init__(self, data: Dataset) -> None:
         self.data = data
@@ -242,6 +252,7 @@ class ProcessPool:
 
     name = "local"
     parallel = True
+    worker_cpu_s = 0.0
 
     def __init__(self, jobs: int) -> None:
         self.jobs = jobs
@@ -258,7 +269,7 @@ class ProcessPool:
         self.pool = cf.ProcessPoolExecutor(
             self.jobs, mp_context=self.context, initializer=_init_worker, initargs=(self.steps,)
         )
-        by_future = {self.pool.submit(execute, task): task for task in tasks}
+        by_future = {self.pool.submit(execute_timed, task): task for task in tasks}
         pending = set(by_future)
         started: set[int] = set()
         while pending:
@@ -267,7 +278,7 @@ class ProcessPool:
             for future in sorted(done, key=lambda f: by_future[f].index):
                 task = by_future[future]
                 try:
-                    record = future.result()
+                    record, cpu_s = future.result()
                 except cf.process.BrokenProcessPool:
                     running = [
                         by_future[f].label for f in pending | done if f.running() or f is future
@@ -284,6 +295,7 @@ class ProcessPool:
                 if task.index not in started:
                     on_start(task.index)
                     started.add(task.index)
+                self.worker_cpu_s += cpu_s
                 yield task.index, record
 
     def _drain(
@@ -333,6 +345,7 @@ class RayTasks:
 
     name = "ray"
     parallel = True
+    worker_cpu_s = 0.0
 
     def __init__(self, address: str | None, jobs: int | None, threads: int, device: str) -> None:
         import ray
@@ -354,7 +367,8 @@ class RayTasks:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise UsageError(f"expected to reach {where} (got: {err})") from None
         gpus = 1 if device.startswith("cuda") else 0  # one GPU per run on a CUDA study
-        self.remote = ray.remote(execute).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
+        options = {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
+        self.remote = ray.remote(execute_timed).options(**options)
         self.refs: list[Any] = []
 
     def run(
@@ -376,10 +390,11 @@ class RayTasks:
             for ref in done:
                 task = by_ref.pop(ref)
                 try:
-                    record = ray.get(ref)
+                    record, cpu_s = ray.get(ref)
                 except Exception as err:
                     cause = getattr(err, "cause", None) or err
                     raise RunFailed(task.label, f"{type(cause).__name__}: {cause}") from err
+                self.worker_cpu_s += cpu_s
                 yield task.index, record
 
     def close(self) -> None:
@@ -412,6 +427,7 @@ class SubmititJobs:
     """``--executor slurm`` / ``slurm-local``: a submitit job array, one job per run."""
 
     parallel = True
+    worker_cpu_s = 0.0
 
     def __init__(self, folder: Path, cluster: str | None, jobs: int | None, threads: int) -> None:
         import submitit
@@ -434,7 +450,7 @@ class SubmititJobs:
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         if not tasks:
             return
-        self.jobs = self.executor.map_array(execute, list(tasks))
+        self.jobs = self.executor.map_array(execute_timed, list(tasks))
         waiting = dict(zip(self.jobs, tasks))
         while waiting:
             finished = [job for job in waiting if job.done()]
@@ -444,11 +460,12 @@ class SubmititJobs:
             for job in finished:
                 task = waiting.pop(job)
                 try:
-                    record = job.result()
+                    record, cpu_s = job.result()
                 except Exception as err:
                     raise RunFailed(
                         task.label, f"{type(err).__name__}: {str(err).strip()[-2000:]}"
                     ) from err
+                self.worker_cpu_s += cpu_s
                 yield task.index, record
 
     def close(self) -> None:

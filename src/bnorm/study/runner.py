@@ -62,18 +62,11 @@ class Study:
     executor: Executor
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     interrupted: bool = False
-    cpu_start: float = field(default_factory=lambda: cpu_time())
+    cpu_start: float = field(default_factory=time.process_time)  # this process's CPU time
 
     @property
     def planned(self) -> int:
         return sum(len(runs) for _, runs in self.schedule)
-
-
-def cpu_time() -> float:
-    """CPU seconds of this process and of its worker processes that have ended (the
-    ``--jobs`` workers, once the study has shut them down)."""
-    times = os.times()
-    return time.process_time() + times.children_user + times.children_system
 
 
 @contextlib.contextmanager
@@ -255,6 +248,11 @@ def train_all(study: Study, quiet: bool) -> None:
             study.runs[task.experiment].append(records[task.index])
 
 
+def _cpu_s(study: Study) -> float:
+    """This invocation's CPU seconds: this process's, and its runs' in other processes."""
+    return time.process_time() - study.cpu_start + study.executor.worker_cpu_s
+
+
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     """Write metrics.json and the report (rank 0); return the metrics and the report's
     files."""
@@ -262,7 +260,7 @@ def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     paths = write_report(study.out, study.config, metrics)
     metrics["wall_s"] = time.perf_counter() - study.wall_start
-    metrics["cpu_s"] = cpu_time() - study.cpu_start
+    metrics["cpu_s"] = _cpu_s(study)
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     return metrics, paths
 
@@ -304,7 +302,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "started": study.started,
         "wall_s": wall_s,
-        "cpu_s": cpu_time() - study.cpu_start,
+        "cpu_s": _cpu_s(study),
         "interrupted": study.interrupted,
         "runs_planned": study.planned,
         "runs_finished": finished,
