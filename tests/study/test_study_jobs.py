@@ -148,9 +148,11 @@ def test_ctrl_c_with_jobs_2_then_resume_ends_with_the_sequential_metrics(
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
     # A new process group: the signal reaches the study and its workers, as Ctrl-C does.
+    # SIGINT as a terminal gives it (a shell's background job inherits it ignored).
     proc = subprocess.Popen(
         [*cmd, "--out", str(out), "--jobs", "2"], env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
