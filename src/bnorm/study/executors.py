@@ -16,10 +16,10 @@ at the same path (a shared filesystem). A run that raises stops the study with
 :class:`RunFailed`, naming it; what finished stays checkpointed for ``--resume``.
 
 - ``local`` with ``jobs`` = 1: in this process (and on every rank under ``torchrun``).
-- ``local`` with ``jobs`` > 1: a :class:`~concurrent.futures.ProcessPoolExecutor` with
-  the forkserver start method (spawn where there is none; torch and fork do not mix),
-  each worker with
-  ``threads // jobs`` torch threads (at least 1); their steps reach the progress
+- ``local`` with ``jobs`` > 1: a :class:`~concurrent.futures.ProcessPoolExecutor` whose
+  workers are forked from a forkserver that has imported torch and run nothing (spawn
+  where there is no forkserver; a process that has run torch code must not fork), each
+  with ``threads // jobs`` torch threads (at least 1); their steps reach the progress
   display through a queue.
 - ``ray``: one ``ray.remote`` task per run with ``num_cpus`` = threads, at most ``jobs``
   at a time (default: no limit); ``ray.init()`` starts a local cluster, ``address``
