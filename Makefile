@@ -2,7 +2,8 @@
 #                (then the kernel tests marked compiled_kernels again, with the kernels compiled).
 # `make test-gpu`: the same setup, then only the CUDA tests (pytest -m cuda; needs a CUDA build of torch).
 # `make lint`  : ruff, mypy and the documentation (docs/, API reference) built strictly into build/docs.
-# `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults.
+# `make study` : create .venv if missing, install bnorm[study], run `bnorm study` with defaults,
+#                its runs spread over this machine's cores (--jobs $(JOBS); JOBS=1: one at a time).
 # `make study-fashion` : the same study on the real Fashion-MNIST, read from the files of
 #                Debian's package (sudo apt-get install dataset-fashion-mnist), no download.
 PYTHON ?= python3
@@ -13,6 +14,8 @@ STAMP_DEV   = $(VENV)/.installed-dev
 STAMP_STUDY = $(VENV)/.installed-study
 
 FASHION_DIR = /usr/share/datasets/fashion-mnist
+# Runs trained at once by `make study`: one worker per core (the numbers do not change).
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
 .PHONY: test test-gpu study study-fashion lint pytest bench clean
 
@@ -50,13 +53,13 @@ test-gpu: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 -m cuda
 
 study: $(STAMP_STUDY)
-	$(BIN)/bnorm study $(ARGS)
+	$(BIN)/bnorm study --jobs $(JOBS) $(ARGS)
 
 study-fashion: $(STAMP_STUDY)
 	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || { \
 	  echo "Fashion-MNIST is not in $(FASHION_DIR): sudo apt-get install dataset-fashion-mnist" \
 	       "(or: make study ARGS='--dataset fashion-mnist --data-dir DIR')" >&2; exit 2; }
-	$(BIN)/bnorm study --dataset fashion-mnist $(ARGS)
+	$(BIN)/bnorm study --dataset fashion-mnist --jobs $(JOBS) $(ARGS)
 
 bench: $(STAMP_DEV)
 	$(BIN)/bnorm bench $(ARGS)

@@ -310,7 +310,7 @@ def test_help_documents_every_option() -> None:
         for a in study._actions
         if a.option_strings and a.option_strings[-1] != "--help"
     ]
-    assert len(options) == 19
+    assert len(options) == 22
     for opt in options:
         assert opt in text
     for exp in EXPERIMENTS:

@@ -238,19 +238,19 @@ def test_only_the_listed_norms_are_recalibrated_in_a_sweep() -> None:
 def test_an_interrupt_after_a_runs_last_checkpoint_keeps_that_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from bnorm.study import runner
+    from bnorm.study import executors, runner
 
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"experiments": ["curves"], "seeds": [0], "norm": ["bn"],
                                   "curves": {"steps": 4, "eval_every": 2, "probe": False,
                                              "inference_check": False}}))  # fmt: skip
-    real = runner.train_run
+    real = executors.train_run  # what every executor calls to train a run
 
     def finish_then_interrupt(*args: Any, **kwargs: Any) -> dict[str, Any]:
         real(*args, **kwargs)  # the run ends and its checkpoint says so ...
         raise KeyboardInterrupt  # ... and Ctrl-C arrives before the runner records it
 
-    monkeypatch.setattr(runner, "train_run", finish_then_interrupt)
+    monkeypatch.setattr(executors, "train_run", finish_then_interrupt)
     study = runner.prepare_study({"config": str(config), "out": str(tmp_path / "out")})
     runner.train_all(study, quiet=True)
     assert study.interrupted

@@ -5,6 +5,8 @@ pyproject.toml checks it, imports inside functions included):
 
 * :mod:`~bnorm.study.cli` — the command's options, exit codes;
 * :mod:`~bnorm.study.runner` — schedule, train, resume, metrics, report;
+* :mod:`~bnorm.study.executors` — where the runs train: this process, worker processes
+  (``--jobs``), Ray tasks, Slurm jobs (submitit);
 * :mod:`~bnorm.study.progress` and :mod:`~bnorm.study.summary` — the terminal display;
 * :mod:`~bnorm.study.config` — defaults, presets, config files, precedence;
 * :mod:`~bnorm.study.experiments` — the experiment table;

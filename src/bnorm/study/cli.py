@@ -16,8 +16,9 @@ import sys
 from typing import Any
 
 from .checkpoint import CheckpointError
-from .config import PRESETS, UsageError
+from .config import EXECUTORS, PRESETS, UsageError
 from .data import DATASETS, DataError
+from .executors import RunFailed
 from .experiments import EXPERIMENTS
 from .models import MODELS, NORM_LAYERS
 from .runner import prepare_study, runtime_restored, train_all, write_results
@@ -76,6 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=S, metavar="N",
                         help="torch CPU threads (default: 1 when every network is an MLP — "
                         "fastest for such small networks — else torch's default, one per core)")
+    parser.add_argument("--jobs", default=S, metavar="N",
+                        help="train up to N runs at once (default: 1 with the local executor, "
+                        "no limit with ray and slurm); locally, N worker processes share "
+                        "--threads (at least 1 each); every run's numbers stay the same")
+    parser.add_argument("--executor", default=S, metavar="NAME",
+                        help=f"{' | '.join(EXECUTORS)}: where runs are trained — this machine, "
+                        "Ray tasks (pip install 'bnorm[ray]'), Slurm jobs through submitit "
+                        "(pip install 'bnorm[slurm]'; slurm-local: submitit's local executor). "
+                        "Cluster executors need the output directory on a shared filesystem "
+                        "(default: local)")
+    parser.add_argument("--address", default=S, metavar="ADDR",
+                        help="with --executor ray: the Ray cluster to join, e.g. "
+                        "ray://head:10001 or auto (default: start a local one)")
     parser.add_argument("--config", default=S, metavar="FILE",
                         help="TOML or JSON file with any of these options (keys with underscores) "
                         "and per-experiment tables")
@@ -117,13 +131,15 @@ def _epilog() -> str:
         "  [small_batch]        # also norms, seeds, and a sweep's grid",
         "  seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]",
         "",
-        "exit codes: 0 done, 2 bad option / config / data file, 130 interrupted (report written).",
+        "exit codes: 0 done, 1 a run failed (named; no report), 2 bad option / config / data",
+        "file, 130 interrupted (report written).",
     ]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    """``bnorm study``: 0 when done, 2 for a bad option/configuration/data file (one line on
+    """``bnorm study``: 0 when done, 1 when a run raised (named on stderr; the others that
+    finished are checkpointed), 2 for a bad option/configuration/data file (one line on
     stderr), 130 when interrupted (after writing the report for what finished)."""
     cli = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     try:
@@ -146,6 +162,13 @@ def _run_study(cli: dict[str, Any]) -> int:
     except CheckpointError as err:
         print(f"bnorm study: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as err:
+        print(
+            f"bnorm study: error: {err} (the runs that finished are checkpointed: "
+            f"--resume {study.out} trains the rest)",
+            file=sys.stderr,
+        )
+        return 1
     status = 130 if study.interrupted else 0
     if study.rank != 0:
         return status

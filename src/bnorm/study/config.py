@@ -29,6 +29,7 @@ from .spec import TrainSpec
 
 __all__ = [
     "DEFAULTS",
+    "EXECUTORS",
     "PRESETS",
     "UsageError",
     "experiment_objects",
@@ -65,11 +66,19 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": None,
     "device": "cpu",
     "threads": None,  # None: 1 when every network is an MLP, else torch's default
+    "jobs": None,  # None: 1 with the local executor, no limit with ray and slurm
+    "executor": "local",
+    "address": None,  # a Ray cluster's address (None: a local one)
     "out": None,
 }
 
+# Where runs are trained (bnorm.study.executors): worker processes on this machine, Ray
+# tasks, or Slurm jobs through submitit (slurm-local: submitit's local executor, the same
+# job-array path without a Slurm cluster).
+EXECUTORS = ("local", "ray", "slurm", "slurm-local")
+
 # Options that may accompany --resume (they do not change the numbers being computed).
-_RUNTIME_OPTIONS = ("device", "threads", "quiet")
+_RUNTIME_OPTIONS = ("device", "threads", "quiet", "jobs", "executor", "address")
 _SPEC_OPTIONS = ("steps", "epochs", "batch_size", "lr", "eval_every")
 # Keys of an experiment's config table that are kind options, not TrainSpec fields.
 _OPTION_KEYS = ("lrs", "batch_sizes", "norms", "seeds")
@@ -206,6 +215,23 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def _validate_executor(out: dict[str, Any]) -> None:
+    """--jobs, --executor and --address, checked in place."""
+    if out.get("jobs") is not None:
+        out["jobs"] = _positive_int("jobs", out["jobs"])
+    if out.get("executor") is not None and out["executor"] not in EXECUTORS:
+        raise UsageError(
+            f"expected executor in {', '.join(EXECUTORS)} (got {out['executor']!r})"
+        )
+    if out.get("address") is not None:
+        out["address"] = str(out["address"])
+        if out.get("executor") != "ray":
+            raise UsageError(
+                f"expected --address only with --executor ray (got --address {out['address']} "
+                f"with --executor {out.get('executor') or 'local'})"
+            )
+
+
 def _validate_top(options: dict[str, Any]) -> dict[str, Any]:
     """Check and normalize the top-level options (from the config file or the CLI)."""
     out = dict(options)
@@ -232,6 +258,7 @@ def _validate_top(options: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(str(err)) from None
     if out.get("threads") is not None:
         out["threads"] = _positive_int("threads", out["threads"])
+    _validate_executor(out)
     if "device" in out:
         out["device"] = _device(out["device"])
     if "name" in out and not re.fullmatch(r"[A-Za-z0-9._-]+", str(out["name"])):
@@ -421,7 +448,14 @@ def resolve_config(cli: dict[str, Any]) -> dict[str, Any]:
         "experiments": experiments,
         # MLPs on small batches: compiling bnorm's fused kernels would cost more seconds
         # than the whole study's BN layers take eagerly.
-        RUNTIME_KEY: {"device": top["device"], "threads": threads, "compile_kernels": not small},
+        RUNTIME_KEY: {
+            "device": top["device"],
+            "threads": threads,
+            "compile_kernels": not small,
+            "jobs": top["jobs"],
+            "executor": top["executor"],
+            "address": top["address"],
+        },
         "out": top["out"],
     }
 
@@ -454,6 +488,19 @@ def load_resume(cli: dict[str, Any]) -> tuple[dict[str, Any], Path]:
         runtime["device"] = _device(cli["device"])
     if "threads" in cli:
         runtime["threads"] = _positive_int("threads", cli["threads"])
+    # Where the runs are trained may change; without these options, as before.
+    given: dict[str, Any] = {k: cli[k] for k in ("jobs", "executor", "address") if k in cli}
+    placement: dict[str, Any] = {"jobs": None, "executor": "local", "address": None}
+    if given:
+        if "executor" in given and "address" not in given:
+            given["address"] = None
+        placement.update({k: runtime.get(k, v) for k, v in placement.items()})
+        placement.update(given)
+        _validate_executor(placement)
+        runtime.update(placement)
+    else:
+        for key, value in placement.items():
+            runtime.setdefault(key, value)
     config[RUNTIME_KEY] = runtime
     return config, out
 

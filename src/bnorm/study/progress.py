@@ -8,8 +8,8 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """Rich progress display (a bar for the whole study and one for the current run),
-    or nothing with ``quiet``."""
+    """Rich progress display (a bar for the whole study and one for each run in
+    progress, from any worker), or nothing with ``quiet``."""
 
     def __init__(self, total_steps: int, quiet: bool) -> None:
         self.quiet = quiet
@@ -34,8 +34,7 @@ class Progress:
             TimeRemainingColumn(),
         )
         self.overall = self.progress.add_task("study", total=total_steps, status="")
-        self.current = self.progress.add_task("", total=1, status="", visible=False)
-        self._last = 0
+        self._runs: dict[int, tuple[Any, int]] = {}  # key -> (its bar, steps shown)
 
     def __enter__(self) -> Progress:
         if self.progress is not None:
@@ -46,24 +45,27 @@ class Progress:
         if self.progress is not None:
             self.progress.stop()
 
-    def start_run(self, description: str, total: int) -> None:
+    def start_run(self, key: int, description: str, total: int) -> None:
+        """Show a bar for run ``key`` (several runs may be in progress at once)."""
         if self.progress is None:
             return
-        self._last = 0
-        self.progress.reset(
-            self.current, total=total, description=description, status="", visible=True
-        )
+        self._runs[key] = (self.progress.add_task(description, total=total, status=""), 0)
 
-    def step(self, step: int, total: int, accuracy: float | None) -> None:
-        if self.progress is None or (step % 10 and step != total):
+    def step(self, key: int, step: int, total: int, accuracy: float | None) -> None:
+        if self.progress is None or key not in self._runs or (step % 10 and step != total):
             return
+        task, last = self._runs[key]
         status = f"test acc {100 * accuracy:.1f}%" if accuracy is not None else ""
-        self.progress.update(self.current, completed=step, status=status)
-        self.progress.advance(self.overall, step - self._last)
-        self._last = step
+        self.progress.update(task, completed=step, status=status)
+        self.progress.advance(self.overall, step - last)
+        self._runs[key] = (task, step)
 
-    def finish_run(self, total: int) -> None:
+    def finish_run(self, key: int, total: int) -> None:
+        """Count the rest of run ``key``'s steps (all of them if its steps were not
+        shown) and remove its bar."""
         if self.progress is None:
             return
-        self.progress.advance(self.overall, total - self._last)
-        self._last = total
+        task, last = self._runs.pop(key, (None, 0))
+        self.progress.advance(self.overall, total - last)
+        if task is not None:
+            self.progress.remove_task(task)

@@ -2,9 +2,10 @@
 under ``torchrun``), then write metrics.json and the report.
 
 :func:`prepare_study` resolves the configuration (or reads it back for ``--resume``),
-creates the run directory and schedules every run; :func:`train_all` trains them in order
-(an interrupt stops it and keeps what finished); :func:`write_results` writes
-metrics.json and the report. Rank 0 alone writes the run directory.
+schedules every run, sets up the executor that will train them (:mod:`.executors`) and
+creates the run directory; :func:`train_all` trains them (an interrupt stops it and keeps
+what finished); :func:`write_results` writes metrics.json and the report from the
+records, in schedule order. Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import torch
 from .checkpoint import RUNTIME_KEY, Checkpointer, atomic_write, to_json
 from .config import UsageError, experiment_objects, load_resume, resolve_config
 from .data import Dataset, load_dataset
+from .executors import Executor, RunTask, make_executor, worker_threads
 from .kinds import KINDS, SWEEPS, Experiment, ScheduledRun, SummaryInputs
 from .loop import process_rank
 from .progress import Progress
 from .report import write_report
 from .spec import TrainSpec
-from .train import train_run
 
 __all__ = [
     "Study",
@@ -58,6 +59,7 @@ class Study:
     resuming: bool
     started: str  # local time, ISO 8601
     wall_start: float  # time.perf_counter() when the study started
+    executor: Executor
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     interrupted: bool = False
     cpu_start: float = field(default_factory=time.process_time)  # this process's CPU time
@@ -153,12 +155,13 @@ def prepare_study(cli: dict[str, Any]) -> Study:
         os.environ.setdefault(_NO_COMPILE, "1")  # the user's own setting wins
     data = load_dataset(config["dataset"], config["data_dir"])
     schedule = _schedule_runs(experiments, config["seeds"], int(data.train_labels.shape[0]))
+    executor = make_executor(runtime, out, data, process_rank()[1])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     if not resuming and rank == 0:
         atomic_write(out / "config.json", to_json(config).encode())
     return Study(config, out, data, experiments, schedule, rank, resuming, started, wall_start,
-                 runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
+                 executor, runs={exp.name: [] for exp, _ in schedule})  # fmt: skip
 
 
 def _run_label(exp: Experiment, run: ScheduledRun) -> str:
@@ -171,46 +174,83 @@ def _run_label(exp: Experiment, run: ScheduledRun) -> str:
     return label
 
 
-def train_all(study: Study, quiet: bool) -> None:
-    """Train every planned run in order, appending each record to ``study.runs``. An
-    interrupt (Ctrl-C) stops training and sets ``study.interrupted``; what finished is
-    kept. Raises CheckpointError for a damaged or foreign checkpoint."""
-    n_train = int(study.data.train_labels.shape[0])
-    total_steps = sum(r.spec.total_steps(n_train) for _, p in study.schedule for r in p)
-    device = study.config[RUNTIME_KEY]["device"]
-    current: tuple[str, str, Checkpointer | None] | None = None  # (experiment, tag, files)
-    try:
-        with Progress(total_steps, quiet) as progress:
-            for exp, planned in study.schedule:
-                for run in planned:
-                    total = run.spec.total_steps(n_train)
-                    progress.start_run(_run_label(exp, run), total)
+def _tasks(study: Study) -> list[RunTask]:
+    """Every planned run as a task, in schedule order."""
+    runtime = study.config[RUNTIME_KEY]
+    threads = worker_threads(runtime)
+    tasks: list[RunTask] = []
+    for exp, planned in study.schedule:
+        for run in planned:
+            tasks.append(
+                RunTask(
+                    index=len(tasks), experiment=exp.name, label=_run_label(exp, run),
+                    tag=run.tag, norm=run.norm, seed=run.seed, spec=run.spec,
+                    out=str(study.out), config=study.config, threads=threads,
                     # Every rank resumes from the same files; rank 0 alone writes them.
-                    checkpointer = (
-                        Checkpointer(study.out / "checkpoints" / exp.name, run.tag, study.config)
-                        if study.rank == 0 or study.resuming else None
-                    )
-                    current = (exp.name, run.tag, checkpointer)
-                    record = train_run(
-                        run.spec, study.data, norm=run.norm, seed=run.seed, device=device,
-                        checkpointer=checkpointer, on_progress=progress.step,
-                    )  # fmt: skip
-                    _keep(study, exp.name, run.tag, record)
-                    progress.finish_run(total)
+                    checkpoint=study.rank == 0 or study.resuming,
+                )
+            )
+    return tasks
+
+
+def _checkpointer(study: Study, task: RunTask) -> Checkpointer:
+    return Checkpointer(study.out / "checkpoints" / task.experiment, task.tag, study.config)
+
+
+def train_all(study: Study, quiet: bool) -> None:
+    """Train every planned run with the study's executor (one run after another, in
+    worker processes, Ray tasks or Slurm jobs: :mod:`bnorm.study.executors`) and put
+    the records in ``study.runs`` in schedule order, whatever order they finished in.
+    Runs whose checkpoint says they finished are not trained again. An interrupt
+    (Ctrl-C) stops training and sets ``study.interrupted``; what finished is kept.
+    Raises CheckpointError for a damaged or foreign checkpoint, RunFailed for a run
+    that raised (the runs that finished stay checkpointed)."""
+    n_train = int(study.data.train_labels.shape[0])
+    tasks = _tasks(study)
+    records: dict[int, dict[str, Any]] = {}
+    todo = []
+    for task in tasks:
+        done = _checkpointer(study, task).finished_record() if study.resuming else None
+        if done is not None:
+            done["tag"] = task.tag
+            records[task.index] = done
+        else:
+            todo.append(task)
+    totals = {t.index: t.spec.total_steps(n_train) for t in tasks}
+    executor = study.executor
+    if executor.parallel:  # longest first: the last runs to start are short ones
+        todo.sort(key=lambda t: -totals[t.index])
+    try:
+        with Progress(sum(totals.values()), quiet) as progress:
+            progress.finish_run(-1, sum(totals[i] for i in records))
+            for index, record in executor.run(
+                todo,
+                on_start=lambda i: progress.start_run(i, tasks[i].label, totals[i]),
+                on_step=progress.step,
+            ):
+                records[index] = record
+                progress.finish_run(index, totals[index])
     except KeyboardInterrupt:
         study.interrupted = True
-        # The signal may have come after the run's last checkpoint said it finished.
-        if current is not None and current[2] is not None:
-            finished = current[2].finished_record()
-            if finished is not None:
-                _keep(study, current[0], current[1], finished)
+    finally:
+        executor.close()
+    if study.interrupted:
+        # A signal may have come after a run's last checkpoint said it finished (in this
+        # process or in a worker) and before its record got here.
+        for task in todo:
+            if task.index not in records and task.checkpoint:
+                done = _checkpointer(study, task).finished_record()
+                if done is not None:
+                    done["tag"] = task.tag
+                    records[task.index] = done
+    for task in tasks:
+        if task.index in records:
+            study.runs[task.experiment].append(records[task.index])
 
 
-def _keep(study: Study, name: str, tag: str, record: dict[str, Any]) -> None:
-    """Add a finished run's record to ``study.runs`` (once: tags are unique)."""
-    if all(r.get("tag") != tag for r in study.runs[name]):
-        record["tag"] = tag
-        study.runs[name].append(record)
+def _cpu_s(study: Study) -> float:
+    """This invocation's CPU seconds: this process's, and its runs' in other processes."""
+    return time.process_time() - study.cpu_start + study.executor.worker_cpu_s
 
 
 def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
@@ -220,7 +260,7 @@ def write_results(study: Study) -> tuple[dict[str, Any], list[Path]]:
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     paths = write_report(study.out, study.config, metrics)
     metrics["wall_s"] = time.perf_counter() - study.wall_start
-    metrics["cpu_s"] = time.process_time() - study.cpu_start
+    metrics["cpu_s"] = _cpu_s(study)
     atomic_write(study.out / "metrics.json", to_json(metrics).encode())
     return metrics, paths
 
@@ -262,7 +302,7 @@ def build_metrics(study: Study, wall_s: float) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "started": study.started,
         "wall_s": wall_s,
-        "cpu_s": time.process_time() - study.cpu_start,
+        "cpu_s": _cpu_s(study),
         "interrupted": study.interrupted,
         "runs_planned": study.planned,
         "runs_finished": finished,
