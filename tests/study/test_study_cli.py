@@ -486,12 +486,15 @@ def test_unknown_option_exits_2_without_traceback(capsys: pytest.CaptureFixture[
 def _interrupt_after_first_run(cmd: list[str], out: Path, env: dict[str, str]) -> tuple:
     """Start the study, wait until its first run is checkpointed as done, send SIGINT.
     Returns (process, stdout, stderr, whether the signal came before the last run ended)."""
+    # SIGINT's default disposition, as a terminal gives it (a shell's background job, such
+    # as a CI runner may start, inherits it ignored and would never see the Ctrl-C).
     proc = subprocess.Popen(
         [*cmd, "--out", str(out)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     first = out / "checkpoints" / "curves" / "bn-seed0.json"
     deadline = time.monotonic() + 120
