@@ -35,8 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture
 def forced_eager_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused kernels' eager fallback, whatever the configuration (tests of the
-    fallback itself)."""
+    fallback itself): neither compiled nor native kernels."""
     monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
 
 
 @pytest.fixture
@@ -49,12 +50,14 @@ def eager_fallback(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 
 @pytest.fixture
 def compiled(eager_fallback: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fused kernels compiled with torch.compile; skipped where it is unavailable.
+    """The fused kernels compiled with torch.compile (Inductor), the native CPU kernels
+    off (tests of the compiled kernels themselves); skipped where it is unavailable.
     (It requests ``eager_fallback`` so as to undo it, whatever order pytest sets up a
     module's fixtures in.)"""
     from bnorm import kernels
 
     monkeypatch.delenv("BNORM_NO_COMPILE", raising=False)
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
     if not kernels.compile_enabled():
         pytest.skip("torch.compile is not available here")
 

@@ -80,10 +80,11 @@ from torch import Tensor
 from .._math import running_update
 from ..ops import _stats_dtype, activation_tail
 from ..options import IDENTITY, Activation
+from . import native
 from .compile import _run, compile_enabled
 from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
 from .memory import current_scope, memory_saving
-from .running import Running, RunningState, store_running
+from .running import Running, RunningState, count_batch, store_running
 
 __all__ = ["FUSED_MIN_NUMEL", "MIN_ABS_WEIGHT", "batch_norm_act_train", "fused_pays"]
 
@@ -316,11 +317,16 @@ class _BatchNormAct(torch.autograd.Function):
         r3 = None if residual is None else layout.to3d(residual)
         key = (act.name, act.param, r3 is not None, x3.dtype)
         inner = None if running is None else running[:3]
+        use_native = _native_applies(x3, r3, act, memory_efficient, scope)
         if scope is not None:
             y, mean, invstd, update = _forward_recomputable(
                 scope, layout, x3, w, b, r3, eps, act, key, inner, skip_nonfinite
             )
             y3 = layout.to3d(y)
+        elif use_native:
+            y3, mean, invstd, update = _forward_native(
+                x3, w, b, r3, eps, act, running, skip_nonfinite
+            )
         elif torch.compiler.is_compiling() or compile_enabled():
             x4, r4 = _split(layout, x3, r3)
             fkey = (*key, inner is not None, skip_nonfinite)
@@ -334,9 +340,10 @@ class _BatchNormAct(torch.autograd.Function):
                 count = x3.shape[0] * x3.shape[2]
                 var = invstd.pow(-2) - eps
                 update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
-        if running is not None:
+        if running is not None and update:
             store_running(running, *update)
         ctx.layout = layout
+        ctx.native = use_native
         ctx.act = act
         ctx.memory_efficient = memory_efficient
         ctx.key = key
@@ -372,7 +379,11 @@ class _BatchNormAct(torch.autograd.Function):
             )[:4]
         else:
             x3, r3, w, b, mean, invstd = ctx.saved_tensors
-            if torch.compiler.is_compiling() or compile_enabled():
+            if ctx.native:
+                dx3, dw, db, dr3 = native.backward(
+                    dy3.contiguous(), x3, r3, w, b, mean, invstd, act
+                )
+            elif torch.compiler.is_compiling() or compile_enabled():
                 dx3, dw, db, dr3 = _run(
                     "bwd",
                     _backward_kernel,
@@ -401,6 +412,53 @@ class _BatchNormAct(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _native_applies(
+    x3: Tensor, r3: Tensor | None, act: Activation, memory_efficient: bool, scope: Any
+) -> bool:
+    """Whether the forward (and so the backward) runs :mod:`bnorm.kernels.native`: its
+    dtypes, device and activations (:func:`bnorm.kernels.native.supports`), outside an
+    enclosing torch.compile (a ctypes call cannot be traced), not in memory-efficient mode
+    or a memory_saving scope (their own kernels)."""
+    return (
+        not memory_efficient
+        and scope is None
+        and not torch.compiler.is_compiling()
+        and native.supports(x3, r3, act)
+    )
+
+
+def _forward_native(
+    x3: Tensor,
+    w: Tensor,
+    b: Tensor,
+    r3: Tensor | None,
+    eps: float,
+    act: Activation,
+    running: RunningState | None,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    """The forward by :func:`bnorm.kernels.native.forward`: (y3, μ, 1/√(σ² + ε), running
+    update for :func:`store_running`). The kernel updates running buffers of x's dtype
+    with a float weight itself (then only the batch is counted here, and the update is
+    empty); otherwise the update is computed here from the batch's statistics."""
+    inner = None if running is None else running[:3]
+    fast = None
+    if (
+        inner is not None
+        and not isinstance(inner[2], Tensor)
+        and all(t.dtype == x3.dtype and t.is_contiguous() for t in inner[:2])
+    ):
+        fast = (inner[0], inner[1], float(inner[2]))
+    y3, mean, invstd, var, status = native.forward(x3, r3, w, b, eps, act, fast, skip_nonfinite)
+    update: tuple[Tensor, ...] = ()
+    if running is not None and fast is not None:
+        count_batch(running, status == 1)
+    elif inner is not None:
+        count = x3.shape[0] * x3.shape[2]
+        update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
+    return y3, mean, invstd, update
 
 
 def _forward_recomputable(

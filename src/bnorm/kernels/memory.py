@@ -271,5 +271,3 @@ class memory_saving:
         items = self._stored.items()
         alive = (n for key, (ref, n) in items if not ref.expired() and key not in skip)
         return sum(alive)
-
-

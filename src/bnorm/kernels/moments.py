@@ -57,8 +57,6 @@ from .running import Running, RunningState, store_running
 __all__ = ["batch_norm_moments_train"]
 
 
-
-
 # --- the kernels as torch functions (eager, or compiled by kernels._run) ---------------
 
 

@@ -1,0 +1,395 @@
+/* The kernels for one element type T (float or double), named with the suffix SFX.
+ * Included twice by bn_act_native.c. */
+#define FN(name) CAT(name, SFX)
+#define V ((int64_t)(64 / sizeof(T))) /* channels per block in the rows loops: 64 bytes */
+
+/* a(z) and dz = dy·a'(z) of the piecewise-linear activation. */
+#define ACT(z, slope) ((z) > 0 ? (z) : (z) * (slope))
+#define DACT(g, z, slope) ((z) > 0 ? (g) : (g) * (slope))
+
+/* scale = γ/√(σ²+ε), shift = β − μ·scale: one function, so that the forward and the
+ * backward (which recomputes z = x·scale + shift + r) round them identically. */
+static __attribute__((noinline)) void FN(coefficients)(
+    int64_t C, const T *w, const T *b, const T *mean, const T *invstd, T *scale, T *shift) {
+    for (int64_t c = 0; c < C; c++) {
+        scale[c] = w[c] * invstd[c];
+        shift[c] = b[c] - mean[c] * scale[c];
+    }
+}
+
+static int64_t FN(parts)(int64_t R, int64_t C, int64_t B) {
+    return B > 1 ? R * C : ((R + ROWS - 1) / ROWS) * C;
+}
+
+/* Per-part sums of d = x − pivot[c] and d², pivot[c] = the channel's first value. */
+static void FN(moment_parts)(
+    const T *x, int64_t R, int64_t C, int64_t B, double *p1, double *p2, int nt) {
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
+    if (B > 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) {
+            const T *p = x + i * B;
+            const T pv = x[(i % C) * B];
+            double s1 = 0, s2 = 0;
+            for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
+                int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
+                T a = 0, q = 0;
+#pragma omp simd reduction(+ : a, q)
+                for (int64_t j = j0; j < j1; j++) {
+                    T d = p[j] - pv;
+                    a += d;
+                    q += d * d;
+                }
+                s1 += a;
+                s2 += q;
+            }
+            p1[i] = s1;
+            p2[i] = s2;
+        }
+        return;
+    }
+    const int64_t K = (R + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            const int64_t w = C - c0 < V ? C - c0 : V;
+            T a[V] = {0}, q[V] = {0}, pv[V] = {0};
+            for (int64_t v = 0; v < w; v++) pv[v] = x[c0 + v];
+            if (w == V) {
+                for (int64_t row = r0; row < r1; row++) {
+                    const T *p = x + row * C + c0;
+#pragma omp simd
+                    for (int64_t v = 0; v < V; v++) {
+                        T d = p[v] - pv[v];
+                        a[v] += d;
+                        q[v] += d * d;
+                    }
+                }
+            } else {
+                for (int64_t row = r0; row < r1; row++) {
+                    const T *p = x + row * C + c0;
+                    for (int64_t v = 0; v < w; v++) {
+                        T d = p[v] - pv[v];
+                        a[v] += d;
+                        q[v] += d * d;
+                    }
+                }
+            }
+            for (int64_t v = 0; v < w; v++) {
+                p1[k * C + c0 + v] = a[v];
+                p2[k * C + c0 + v] = q[v];
+            }
+        }
+    }
+}
+
+/* Per-part sums of dz = dy·a'(z) and dz·(x − μ), z = x·scale + shift (+ r); with a
+ * residual, dz is also written to dz_out (it is the residual's gradient). */
+static void FN(grad_parts)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t R, int64_t C, int64_t B,
+    const T *scale, const T *shift, const T *mean, T slope, double *p1, double *p2, int nt) {
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
+    if (B > 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) {
+            const int64_t c = i % C, o = i * B;
+            const T s = scale[c], t = shift[c], m = mean[c];
+            double s1 = 0, s2 = 0;
+            for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
+                int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
+                T a = 0, q = 0;
+                if (r) {
+#pragma omp simd reduction(+ : a, q)
+                    for (int64_t j = o + j0; j < o + j1; j++) {
+                        T z = x[j] * s + t + r[j];
+                        T g = DACT(dy[j], z, slope);
+                        dz_out[j] = g;
+                        a += g;
+                        q += g * (x[j] - m);
+                    }
+                } else {
+#pragma omp simd reduction(+ : a, q)
+                    for (int64_t j = o + j0; j < o + j1; j++) {
+                        T z = x[j] * s + t;
+                        T g = DACT(dy[j], z, slope);
+                        a += g;
+                        q += g * (x[j] - m);
+                    }
+                }
+                s1 += a;
+                s2 += q;
+            }
+            p1[i] = s1;
+            p2[i] = s2;
+        }
+        return;
+    }
+    const int64_t K = (R + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
+        for (int64_t c0 = 0; c0 < C; c0 += V) {
+            const int64_t w = C - c0 < V ? C - c0 : V;
+            T a[V] = {0}, q[V] = {0}, s[V] = {0}, t[V] = {0}, m[V] = {0};
+            for (int64_t v = 0; v < w; v++) {
+                s[v] = scale[c0 + v];
+                t[v] = shift[c0 + v];
+                m[v] = mean[c0 + v];
+            }
+            for (int64_t row = r0; row < r1; row++) {
+                const int64_t o = row * C + c0;
+                if (w == V && r) {
+#pragma omp simd
+                    for (int64_t v = 0; v < V; v++) {
+                        T z = x[o + v] * s[v] + t[v] + r[o + v];
+                        T g = DACT(dy[o + v], z, slope);
+                        dz_out[o + v] = g;
+                        a[v] += g;
+                        q[v] += g * (x[o + v] - m[v]);
+                    }
+                } else if (w == V) {
+#pragma omp simd
+                    for (int64_t v = 0; v < V; v++) {
+                        T z = x[o + v] * s[v] + t[v];
+                        T g = DACT(dy[o + v], z, slope);
+                        a[v] += g;
+                        q[v] += g * (x[o + v] - m[v]);
+                    }
+                } else {
+                    for (int64_t v = 0; v < w; v++) {
+                        T z = x[o + v] * s[v] + t[v];
+                        if (r) z += r[o + v];
+                        T g = DACT(dy[o + v], z, slope);
+                        if (r) dz_out[o + v] = g;
+                        a[v] += g;
+                        q[v] += g * (x[o + v] - m[v]);
+                    }
+                }
+            }
+            for (int64_t v = 0; v < w; v++) {
+                p1[k * C + c0 + v] = a[v];
+                p2[k * C + c0 + v] = q[v];
+            }
+        }
+    }
+}
+
+/* Σ over the parts of each channel, in part order (independent of the thread count). */
+static void FN(combine)(int64_t n, int64_t C, const double *p, double *out) {
+    for (int64_t c = 0; c < C; c++) out[c] = 0;
+    for (int64_t i = 0; i < n; i += C)
+        for (int64_t c = 0; c < C; c++) out[c] += p[i + c];
+}
+
+/* Forward: statistics, the running update, then y = a(x·scale + shift + r).
+ * Returns 1 (running statistics updated), 0 (skipped: a non-finite statistic),
+ * -1 (no running statistics given), -2 (out of memory; nothing written). */
+int FN(bnorm_fwd)(
+    const T *x, const T *r, T *y, int64_t R, int64_t C, int64_t B, const T *w, const T *b,
+    double eps, double slope_d, T *mean, T *invstd, T *var, T *rm, T *rv, double alpha,
+    int skip_nonfinite, int nt) {
+    const T slope = (T)slope_d;
+    const int64_t n = FN(parts)(R, C, B);
+    double *p = (double *)malloc((2 * n + 2 * C) * sizeof(double));
+    T *coef = (T *)malloc(2 * C * sizeof(T));
+    if (!p || !coef) {
+        free(p);
+        free(coef);
+        return -2;
+    }
+    T *scale = coef, *shift = coef + C;
+    double *s1 = p + 2 * n, *s2 = s1 + C;
+    FN(moment_parts)(x, R, C, B, p, p + n, nt);
+    FN(combine)(n, C, p, s1);
+    FN(combine)(n, C, p + n, s2);
+    const double count = (double)R * (double)B;
+    for (int64_t c = 0; c < C; c++) {
+        double m = s1[c] / count;
+        double v = s2[c] / count - m * m;
+        if (v < 0) v = 0;
+        mean[c] = (T)((double)x[c * B] + m);
+        var[c] = (T)v;
+        invstd[c] = (T)(1.0 / sqrt(v + eps));
+    }
+    free(p);
+    FN(coefficients)(C, w, b, mean, invstd, scale, shift);
+    int status = -1;
+    if (rm) {
+        const T f = (T)(count / (count - 1 > 1 ? count - 1 : 1));
+        const T wt = (T)alpha;
+        int ok = 1;
+        if (skip_nonfinite)
+            for (int64_t c = 0; c < C; c++)
+                if (!isfinite(mean[c]) || !isfinite(var[c] * f)) ok = 0;
+        if (ok)
+            for (int64_t c = 0; c < C; c++) {
+                /* torch.lerp's formula, in T */
+                T um = mean[c], uv = var[c] * f;
+                rm[c] = wt < (T)0.5 ? rm[c] + wt * (um - rm[c]) : um - (um - rm[c]) * ((T)1 - wt);
+                rv[c] = wt < (T)0.5 ? rv[c] + wt * (uv - rv[c]) : uv - (uv - rv[c]) * ((T)1 - wt);
+            }
+        status = ok;
+    }
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
+    if (B > 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) {
+            const int64_t c = i % C, o = i * B;
+            const T s = scale[c], t = shift[c];
+            if (r) {
+#pragma omp simd
+                for (int64_t j = o; j < o + B; j++) {
+                    T z = x[j] * s + t + r[j];
+                    y[j] = ACT(z, slope);
+                }
+            } else {
+#pragma omp simd
+                for (int64_t j = o; j < o + B; j++) {
+                    T z = x[j] * s + t;
+                    y[j] = ACT(z, slope);
+                }
+            }
+        }
+    } else {
+        const int64_t K = (R + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
+            for (int64_t c0 = 0; c0 < C; c0 += V) {
+                const int64_t w = C - c0 < V ? C - c0 : V;
+                T s[V] = {0}, t[V] = {0};
+                for (int64_t v = 0; v < w; v++) {
+                    s[v] = scale[c0 + v];
+                    t[v] = shift[c0 + v];
+                }
+                for (int64_t row = r0; row < r1; row++) {
+                    const int64_t o = row * C + c0;
+                    if (w == V && r) {
+#pragma omp simd
+                        for (int64_t v = 0; v < V; v++) {
+                            T z = x[o + v] * s[v] + t[v] + r[o + v];
+                            y[o + v] = ACT(z, slope);
+                        }
+                    } else if (w == V) {
+#pragma omp simd
+                        for (int64_t v = 0; v < V; v++) {
+                            T z = x[o + v] * s[v] + t[v];
+                            y[o + v] = ACT(z, slope);
+                        }
+                    } else {
+                        for (int64_t v = 0; v < w; v++) {
+                            T z = x[o + v] * s[v] + t[v];
+                            if (r) z += r[o + v];
+                            y[o + v] = ACT(z, slope);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(coef);
+    return status;
+}
+
+/* Backward: dγ = (1/√(σ²+ε))·Σ dz·(x − μ), dβ = Σ dz, dr = dz (with a residual) and
+ * dx = dz·scale + (x − μ)·k + c, k = −scale/(σ²+ε)·mean(dz·(x − μ)), c = −scale·mean(dz).
+ * Without a residual dz is recomputed from dy in the second pass instead of stored.
+ * Returns 0, or -2 (out of memory; nothing written). */
+int FN(bnorm_bwd)(
+    const T *dy, const T *x, const T *r, T *dx, T *dr, int64_t R, int64_t C, int64_t B,
+    const T *w, const T *b, const T *mean, const T *invstd, double slope_d, T *dw, T *db,
+    int nt) {
+    const T slope = (T)slope_d;
+    const int64_t n = FN(parts)(R, C, B);
+    double *p = (double *)malloc((2 * n + 2 * C) * sizeof(double));
+    T *coef = (T *)malloc(4 * C * sizeof(T));
+    if (!p || !coef) {
+        free(p);
+        free(coef);
+        return -2;
+    }
+    double *s1 = p + 2 * n, *s2 = s1 + C;
+    T *scale = coef, *shift = coef + C, *k = coef + 2 * C, *cc = coef + 3 * C;
+    FN(coefficients)(C, w, b, mean, invstd, scale, shift);
+    FN(grad_parts)(dy, x, r, dr, R, C, B, scale, shift, mean, slope, p, p + n, nt);
+    FN(combine)(n, C, p, s1);
+    FN(combine)(n, C, p + n, s2);
+    const double count = (double)R * (double)B;
+    for (int64_t c = 0; c < C; c++) {
+        k[c] = (T)(-(double)(invstd[c] * invstd[c] * scale[c]) * s2[c] / count);
+        cc[c] = (T)(-(double)scale[c] * s1[c] / count);
+        dw[c] = (T)((double)invstd[c] * s2[c]);
+        db[c] = (T)s1[c];
+    }
+    free(p);
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
+    if (B > 1) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) {
+            const int64_t c = i % C, o = i * B;
+            const T s = scale[c], t = shift[c], m = mean[c], kk = k[c], c0 = cc[c];
+            if (r) {
+#pragma omp simd
+                for (int64_t j = o; j < o + B; j++) dx[j] = dr[j] * s + (x[j] - m) * kk + c0;
+            } else {
+#pragma omp simd
+                for (int64_t j = o; j < o + B; j++) {
+                    T z = x[j] * s + t;
+                    T g = DACT(dy[j], z, slope);
+                    dx[j] = g * s + (x[j] - m) * kk + c0;
+                }
+            }
+        }
+    } else {
+        const int64_t K = (R + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t kb = 0; kb < K; kb++) {
+            const int64_t r0 = kb * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
+            for (int64_t c0 = 0; c0 < C; c0 += V) {
+                const int64_t w = C - c0 < V ? C - c0 : V;
+                T s[V] = {0}, t[V] = {0}, m[V] = {0}, kk[V] = {0}, c1[V] = {0};
+                for (int64_t v = 0; v < w; v++) {
+                    s[v] = scale[c0 + v];
+                    t[v] = shift[c0 + v];
+                    m[v] = mean[c0 + v];
+                    kk[v] = k[c0 + v];
+                    c1[v] = cc[c0 + v];
+                }
+                for (int64_t row = r0; row < r1; row++) {
+                    const int64_t o = row * C + c0;
+                    if (w == V && r) {
+#pragma omp simd
+                        for (int64_t v = 0; v < V; v++)
+                            dx[o + v] = dr[o + v] * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
+                    } else if (w == V) {
+#pragma omp simd
+                        for (int64_t v = 0; v < V; v++) {
+                            T z = x[o + v] * s[v] + t[v];
+                            T g = DACT(dy[o + v], z, slope);
+                            dx[o + v] = g * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
+                        }
+                    } else {
+                        for (int64_t v = 0; v < w; v++) {
+                            T g;
+                            if (r) {
+                                g = dr[o + v];
+                            } else {
+                                T z = x[o + v] * s[v] + t[v];
+                                g = DACT(dy[o + v], z, slope);
+                            }
+                            dx[o + v] = g * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(coef);
+    return 0;
+}
+
+#undef FN
+#undef V
+#undef ACT
+#undef DACT

@@ -1,0 +1,294 @@
+"""bnorm.kernels.native: the C/OpenMP kernels of act(BN(x) + r) on CPU.
+
+Against the float64 NumPy reference (bnorm.reference, the activation's derivative by
+hand) at the shapes that take each of the C code's loops and edges: planes longer than
+one summation block, channel counts that are not a multiple of a vector block, rows in
+several chunks and a partial last one, 2D and 3D inputs; the running-statistics update
+inside the kernel against bnorm._math.running_update (to float32 rounding), the non-finite guard
+and the cumulative average; results independent of the thread count; that the layers
+really run these kernels; the build cache, concurrent builds, and the fallback when the
+compiler is missing or broken (a real failing compiler process).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bnorm
+from bnorm import _math, reference
+from bnorm.kernels import Activation, batch_norm_act_train, native
+
+pytestmark = pytest.mark.usefixtures("fused_at_every_size")
+
+SLOPE = 0.1
+
+
+@pytest.fixture(autouse=True)
+def _native_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BNORM_NO_NATIVE", raising=False)
+    if not native.available():
+        pytest.fail("the native kernels did not build on this machine (gcc is required here)")
+
+
+def act_of(name: str) -> Activation:
+    return Activation.parse(name, negative_slope=SLOPE)  # type: ignore[return-value]
+
+
+def np_act(name: str, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(act(z), act'(z)) by hand; the z ≤ 0 side at 0, as PyTorch."""
+    slope = {"identity": 1.0, "relu": 0.0, "leaky_relu": SLOPE}[name]
+    return np.where(z > 0, z, slope * z), np.where(z > 0, 1.0, slope)
+
+
+def make(shape, dtype, residual, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 4).to(dtype)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if residual else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.empty(c, dtype=dtype).uniform_(0.5, 1.5, generator=g)
+    w[0] = -0.7
+    b = torch.empty(c, dtype=dtype).uniform_(-0.5, 0.5, generator=g)
+    if channels_last:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x, dy = x.to(memory_format=fmt), dy.to(memory_format=fmt)
+        r = None if r is None else r.to(memory_format=fmt)
+    return x, r, dy, w, b
+
+
+def run(x, r, dy, w, b, act, running=None, skip_nonfinite=True):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    xl, wl, bl, rl = leaves
+    y, mean, invstd = batch_norm_act_train(
+        xl, wl, bl, rl, 1e-5, act, running=running, skip_nonfinite=skip_nonfinite
+    )
+    y.backward(dy)
+    return y.detach(), xl.grad, wl.grad, bl.grad, None if rl is None else rl.grad, mean, invstd
+
+
+def reference_of(x, r, dy, w, b, name):
+    as64 = lambda t: None if t is None else t.detach().double().numpy()  # noqa: E731
+    bn, cache = reference.forward(as64(x), as64(w), as64(b), 1e-5)
+    z = bn if r is None else bn + as64(r)
+    y, dact = np_act(name, z)
+    dz = as64(dy) * dact
+    dx, dw, db = reference.backward(dz, cache)
+    return y, dx, dw, db, dz, cache
+
+
+def rel_err(a, b) -> float:
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# (shape, channels_last): a plane longer than one summation block (1024) and not a
+# multiple of it; channel counts below, between and above the 64-byte vector block (16
+# float32 / 8 float64 channels); rows in several chunks of 256 and a partial last one;
+# an (N, C) input (rows of channels) and an (N, C, L) one; a single channel.
+SHAPES = [
+    ((3, 4, 40, 41), False),
+    ((5, 17, 9, 7), True),
+    ((4, 40, 13, 11), True),
+    ((6, 3, 5, 5), True),
+    ((300, 19), False),
+    ((7, 24, 33), False),
+    ((9, 1, 6, 6), False),
+    ((2, 64, 8, 8), True),
+]
+
+
+ACTS = [("relu", True), ("leaky_relu", False), ("identity", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,channels_last", SHAPES)
+@pytest.mark.parametrize("name,residual", ACTS)
+def test_native_matches_the_float64_reference(shape, channels_last, dtype, name, residual):
+    x, r, dy, w, b = make(shape, dtype, residual, channels_last)
+    y, dx, dw, db, dr, mean, invstd = run(x, r, dy, w, b, act_of(name))
+    y64, dx64, dw64, db64, dz64, cache = reference_of(x, r, dy, w, b, name)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert rel_err(y, y64) < tol
+    assert rel_err(mean, cache["mean"]) < tol
+    assert rel_err(invstd, 1 / np.sqrt(cache["var"] + 1e-5)) < tol
+    assert rel_err(dx, dx64) < 50 * tol
+    assert rel_err(dw, dw64) < 10 * tol and rel_err(db, db64) < 10 * tol
+    if residual:
+        assert dr is not None and dr.stride() == x.stride() and rel_err(dr, dz64) < tol
+
+
+def test_layers_run_the_native_kernels(monkeypatch):
+    calls: list[str] = []
+    forward, backward = native.forward, native.backward
+
+    def spy_forward(*args, **kwargs):
+        calls.append("forward")
+        return forward(*args, **kwargs)
+
+    def spy_backward(*args, **kwargs):
+        calls.append("backward")
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(native, "forward", spy_forward)
+    monkeypatch.setattr(native, "backward", spy_backward)
+    layer = bnorm.BatchNormAct2d(8, activation="relu")
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    layer(x, residual=torch.randn(4, 8, 5, 5)).sum().backward()
+    assert calls == ["forward", "backward"]
+    # Not for the activations, dtypes and modes that have no native kernel.
+    calls.clear()
+    bnorm.BatchNormAct2d(8, activation="silu")(x).sum().backward()
+    bnorm.BatchNormAct2d(8, activation="leaky_relu", memory_efficient=True)(x).sum().backward()
+    bnorm.BatchNormAct2d(8, activation="relu").bfloat16()(x.bfloat16()).sum().backward()
+    assert calls == []
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
+    layer(x).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_running_statistics_updated_in_the_kernel_as_torch_lerp(channels_last):
+    x, r, dy, w, b = make((8, 6, 7, 7), torch.float32, True, channels_last)
+    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    tracked, skipped = torch.tensor(3), torch.tensor(0)
+    state = (rm.clone(), rv.clone(), 0.1, tracked, skipped)
+    mean = run(x, r, dy, w, b, act_of("relu"), running=state)[5]
+    count = x.numel() // 6
+    var = x.double().var(dim=(0, 2, 3), unbiased=False).float()
+    want_mean, want_var, ok = _math.running_update(rm, rv, mean, var, count, 0.1, True)
+    assert bool(ok) and int(tracked) == 4 and int(skipped) == 0
+    # torch.lerp's formula; ATen may round through a fused multiply-add: 1 ulp apart.
+    torch.testing.assert_close(state[0], want_mean, rtol=3e-7, atol=1e-7)
+    torch.testing.assert_close(state[1], want_var, rtol=2e-6, atol=0)
+    # torch's own layer from the same buffers
+    bn = torch.nn.BatchNorm2d(6, momentum=0.1)
+    bn.running_mean.copy_(rm), bn.running_var.copy_(rv)
+    bn(x)
+    torch.testing.assert_close(state[0], bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state[1], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_batch_leaves_running_statistics_and_counts_a_skip():
+    x, r, dy, w, b = make((4, 5, 6, 6), torch.float32, False, False)
+    x[1, 2, 3, 3] = float("nan")
+    rm, rv = torch.zeros(5), torch.ones(5)
+    tracked, skipped = torch.tensor(0), torch.tensor(0)
+    y, *_ = run(x, r, dy, w, b, act_of("relu"), running=(rm, rv, 0.1, tracked, skipped))
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5))
+    assert int(tracked) == 0 and int(skipped) == 1
+    assert torch.isnan(y[:, 2]).all() and torch.isfinite(y[:, :2]).all()
+    # without the guard the NaN reaches the buffers, as in torch
+    run(x, r, dy, w, b, act_of("relu"), running=(rm, rv, 0.1, tracked, None), skip_nonfinite=False)
+    assert torch.isnan(rm[2]) and int(tracked) == 1
+
+
+def test_cumulative_average_layer_matches_torch():
+    # momentum=None: the weight 1/t is a tensor, so the update runs outside the kernel.
+    ours = bnorm.BatchNormAct2d(6, activation="identity", momentum=None)
+    theirs = torch.nn.BatchNorm2d(6, momentum=None)
+    for seed in range(3):
+        x = make((4, 6, 5, 5), torch.float32, False, seed % 2 == 1, seed)[0]
+        ours(x)
+        theirs(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_results_do_not_depend_on_the_thread_count(channels_last):
+    # Large enough for the parallel loops (32768 elements); sums in a fixed order.
+    x, r, dy, w, b = make((16, 20, 24, 24), torch.float32, True, channels_last)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x, r, dy, w, b, act_of("relu"))
+        torch.set_num_threads(2)
+        two = run(x, r, dy, w, b, act_of("relu"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_matches_the_eager_fallback(monkeypatch):
+    x, r, dy, w, b = make((6, 10, 9, 9), torch.float32, True, True)
+    ours = run(x, r, dy, w, b, act_of("leaky_relu"))
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    fallback = run(x, r, dy, w, b, act_of("leaky_relu"))
+    for a, c in zip(ours, fallback, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+# --- the build -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty cache directory and no library loaded; the real one again afterwards."""
+    monkeypatch.setenv("BNORM_CACHE_DIR", str(tmp_path / "cache"))
+    native._library.cache_clear()
+    yield tmp_path / "cache"
+    native._library.cache_clear()
+
+
+def test_build_is_cached_by_content(fresh_build):
+    assert native.available()
+    built = list(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("bn_act_native-")
+    mtime = built[0].stat().st_mtime_ns
+    native._library.cache_clear()
+    assert native.available()
+    assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_concurrent_first_builds_leave_one_complete_library(fresh_build):
+    script = textwrap.dedent(
+        """
+        import torch, bnorm
+        from bnorm.kernels import native
+        assert native.available()
+        layer = bnorm.BatchNormAct2d(4, activation="relu")
+        x = torch.randn(2, 4, 3, 3, requires_grad=True)
+        layer(x).sum().backward()
+        print("ok")
+        """
+    )
+    env = {**os.environ, "BNORM_CACHE_DIR": str(fresh_build)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0] and all(o.strip() == "ok" for o in outs)
+    assert [f.suffix for f in fresh_build.iterdir()] == [".so"]  # no temporary files left
+
+
+def test_a_failing_compiler_warns_once_and_the_layer_falls_back(fresh_build, tmp_path, monkeypatch):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("BNORM_NO_COMPILE", "1")
+    layer = bnorm.BatchNormAct2d(5, activation="relu")
+    x = torch.randn(3, 5, 4, 4, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="broken-cc: cannot compile"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not native.available()
+        layer(x).sum().backward()
+    want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and not list(fresh_build.glob("*.so"))
