@@ -74,3 +74,4 @@ def fused_at_every_size(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
         from bnorm.kernels import bn_act
 
         monkeypatch.setattr(bn_act, "FUSED_MIN_NUMEL", 0)
+        monkeypatch.setattr(bn_act, "NATIVE_MIN_NUMEL", 0)

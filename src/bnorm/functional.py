@@ -673,7 +673,7 @@ def _plain_training(
                 or residual.dtype != input.dtype
             )
         )
-        or fused_pays(input, False)
+        or fused_pays(input, False, plan.activation, residual)
     ):
         return None
     check_cumulative_average_has_count(plan.momentum, num_batches_tracked)
@@ -810,7 +810,9 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
     # memory-efficient mode's saving needs the kernels' own backward, compiled or not.
     tail = residual is not None or (activation is not None and activation.name != "identity")
     if memory_efficient or (
-        tail and not torch.compiler.is_compiling() and fused_pays(x, memory_efficient)
+        tail
+        and not torch.compiler.is_compiling()
+        and fused_pays(x, memory_efficient, activation, residual)
     ):
         res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
         running = _running_state(plan, call, t)

@@ -140,12 +140,12 @@ def _fused_forced(fn: Callable[[], None]) -> Callable[[], None]:
     the kernels' own time and bandwidth, whatever the layer would choose."""
 
     def run() -> None:
-        threshold = bn_act.FUSED_MIN_NUMEL
-        bn_act.FUSED_MIN_NUMEL = 0
+        thresholds = bn_act.FUSED_MIN_NUMEL, bn_act.NATIVE_MIN_NUMEL
+        bn_act.FUSED_MIN_NUMEL = bn_act.NATIVE_MIN_NUMEL = 0
         try:
             fn()
         finally:
-            bn_act.FUSED_MIN_NUMEL = threshold
+            bn_act.FUSED_MIN_NUMEL, bn_act.NATIVE_MIN_NUMEL = thresholds
 
     return run
 

@@ -3,6 +3,8 @@ passes, compiled with ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on 
 
 * :mod:`~bnorm.kernels.bn_act` — ``act(BN(x) + residual)`` over the statistics of the whole
   input, and its memory-efficient mode;
+* :mod:`~bnorm.kernels.native` — the same in hand-written C/OpenMP on CPU (float32/float64,
+  identity/relu/leaky_relu), built once per machine and called through ctypes;
 * :mod:`~bnorm.kernels.moments` — the moments path: masks, ghost batches, statistics across
   processes, Batch Renormalization;
 * :mod:`~bnorm.kernels.moving_average` — moving-average batch norm (MABN), with its own
@@ -17,7 +19,13 @@ passes, compiled with ``torch.compile`` (Inductor: C++/OpenMP on CPU, Triton on 
 from __future__ import annotations
 
 from ..options import ACTIVATIONS, INVERTIBLE_ACTIVATIONS, Activation
-from .bn_act import FUSED_MIN_NUMEL, MIN_ABS_WEIGHT, batch_norm_act_train, fused_pays
+from .bn_act import (
+    FUSED_MIN_NUMEL,
+    MIN_ABS_WEIGHT,
+    NATIVE_MIN_NUMEL,
+    batch_norm_act_train,
+    fused_pays,
+)
 from .compile import compile_enabled
 from .memory import memory_saving
 from .moments import batch_norm_moments_train
@@ -29,6 +37,7 @@ __all__ = [
     "FUSED_MIN_NUMEL",
     "INVERTIBLE_ACTIVATIONS",
     "MIN_ABS_WEIGHT",
+    "NATIVE_MIN_NUMEL",
     "Activation",
     "MovingState",
     "RunningState",

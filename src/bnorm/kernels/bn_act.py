@@ -84,39 +84,57 @@ from . import native
 from .compile import _run, compile_enabled
 from .layout import _channel_sum, _Layout, _per_channel, _per_channel3, _split
 from .memory import current_scope, memory_saving
-from .running import Running, RunningState, count_batch, store_running
+from .running import Running, RunningState, store_running
 
-__all__ = ["FUSED_MIN_NUMEL", "MIN_ABS_WEIGHT", "batch_norm_act_train", "fused_pays"]
+__all__ = [
+    "FUSED_MIN_NUMEL",
+    "MIN_ABS_WEIGHT",
+    "NATIVE_MIN_NUMEL",
+    "batch_norm_act_train",
+    "fused_pays",
+]
 
 MIN_ABS_WEIGHT = 1e-3
 """Memory-efficient mode uses γ' = sign(γ)·max(|γ|, MIN_ABS_WEIGHT) so that x̂ = (z − β)/γ'."""
 
 FUSED_MIN_NUMEL = 1 << 18
 """On CPU, the smallest input (elements, per thread of torch's up to 2) whose training
-step runs the fused Function when nothing else needs it. Its forward+backward has a fixed
-cost of ~0.1–0.2 ms over torch's three eager ops (the Function's Python and autograd node,
-two kernel calls with their output allocation — the same in the eager fallback), which the
-traffic it saves repays only from about here on (docs/kernels.md gives the measured
-sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen, as in
-the plain layers), then the add and the activation: torch's own ops, torch's cost."""
+step runs the fused Function with the compiled (or eager) kernels when nothing else needs
+it. That forward+backward has a fixed cost of ~0.1–0.2 ms over torch's three eager ops (the
+Function's Python and autograd node, two compiled calls with their output allocation),
+which the traffic it saves repays only from about here on (docs/kernels.md gives the
+measured sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen,
+as in the plain layers), then the add and the activation: torch's own ops, torch's cost."""
+
+NATIVE_MIN_NUMEL = 1 << 16
+"""The same threshold where the native CPU kernels run the step
+(:mod:`bnorm.kernels.native`: float32/float64, identity/relu/leaky_relu): their fixed cost
+is two C calls of ~12 µs and a leaner Function, so they pay from a smaller size
+(docs/kernels.md gives the measured crossover)."""
 
 
-def fused_pays(x: Tensor, memory_efficient: bool) -> bool:
+def fused_pays(
+    x: Tensor,
+    memory_efficient: bool,
+    activation: Activation | None = None,
+    residual: Tensor | None = None,
+) -> bool:
     """Whether a training step of ``act(BN(x) + r)`` should run the fused Function rather
     than ATen's batch norm, add and activation: always in memory-efficient mode and inside
     a :func:`bnorm.memory_saving` scope (their saving needs the Function), off CPU (the
-    threshold was measured on CPU), and from :data:`FUSED_MIN_NUMEL` elements per thread
-    on (1 or 2 threads: the range measured; ATen's ops and the kernels both parallelize,
-    so the fixed cost weighs against time per element that halves with 2 threads)."""
-    return (
+    thresholds were measured on CPU), and from :data:`NATIVE_MIN_NUMEL` (native kernels)
+    or :data:`FUSED_MIN_NUMEL` (compiled ones) elements per thread on (1 or 2 threads: the
+    range measured; ATen's ops and the kernels both parallelize, so the fixed cost weighs
+    against time per element that halves with 2 threads)."""
+    if (
         memory_efficient
-        or (
-            x.numel() >= FUSED_MIN_NUMEL
-            and x.numel() >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
-        )
         or not x.is_cpu
         or (current_scope() is not None and torch.is_grad_enabled())
-    )
+    ):
+        return True
+    act = activation if activation is not None else IDENTITY
+    floor = NATIVE_MIN_NUMEL if native.supports(x, residual, act) else FUSED_MIN_NUMEL
+    return x.numel() >= floor * min(torch.get_num_threads(), 2)
 
 
 def _forward_kernel(
@@ -317,16 +335,11 @@ class _BatchNormAct(torch.autograd.Function):
         r3 = None if residual is None else layout.to3d(residual)
         key = (act.name, act.param, r3 is not None, x3.dtype)
         inner = None if running is None else running[:3]
-        use_native = _native_applies(x3, r3, act, memory_efficient, scope)
         if scope is not None:
             y, mean, invstd, update = _forward_recomputable(
                 scope, layout, x3, w, b, r3, eps, act, key, inner, skip_nonfinite
             )
             y3 = layout.to3d(y)
-        elif use_native:
-            y3, mean, invstd, update = _forward_native(
-                x3, w, b, r3, eps, act, running, skip_nonfinite
-            )
         elif torch.compiler.is_compiling() or compile_enabled():
             x4, r4 = _split(layout, x3, r3)
             fkey = (*key, inner is not None, skip_nonfinite)
@@ -340,10 +353,9 @@ class _BatchNormAct(torch.autograd.Function):
                 count = x3.shape[0] * x3.shape[2]
                 var = invstd.pow(-2) - eps
                 update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
-        if running is not None and update:
+        if running is not None:
             store_running(running, *update)
         ctx.layout = layout
-        ctx.native = use_native
         ctx.act = act
         ctx.memory_efficient = memory_efficient
         ctx.key = key
@@ -379,11 +391,7 @@ class _BatchNormAct(torch.autograd.Function):
             )[:4]
         else:
             x3, r3, w, b, mean, invstd = ctx.saved_tensors
-            if ctx.native:
-                dx3, dw, db, dr3 = native.backward(
-                    dy3.contiguous(), x3, r3, w, b, mean, invstd, act
-                )
-            elif torch.compiler.is_compiling() or compile_enabled():
+            if torch.compiler.is_compiling() or compile_enabled():
                 dx3, dw, db, dr3 = _run(
                     "bwd",
                     _backward_kernel,
@@ -414,51 +422,91 @@ class _BatchNormAct(torch.autograd.Function):
         )
 
 
-def _native_applies(
-    x3: Tensor, r3: Tensor | None, act: Activation, memory_efficient: bool, scope: Any
-) -> bool:
-    """Whether the forward (and so the backward) runs :mod:`bnorm.kernels.native`: its
-    dtypes, device and activations (:func:`bnorm.kernels.native.supports`), outside an
-    enclosing torch.compile (a ctypes call cannot be traced), not in memory-efficient mode
-    or a memory_saving scope (their own kernels)."""
+class _BatchNormActNative(torch.autograd.Function):
+    """act(BN(x) + r) in training by :mod:`bnorm.kernels.native`: the same outputs as
+    :class:`_BatchNormAct` with its own lean Python — one C call each way on x's memory as
+    it is (no views, permutes or copies for any dense layout; y, dx and dr are allocated
+    with x's strides), the running statistics and counters updated inside the forward's
+    call."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        eps: float,
+        act: Activation,
+        running: RunningState | None,
+        skip_nonfinite: bool,
+        shape: native.Shape,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        dtype, channels = x.dtype, shape[1]
+        w = torch.ones(channels, dtype=dtype) if weight is None else weight.to(dtype).contiguous()
+        b = torch.zeros(channels, dtype=dtype) if bias is None else bias.to(dtype).contiguous()
+        if residual is not None and residual.stride() != x.stride():
+            residual = torch.empty_like(x).copy_(residual)
+        in_kernel = running is not None and _runs_in_kernel(running, dtype)
+        y, mean, invstd, _ = native.forward(
+            x,
+            residual,
+            w,
+            b,
+            shape,
+            eps,
+            act,
+            running if in_kernel else None,
+            skip_nonfinite,  # type: ignore[arg-type]
+        )
+        if running is not None and not in_kernel:
+            var = invstd.pow(-2) - eps
+            count = shape[0] * shape[2]
+            update = running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
+            store_running(running, *update)
+        ctx.act, ctx.shape = act, shape
+        ctx.dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+            None if residual is None else residual.dtype,
+        )
+        ctx.save_for_backward(x, residual, w, b, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        x, residual, w, b, mean, invstd = ctx.saved_tensors
+        if dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        dx, dw, db, dr = native.backward(dy, x, residual, w, b, mean, invstd, ctx.shape, ctx.act)
+        wdt, bdt, _ = ctx.dtypes
+        return (
+            dx,
+            None if wdt is None else dw if wdt == dw.dtype else dw.to(wdt),
+            None if bdt is None else db if bdt == db.dtype else db.to(bdt),
+            dr,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
+    """Whether the native forward can update these buffers itself: contiguous statistics
+    of the input's dtype, a float weight α (the cumulative average's 1/t is a tensor),
+    int64 counters."""
+    mean, var, alpha, tracked, skipped = running
     return (
-        not memory_efficient
-        and scope is None
-        and not torch.compiler.is_compiling()
-        and native.supports(x3, r3, act)
+        not isinstance(alpha, Tensor)
+        and mean.dtype == dtype
+        and var.dtype == dtype
+        and mean.is_contiguous()
+        and var.is_contiguous()
+        and all(t is None or (t.dtype == torch.long and t.numel() == 1) for t in (tracked, skipped))
     )
-
-
-def _forward_native(
-    x3: Tensor,
-    w: Tensor,
-    b: Tensor,
-    r3: Tensor | None,
-    eps: float,
-    act: Activation,
-    running: RunningState | None,
-    skip_nonfinite: bool,
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
-    """The forward by :func:`bnorm.kernels.native.forward`: (y3, μ, 1/√(σ² + ε), running
-    update for :func:`store_running`). The kernel updates running buffers of x's dtype
-    with a float weight itself (then only the batch is counted here, and the update is
-    empty); otherwise the update is computed here from the batch's statistics."""
-    inner = None if running is None else running[:3]
-    fast = None
-    if (
-        inner is not None
-        and not isinstance(inner[2], Tensor)
-        and all(t.dtype == x3.dtype and t.is_contiguous() for t in inner[:2])
-    ):
-        fast = (inner[0], inner[1], float(inner[2]))
-    y3, mean, invstd, var, status = native.forward(x3, r3, w, b, eps, act, fast, skip_nonfinite)
-    update: tuple[Tensor, ...] = ()
-    if running is not None and fast is not None:
-        count_batch(running, status == 1)
-    elif inner is not None:
-        count = x3.shape[0] * x3.shape[2]
-        update = running_update(*inner[:2], mean, var, count, inner[2], skip_nonfinite)
-    return y3, mean, invstd, update
 
 
 def _forward_recomputable(
@@ -565,6 +613,19 @@ def batch_norm_act_train(
     scope = None
     if not memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         scope = current_scope()
+    if (
+        scope is None
+        and not memory_efficient
+        and not torch.compiler.is_compiling()
+        and native.supports(x, residual, act)
+    ):
+        layout = _Layout.of(x)
+        if layout.dense:
+            shape = (layout.a, x.shape[1], layout.b)
+            out = _BatchNormActNative.apply(
+                x, weight, bias, residual, eps, act, running, skip_nonfinite, shape
+            )
+            return out[0], out[1], out[2]
     out = _BatchNormAct.apply(
         x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite, scope
     )

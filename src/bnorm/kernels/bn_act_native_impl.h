@@ -188,7 +188,7 @@ static void FN(combine)(int64_t n, int64_t C, const double *p, double *out) {
 int FN(bnorm_fwd)(
     const T *x, const T *r, T *y, int64_t R, int64_t C, int64_t B, const T *w, const T *b,
     double eps, double slope_d, T *mean, T *invstd, T *var, T *rm, T *rv, double alpha,
-    int skip_nonfinite, int nt) {
+    int skip_nonfinite, int64_t *tracked, int64_t *skipped, int nt) {
     const T slope = (T)slope_d;
     const int64_t n = FN(parts)(R, C, B);
     double *p = (double *)malloc((2 * n + 2 * C) * sizeof(double));
@@ -200,6 +200,7 @@ int FN(bnorm_fwd)(
     }
     T *scale = coef, *shift = coef + C;
     double *s1 = p + 2 * n, *s2 = s1 + C;
+    double *v64 = s1; /* the variance in double, written over s1 once it is used */
     FN(moment_parts)(x, R, C, B, p, p + n, nt);
     FN(combine)(n, C, p, s1);
     FN(combine)(n, C, p + n, s2);
@@ -209,10 +210,11 @@ int FN(bnorm_fwd)(
         double v = s2[c] / count - m * m;
         if (v < 0) v = 0;
         mean[c] = (T)((double)x[c * B] + m);
-        var[c] = (T)v;
         invstd[c] = (T)(1.0 / sqrt(v + eps));
+        v64[c] = v;
     }
-    free(p);
+    if (var)
+        for (int64_t c = 0; c < C; c++) var[c] = (T)v64[c];
     FN(coefficients)(C, w, b, mean, invstd, scale, shift);
     int status = -1;
     if (rm) {
@@ -221,16 +223,19 @@ int FN(bnorm_fwd)(
         int ok = 1;
         if (skip_nonfinite)
             for (int64_t c = 0; c < C; c++)
-                if (!isfinite(mean[c]) || !isfinite(var[c] * f)) ok = 0;
+                if (!isfinite(mean[c]) || !isfinite((T)v64[c] * f)) ok = 0;
         if (ok)
             for (int64_t c = 0; c < C; c++) {
                 /* torch.lerp's formula, in T */
-                T um = mean[c], uv = var[c] * f;
+                T um = mean[c], uv = (T)v64[c] * f;
                 rm[c] = wt < (T)0.5 ? rm[c] + wt * (um - rm[c]) : um - (um - rm[c]) * ((T)1 - wt);
                 rv[c] = wt < (T)0.5 ? rv[c] + wt * (uv - rv[c]) : uv - (uv - rv[c]) * ((T)1 - wt);
             }
         status = ok;
+        int64_t *counter = ok ? tracked : skipped;
+        if (counter) *counter += 1;
     }
+    free(p);
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)

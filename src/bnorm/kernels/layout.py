@@ -25,6 +25,7 @@ class _Layout:
     b: int
     a_outer: int  # A = a_outer · a_inner: the first dim, and the rest before the channel
     a_inner: int
+    dense: bool  # the tensor is this (A, C, B) memory as it is: no copy to view it so
 
     @staticmethod
     def of(x: Tensor) -> _Layout:
@@ -50,13 +51,16 @@ class _Layout:
                 order[j - 1], order[j] = order[j], order[j - 1]
                 j -= 1
         perm = tuple(order)
-        if not x.permute(perm).is_contiguous():
+        dense = x.permute(perm).is_contiguous()
+        if not dense:
             perm = tuple(range(x.dim()))
         shape = tuple(x.shape[d] for d in perm)
         p = perm.index(1)
         a = math.prod(shape[:p])
         a_outer = shape[0] if p >= 2 else a
-        return _Layout(perm, shape, a, math.prod(shape[p + 1 :]), a_outer, a // max(a_outer, 1))
+        return _Layout(
+            perm, shape, a, math.prod(shape[p + 1 :]), a_outer, a // max(a_outer, 1), dense
+        )
 
     def to3d(self, t: Tensor) -> Tensor:
         """``t`` (x's logical shape, any layout) as the contiguous (A, C, B) tensor."""

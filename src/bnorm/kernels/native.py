@@ -46,15 +46,16 @@ from torch import Tensor
 
 from ..options import Activation
 
-__all__ = ["available", "backward", "forward", "slope_of", "supports"]
+__all__ = ["Shape", "available", "backward", "forward", "slope_of", "supports"]
 
 _ENV_NO_NATIVE = "BNORM_NO_NATIVE"
 _SOURCES = ("bn_act_native.c", "bn_act_native_impl.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+_SLOPED = ("identity", "relu", "leaky_relu")  # the activations slope_of covers
 
 _P, _I, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-_FWD_ARGS = [_P, _P, _P, _I, _I, _I, _P, _P, _D, _D, _P, _P, _P, _P, _P, _D, _C, _C]
+_FWD_ARGS = [_P, _P, _P, _I, _I, _I, _P, _P, _D, _D, _P, _P, _P, _P, _P, _D, _C, _P, _P, _C]
 _BWD_ARGS = [_P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _D, _P, _P, _C]
 
 
@@ -70,15 +71,15 @@ def slope_of(act: Activation) -> float | None:
     return None
 
 
-def supports(x3: Tensor, r3: Tensor | None, act: Activation) -> bool:
-    """Whether these kernels can run ``act(BN(x) + r)`` for these (A, C, B) tensors:
-    CPU, float32/float64, a residual of x's dtype, a piecewise-linear activation, the
-    library built, and not switched off."""
+def supports(x: Tensor, residual: Tensor | None, act: Activation) -> bool:
+    """Whether these kernels can run ``act(BN(x) + r)``: CPU, float32/float64, a residual
+    of x's dtype, a piecewise-linear activation, the library built, and not switched off
+    (``BNORM_NO_NATIVE``)."""
     return (
-        x3.dtype in _DTYPES
-        and x3.device.type == "cpu"
-        and (r3 is None or r3.dtype == x3.dtype)
-        and slope_of(act) is not None
+        act.name in _SLOPED
+        and x.dtype in _DTYPES
+        and x.is_cpu
+        and (residual is None or residual.dtype == x.dtype)
         and available()
     )
 
@@ -91,73 +92,85 @@ def available() -> bool:
     return _library() is not None
 
 
+Shape = tuple[int, int, int]
+"""(R, C, B): a tensor's memory as R rows of C channels of B contiguous values."""
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
 def forward(
-    x3: Tensor,
-    r3: Tensor | None,
+    x: Tensor,
+    residual: Tensor | None,
     weight: Tensor,
     bias: Tensor,
+    shape: Shape,
     eps: float,
     act: Activation,
-    running: tuple[Tensor, Tensor, float] | None,
+    running: tuple[Tensor, Tensor, Any, Tensor | None, Tensor | None] | None,
     skip_nonfinite: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """(y, μ, 1/√(σ² + ε), σ², status) for contiguous (A, C, B) tensors x (and r) and
-    (C,) weight and bias of x's dtype. With ``running`` = (running_mean, running_var, α)
-    of x's dtype, contiguous, the buffers are updated in place by
-    :func:`bnorm._math.running_update`'s rule (torch.lerp's formula) and status is 1, or
-    0 where ``skip_nonfinite`` found a non-finite statistic and left them; without, -1."""
-    lib = _loaded()
-    a, c, b = x3.shape
-    y3 = torch.empty_like(x3)
-    mean, invstd, var = (torch.empty(c, dtype=x3.dtype) for _ in range(3))
-    rm, rv, alpha = (None, None, 0.0) if running is None else running
-    status = getattr(lib, f"bnorm_fwd_{_DTYPES[x3.dtype]}")(
-        x3.data_ptr(), _ptr(r3), y3.data_ptr(), a, c, b,
-        weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), float(eps), slope_of(act),
-        mean.data_ptr(), invstd.data_ptr(), var.data_ptr(),
-        _ptr(rm), _ptr(rv), float(alpha), int(skip_nonfinite), torch.get_num_threads(),
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(y, μ, 1/√(σ² + ε), status) of ``y = act(γ x̂ + β + r)`` for x (and a residual with
+    x's strides) whose memory is ``shape`` = (R, C, B), and contiguous (C,) weight and
+    bias of x's dtype; y has x's strides. With ``running`` = (running_mean, running_var,
+    α, num_batches_tracked, num_batches_skipped) — contiguous statistics of x's dtype, a
+    float α — the kernel updates the buffers in place by
+    :func:`bnorm._math.running_update`'s rule (torch.lerp's formula) and counts the batch:
+    status 1 (updated) or 0 (``skip_nonfinite`` found a non-finite statistic: left, counted
+    as skipped); without, status -1."""
+    fwd = _functions()[x.dtype][0]
+    r, c, b = shape
+    y = torch.empty_like(x)
+    stats = torch.empty((2, c), dtype=x.dtype)
+    rm, rv, alpha, tracked, skipped = (None, None, 0.0, None, None) if running is None else running
+    status = fwd(
+        x.data_ptr(), _ptr(residual), y.data_ptr(), r, c, b, weight.data_ptr(),
+        bias.data_ptr(), eps, slope_of(act), stats.data_ptr(), stats.data_ptr() + c * x.itemsize,
+        None, _ptr(rm), _ptr(rv), float(alpha), skip_nonfinite, _ptr(tracked), _ptr(skipped),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status == -2:
         raise MemoryError("bnorm's native batch-norm forward could not allocate its workspace")
-    return y3, mean, invstd, var, status
+    mean, invstd = stats.unbind(0)
+    return y, mean, invstd, status
 
 
 def backward(
-    dy3: Tensor,
-    x3: Tensor,
-    r3: Tensor | None,
+    dy: Tensor,
+    x: Tensor,
+    residual: Tensor | None,
     weight: Tensor,
     bias: Tensor,
     mean: Tensor,
     invstd: Tensor,
+    shape: Shape,
     act: Activation,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dγ, dβ, dr) for contiguous (A, C, B) dy, x (and r) of x's dtype and the
-    forward's (C,) weight, bias, μ and 1/√(σ² + ε); dr is None without a residual."""
-    lib = _loaded()
-    a, c, b = x3.shape
-    dx3 = torch.empty_like(x3)
-    dr3 = None if r3 is None else torch.empty_like(x3)
-    dweight, dbias = torch.empty(c, dtype=x3.dtype), torch.empty(c, dtype=x3.dtype)
-    status = getattr(lib, f"bnorm_bwd_{_DTYPES[x3.dtype]}")(
-        dy3.data_ptr(), x3.data_ptr(), _ptr(r3), dx3.data_ptr(), _ptr(dr3), a, c, b,
-        weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-        slope_of(act), dweight.data_ptr(), dbias.data_ptr(), torch.get_num_threads(),
+    """(dx, dγ, dβ, dr) for dy, x (and r) with x's strides and memory ``shape``, and the
+    forward's weight, bias, μ and 1/√(σ² + ε); dx and dr have x's strides, dr is None
+    without a residual."""
+    bwd = _functions()[x.dtype][1]
+    r, c, b = shape
+    dx = torch.empty_like(x)
+    dr = None if residual is None else torch.empty_like(x)
+    grads = torch.empty((2, c), dtype=x.dtype)
+    status = bwd(
+        dy.data_ptr(), x.data_ptr(), _ptr(residual), dx.data_ptr(), _ptr(dr), r, c, b,
+        weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(), slope_of(act),
+        grads.data_ptr(), grads.data_ptr() + c * x.itemsize, torch.get_num_threads(),
     )  # fmt: skip
     if status == -2:
         raise MemoryError("bnorm's native batch-norm backward could not allocate its workspace")
-    return dx3, dweight, dbias, dr3
+    dweight, dbias = grads.unbind(0)
+    return dx, dweight, dbias, dr
 
 
-def _loaded() -> Any:
-    lib = _library()
-    if lib is None:  # callers check supports() first
+def _functions() -> dict[torch.dtype, tuple[Any, Any]]:
+    functions = _library()
+    if functions is None:  # callers check supports() first
         raise RuntimeError("bnorm's native kernels are not available here")
-    return lib
+    return functions
 
 
 # --- the build --------------------------------------------------------------------------
@@ -229,17 +242,21 @@ def build(compiler: str) -> Path:
 
 
 @functools.cache
-def _library() -> Any:
+def _library() -> dict[torch.dtype, tuple[Any, Any]] | None:
+    """The library's (forward, backward) per dtype, built and loaded on the first call;
+    None (after one warning) where it cannot be built."""
     compiler = _compiler()
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc)")
         lib = ctypes.CDLL(str(build(compiler)))
-        for sfx in _DTYPES.values():
+        functions = {}
+        for dtype, sfx in _DTYPES.items():
             fwd, bwd = getattr(lib, f"bnorm_fwd_{sfx}"), getattr(lib, f"bnorm_bwd_{sfx}")
             fwd.argtypes, fwd.restype = _FWD_ARGS, _C
             bwd.argtypes, bwd.restype = _BWD_ARGS, _C
-        return lib
+            functions[dtype] = (fwd, bwd)
+        return functions
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         warnings.warn(
             f"bnorm: building the native CPU kernels failed ({err}); using the compiled "

@@ -24,12 +24,3 @@ def store_running(state: RunningState, new_mean: Tensor, new_var: Tensor, ok: Te
         tracked.add_(ok.to(tracked.dtype))
     if skipped is not None:
         skipped.add_((~ok).to(skipped.dtype))
-
-
-def count_batch(state: RunningState, ok: bool) -> None:
-    """Count one batch as tracked (ok) or skipped in ``state``'s counters, where the
-    statistics were written by the kernel itself (:mod:`bnorm.kernels.native`)."""
-    _, _, _, tracked, skipped = state
-    counter = tracked if ok else skipped
-    if counter is not None:
-        counter.add_(1)
