@@ -631,9 +631,10 @@ def _plain_training(
     checks, and raises its own errors). Checks here only compare shapes and numbers. It
     takes the call's tensors as they come: it runs before anything is decided, and builds
     no object (``_Tensors``, ``_Call``) the other paths need, to keep its per-call cost.
-    With a residual or an activation, only for an input too small for the fused kernels
-    (:func:`bnorm.kernels.fused_pays`): ATen's batch norm, then the add and the
-    activation (:func:`bnorm.ops.activation_tail`)."""
+    With a residual or an activation: for an input too small for the fused kernels
+    (:func:`bnorm.kernels.fused_pays`), ATen's batch norm, then the add and the activation
+    (:func:`bnorm.ops.activation_tail`); otherwise the fused kernels, called as
+    :func:`_native_training` calls them."""
     if (
         running_mean is None
         or running_var is None
@@ -664,21 +665,29 @@ def _plain_training(
     ):
         return None
     tail = residual is not None or plan.tail
-    if tail and (
-        (
-            residual is not None
-            and (
-                type(residual) is not Tensor
-                or residual.shape != input.shape
-                or residual.dtype != input.dtype
-            )
+    if (
+        tail
+        and residual is not None
+        and (
+            type(residual) is not Tensor
+            or residual.shape != input.shape
+            or residual.dtype != input.dtype
         )
-        or fused_pays(input, False, plan.activation, residual)
     ):
         return None
     check_cumulative_average_has_count(plan.momentum, num_batches_tracked)
     x = input.movedim(ax, 1) if ax != 1 else input
     rm, rv, tracked, skipped = running_mean, running_var, num_batches_tracked, num_batches_skipped
+    if tail and fused_pays(input, False, plan.activation, residual):
+        # The fused kernels, as _native_training would call them (for this call's state,
+        # every check it would make has passed above): without its checks' fixed cost.
+        res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+        running = _running_buffers(rm, rv, plan.momentum, tracked, skipped)
+        out = batch_norm_act_train(
+            x, weight, bias, res, plan.eps, plan.activation, running=running,
+            skip_nonfinite=plan.skip_nonfinite,
+        )[0]
+        return out.movedim(1, ax) if ax != 1 else out
     out = _native_training_cpu_update(plan, x, weight, bias, rm, rv, tracked, skipped)
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, residual, plan.activation) if tail else out

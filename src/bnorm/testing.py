@@ -129,13 +129,33 @@ def time_alternated(
     *,
     device: torch.device | None = None,
     inner: int = 1,
+    settle: int = 0,
 ) -> dict[str, float]:
-    """Median seconds per call of each case, the cases run in turn (a, b, a, b, ...) so
-    that every case sees the same machine state; ``warmup`` untimed rounds first.
+    """Median seconds per call of each case (see :func:`time_alternated_samples`)."""
+    samples = time_alternated_samples(
+        cases, repeats, warmup, device=device, inner=inner, settle=settle
+    )
+    return {name: statistics.median(v) for name, v in samples.items()}
 
-    Each of the ``repeats`` samples times ``inner`` calls: with the host clock, or on a
-    CUDA ``device`` between two CUDA events (the queue drained first with
-    ``torch.cuda.synchronize``)."""
+
+def time_alternated_samples(
+    cases: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    *,
+    device: torch.device | None = None,
+    inner: int = 1,
+    settle: int = 0,
+) -> dict[str, list[float]]:
+    """Seconds per call of each case, ``repeats`` samples each, the cases run in turn (a,
+    b, a, b, ...) so that every case sees the same machine state; ``warmup`` untimed rounds
+    first.
+
+    Each sample times ``inner`` calls: with the host clock, or on a CUDA ``device``
+    between two CUDA events (the queue drained first with ``torch.cuda.synchronize``).
+    ``settle`` untimed calls of the same case come right before each sample: a training
+    step's allocations then meet the heap its own previous step left (as in a training
+    loop), not the one the other case's step left."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -143,6 +163,8 @@ def time_alternated(
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
+            for _ in range(settle):
+                fn()
             if cuda:
                 torch.cuda.synchronize(device)
                 start = torch.cuda.Event(enable_timing=True)
@@ -158,7 +180,7 @@ def time_alternated(
                 for _ in range(inner):
                     fn()
                 samples[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
 
 
 def saved_tensor_bytes(fn: Callable[[], Any], exclude: nn.Module | None = None) -> tuple[int, Any]:

@@ -16,10 +16,10 @@ Four parts, every timing a median of alternated runs in one process (see
   bnorm/eager that traffic allows. The fixed-cost columns time each shape's channels and
   size at batch 2: torch eager, the layer as shipped (torch's own ops there, see
   :func:`bnorm.kernels.fused_pays`) and the fused Function forced;
-* model — a CIFAR ResNet-20 training step (batch 128, 32×32, SGD): bnorm layers vs torch
-  layers (target ≤ 0.75×), and the BN step over the same network without BN (target
-  ≤ 1.10×; the time BN adds, bnorm's over torch's: target ≤ 1/3), in eager mode and under
-  ``torch.compile(model)``;
+* model — a CIFAR ResNet-20 training step (32×32, SGD; batch 16 and 128 in eager mode,
+  128 under ``torch.compile(model)``): bnorm layers vs torch layers (target ≤ 0.75×), and
+  the BN step over the same network without BN (target ≤ 1.10×; the time BN adds,
+  bnorm's over torch's: target ≤ 1/3), with quartiles and page faults per step;
 * memory — bytes saved for backward (:func:`bnorm.testing.saved_tensor_bytes`) per
   conv→BN→act block and per ResNet-20, relative to one activation / to torch; ResNet-20
   (ReLU) in a :func:`bnorm.memory_saving` scope (target ≤ 0.6× torch), with the most its
@@ -31,6 +31,7 @@ Four parts, every timing a median of alternated runs in one process (see
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ..kernels import bn_act
+from ..kernels import bn_act, native
 from ..kernels.memory import memory_saving
 from ..modules import BatchNormAct2d
 from ..testing import (
@@ -49,6 +50,7 @@ from ..testing import (
     geometric_mean,
     saved_tensor_bytes,
     time_alternated,
+    time_alternated_samples,
 )
 from .report import format_table
 
@@ -265,6 +267,56 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- small batches ---------------------------------------------------------------------
+
+SMALL_BATCHES = (2, 8, 16, 32)
+SMALL_TARGET = 1.1
+
+
+def small_batch_part(args: argparse.Namespace) -> dict[str, Any]:
+    """BN+add+ReLU fwd+bwd at batches 2-32 of the ResNet-20 shapes, both layouts: the
+    layer as shipped (which picks the fused kernels or torch's ops by size, see
+    :func:`bnorm.kernels.fused_pays`) against torch eager (target ≤ 1.1×; ≤ 1.0× at
+    2×64×8×8)."""
+    rows: list[dict[str, Any]] = []
+    batches = (2, 8) if args.quick else SMALL_BATCHES
+    for _, c, side in RESNET20_SHAPES:
+        for layout in ("NCHW", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            for n in batches:
+                x, dy, res = _tensors(n, c, side, fmt, "BN+add+ReLU")
+                eager, ours = TorchTail(c), BatchNormAct2d(c, activation="relu")
+                inner = max(1, 4096 * 64 // (n * c * side * side))
+                t = time_alternated(
+                    {"eager": _fwd_bwd(eager, x, dy, res), "bnorm": _fwd_bwd(ours, x, dy, res)},
+                    max(args.repeats, 20),
+                    args.warmup,
+                    inner=inner,
+                )
+                fused = bn_act.fused_pays(x, False, ours._plan.activation, res)
+                rows.append(
+                    {
+                        "shape": f"{n}x{c}x{side}x{side}",
+                        "layout": layout,
+                        "path": "fused" if fused else "torch ops",
+                        "eager_us": 1e6 * t["eager"],
+                        "bnorm_us": 1e6 * t["bnorm"],
+                        "bnorm/eager": t["bnorm"] / t["eager"],
+                    }
+                )
+    worst = max(rows, key=lambda r: r["bnorm/eager"])
+    at_2x64 = [r["bnorm/eager"] for r in rows if r["shape"] == "2x64x8x8"]
+    return {
+        "rows": rows,
+        "summary": [
+            f"small batches ({', '.join(map(str, batches))}), BN+add+ReLU fwd+bwd bnorm/torch "
+            f"eager: worst {worst['bnorm/eager']:.2f}x at {worst['shape']} {worst['layout']} "
+            f"(target <= {SMALL_TARGET}x); at 2x64x8x8 "
+            f"{', '.join(f'{v:.2f}x' for v in at_2x64)} (NCHW, channels_last; target <= 1.0x)"
+        ],
+    }
+
+
 # --- ResNet-20 -----------------------------------------------------------------------
 
 # The suite's names for bnorm.testing.ResNet20's norms: bnorm's layers here are the fused
@@ -286,14 +338,18 @@ def _train_step(model: nn.Module, x: Tensor, target: Tensor) -> Callable[[], Non
 
 
 def model_part(args: argparse.Namespace) -> dict[str, Any]:
-    n = 16 if args.quick else 128
-    torch.manual_seed(0)
-    x = torch.randn(n, 3, 32, 32)
-    target = torch.randint(0, 10, (n,))
-    repeats = max(3, args.repeats // 2)
+    """The ResNet-20 step at batch 16 and 128 (16 only with ``--quick``) in eager mode and
+    at the largest batch under torch.compile: medians with quartiles of alternated samples,
+    each sample one step after an untimed one of the same model (see ``settle`` in
+    :func:`bnorm.testing.time_alternated_samples`), and the page faults per step."""
+    batches = (16,) if args.quick else (16, 128)
+    repeats = max(5, args.repeats // 2)
     rows = []
     summary = []
-    for mode in ("eager", "compiled"):
+    for mode, n in [*(("eager", b) for b in batches), ("compiled", batches[-1])]:
+        torch.manual_seed(0)
+        x = torch.randn(n, 3, 32, 32)
+        target = torch.randint(0, 10, (n,))
         models: dict[str, nn.Module] = {}
         for norm in ("torch", "bnorm", "none"):
             torch.manual_seed(0)
@@ -305,30 +361,52 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             for step in steps.values():
                 step()  # compile outside the timing
         compile_s = time.perf_counter() - start
-        t = time_alternated(steps, repeats, max(1, args.warmup))
+        samples = time_alternated_samples(steps, repeats, max(1, args.warmup), settle=1)
+        t = {k: statistics.median(v) for k, v in samples.items()}
+        q = {k: statistics.quantiles(v, n=4) for k, v in samples.items()}
+        faults = {norm: _page_faults(step) for norm, step in steps.items()}
         row = {
             "mode": mode,
             "batch": n,
             "torch_ms": 1e3 * t["torch"],
             "bnorm_ms": 1e3 * t["bnorm"],
             "no_bn_ms": 1e3 * t["none"],
+            # quartiles of the samples: the spread
+            "torch_ms_q1_q3": [round(1e3 * q["torch"][0], 2), round(1e3 * q["torch"][2], 2)],
+            "bnorm_ms_q1_q3": [round(1e3 * q["bnorm"][0], 2), round(1e3 * q["bnorm"][2], 2)],
+            "no_bn_ms_q1_q3": [round(1e3 * q["none"][0], 2), round(1e3 * q["none"][2], 2)],
             "bnorm/torch": t["bnorm"] / t["torch"],
             "bnorm/no_bn": t["bnorm"] / t["none"],
             "torch/no_bn": t["torch"] / t["none"],
             # The time BN adds to the step, bnorm's over torch's (target <= 1/3).
             "bn_cost/torch": (t["bnorm"] - t["none"]) / (t["torch"] - t["none"]),
+            "faults/step torch, bnorm, no-BN": [faults["torch"], faults["bnorm"], faults["none"]],
         }
         if mode == "compiled":
             row["compile_s"] = compile_s
         rows.append(row)
         target_torch = MODEL_TARGET_TORCH if mode == "eager" else 1.0
         summary.append(
-            f"ResNet-20 step ({mode}): bnorm/torch {row['bnorm/torch']:.2f}x (target <= "
-            f"{target_torch}x), bnorm/no-BN {row['bnorm/no_bn']:.2f}x (target <= "
+            f"ResNet-20 step ({mode}, batch {n}): bnorm/torch {row['bnorm/torch']:.2f}x "
+            f"(target <= {target_torch}x), bnorm/no-BN {row['bnorm/no_bn']:.2f}x (target <= "
             f"{MODEL_TARGET_NO_BN}x), torch/no-BN {row['torch/no_bn']:.2f}x, BN cost bnorm/torch "
             f"{row['bn_cost/torch']:.2f} (target <= {MODEL_TARGET_BN_COST:.2f})"
         )
     return {"rows": rows, "summary": summary}
+
+
+def _page_faults(fn: Callable[[], None], calls: int = 3) -> float | None:
+    """Minor page faults per call of ``fn`` (fresh memory the OS maps in and zeroes: the
+    cost of allocations the allocator did not reuse); None where not measurable."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 # --- memory ----------------------------------------------------------------------------
@@ -582,16 +660,20 @@ def kernels_suite(args: argparse.Namespace) -> dict[str, Any]:
     # whose default recompile limit (8) would silently send later cases to eager.
     with torch._dynamo.config.patch(recompile_limit=64):
         layer = layer_part(args)
+        small = small_batch_part(args)
         model = model_part(args)
         cost = memory_cost_part(args)
     memory = memory_part(args)
     summary = list(layer["summary"])
+    summary += ["", "small batches:", format_table(small["rows"]), *small["summary"]]
     summary += ["", "ResNet-20 training step:", format_table(model["rows"]), *model["summary"]]
     summary += ["", "saved for backward:", format_table(memory["rows"] + cost["rows"])]
     summary += [*memory["summary"], *cost["summary"]]
     return {
         "rows": layer["rows"],
+        "small_batch_rows": small["rows"],
         "model_rows": model["rows"],
+        "kernels": "native" if native.available() else "compiled",
         "memory_rows": memory["rows"] + cost["rows"],
         "memory_saving_step": cost["step"],
         "summary": summary,

@@ -126,15 +126,17 @@ def fused_pays(
     or :data:`FUSED_MIN_NUMEL` (compiled ones) elements per thread on (1 or 2 threads: the
     range measured; ATen's ops and the kernels both parallelize, so the fixed cost weighs
     against time per element that halves with 2 threads)."""
-    if (
-        memory_efficient
-        or not x.is_cpu
-        or (current_scope() is not None and torch.is_grad_enabled())
-    ):
+    if memory_efficient or not x.is_cpu:
         return True
+    if torch.is_grad_enabled() and current_scope() is not None:
+        return True
+    numel, threads = x.numel(), min(torch.get_num_threads(), 2)
+    native_pays = numel >= NATIVE_MIN_NUMEL * threads
+    compiled_pays = numel >= FUSED_MIN_NUMEL * threads
+    if native_pays == compiled_pays:  # (the common cases: no need to ask which kernels)
+        return native_pays
     act = activation if activation is not None else IDENTITY
-    floor = NATIVE_MIN_NUMEL if native.supports(x, residual, act) else FUSED_MIN_NUMEL
-    return x.numel() >= floor * min(torch.get_num_threads(), 2)
+    return native_pays if native.supports(x, residual, act) else compiled_pays
 
 
 def _forward_kernel(
@@ -472,12 +474,15 @@ class _BatchNormActNative(torch.autograd.Function):
         )
         ctx.save_for_backward(x, residual, w, b, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)  # (no zero tensors for the statistics' gradients)
         return y, mean, invstd
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
         x, residual, w, b, mean, invstd = ctx.saved_tensors
-        if dy.stride() != x.stride():
+        if dy is None:  # (y unused: gradients of zero)
+            dy = torch.zeros_like(x)
+        elif dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         dx, dw, db, dr = native.backward(dy, x, residual, w, b, mean, invstd, ctx.shape, ctx.act)
         wdt, bdt, _ = ctx.dtypes

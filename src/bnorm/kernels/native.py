@@ -122,7 +122,7 @@ def forward(
     fwd = _functions()[x.dtype][0]
     r, c, b = shape
     y = torch.empty_like(x)
-    stats = torch.empty((2, c), dtype=x.dtype)
+    stats = x.new_empty(2 * c)
     rm, rv, alpha, tracked, skipped = (None, None, 0.0, None, None) if running is None else running
     status = fwd(
         x.data_ptr(), _ptr(residual), y.data_ptr(), r, c, b, weight.data_ptr(),
@@ -132,8 +132,7 @@ def forward(
     )  # fmt: skip
     if status == -2:
         raise MemoryError("bnorm's native batch-norm forward could not allocate its workspace")
-    mean, invstd = stats.unbind(0)
-    return y, mean, invstd, status
+    return y, stats[:c], stats[c:], status
 
 
 def backward(
@@ -154,7 +153,7 @@ def backward(
     r, c, b = shape
     dx = torch.empty_like(x)
     dr = None if residual is None else torch.empty_like(x)
-    grads = torch.empty((2, c), dtype=x.dtype)
+    grads = x.new_empty(2 * c)
     status = bwd(
         dy.data_ptr(), x.data_ptr(), _ptr(residual), dx.data_ptr(), _ptr(dr), r, c, b,
         weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(), slope_of(act),
@@ -162,8 +161,7 @@ def backward(
     )  # fmt: skip
     if status == -2:
         raise MemoryError("bnorm's native batch-norm backward could not allocate its workspace")
-    dweight, dbias = grads.unbind(0)
-    return dx, dweight, dbias, dr
+    return dx, grads[:c], grads[c:], dr
 
 
 def _functions() -> dict[torch.dtype, tuple[Any, Any]]:
