@@ -414,15 +414,16 @@ def test_small_inputs_run_torchs_ops_with_torchs_results(threads, channels_last,
 def test_size_threshold_and_what_always_runs_the_fused_function(monkeypatch):
     x = torch.randn(4, 8, 5, 5, requires_grad=True)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    # The threshold counts elements per thread, for up to 2 threads; the native kernels'
-    # (relu, float32) and the compiled ones' (silu) are separate.
+    # The native kernels' threshold (relu, float32) counts elements; the compiled ones'
+    # (silu) elements per thread, for up to 2 threads.
     for name, native_on in (("NATIVE_MIN_NUMEL", True), ("FUSED_MIN_NUMEL", False)):
         act = "relu" if native_on else "silu"
         other = "FUSED_MIN_NUMEL" if native_on else "NATIVE_MIN_NUMEL"
+        at = x.numel() if native_on else x.numel() // 2
         monkeypatch.setattr(kernels.bn_act, other, 1 << 40)
-        monkeypatch.setattr(kernels.bn_act, name, x.numel() // 2)
+        monkeypatch.setattr(kernels.bn_act, name, at)
         assert _fused_function_ran(bnorm.BatchNormAct2d(8, activation=act)(x))
-        monkeypatch.setattr(kernels.bn_act, name, x.numel() // 2 + 1)
+        monkeypatch.setattr(kernels.bn_act, name, at + 1)
         assert not _fused_function_ran(bnorm.BatchNormAct2d(8, activation=act)(x))
         assert not _fused_function_ran(bnorm.BatchNormAct2d(8, activation="identity")(x, x))
     # The memory-efficient mode and a memory_saving scope need the Function's backward.

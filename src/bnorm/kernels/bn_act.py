@@ -106,11 +106,12 @@ which the traffic it saves repays only from about here on (docs/kernels.md gives
 measured sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen,
 as in the plain layers), then the add and the activation: torch's own ops, torch's cost."""
 
-NATIVE_MIN_NUMEL = 1 << 16
-"""The same threshold where the native CPU kernels run the step
-(:mod:`bnorm.kernels.native`: float32/float64, identity/relu/leaky_relu): their fixed cost
-is two C calls of ~12 µs and a leaner Function, so they pay from a smaller size
-(docs/kernels.md gives the measured crossover)."""
+NATIVE_MIN_NUMEL = 1 << 15
+"""The same threshold (elements, whatever the thread count) where the native CPU kernels
+run the step (:mod:`bnorm.kernels.native`: float32/float64, identity/relu/leaky_relu):
+their fixed cost is two C calls of ~12 µs in a lean Function, so they pay from a smaller
+size — measured at 1 and 2 threads, where torch's ops at these sizes gain little from the
+second thread (docs/kernels.md gives the crossover)."""
 
 
 def fused_pays(
@@ -122,17 +123,17 @@ def fused_pays(
     """Whether a training step of ``act(BN(x) + r)`` should run the fused Function rather
     than ATen's batch norm, add and activation: always in memory-efficient mode and inside
     a :func:`bnorm.memory_saving` scope (their saving needs the Function), off CPU (the
-    thresholds were measured on CPU), and from :data:`NATIVE_MIN_NUMEL` (native kernels)
-    or :data:`FUSED_MIN_NUMEL` (compiled ones) elements per thread on (1 or 2 threads: the
-    range measured; ATen's ops and the kernels both parallelize, so the fixed cost weighs
-    against time per element that halves with 2 threads)."""
+    thresholds were measured on CPU), and from :data:`NATIVE_MIN_NUMEL` elements on (the
+    native kernels) or :data:`FUSED_MIN_NUMEL` elements per thread (the compiled ones; 1 or
+    2 threads: the range measured, where their fixed cost weighed against time per element
+    that halves with 2 threads)."""
     if memory_efficient or not x.is_cpu:
         return True
     if torch.is_grad_enabled() and current_scope() is not None:
         return True
-    numel, threads = x.numel(), min(torch.get_num_threads(), 2)
-    native_pays = numel >= NATIVE_MIN_NUMEL * threads
-    compiled_pays = numel >= FUSED_MIN_NUMEL * threads
+    numel = x.numel()
+    native_pays = numel >= NATIVE_MIN_NUMEL
+    compiled_pays = numel >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
     if native_pays == compiled_pays:  # (the common cases: no need to ask which kernels)
         return native_pays
     act = activation if activation is not None else IDENTITY
