@@ -12,6 +12,7 @@ compiler is missing or broken (a real failing compiler process).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -91,9 +92,10 @@ def rel_err(a, b) -> float:
 
 
 # (shape, channels_last): a plane longer than one summation block (1024) and not a
-# multiple of it; channel counts below, between and above the 64-byte vector block (16
-# float32 / 8 float64 channels); rows in several chunks of 256 and a partial last one;
-# an (N, C) input (rows of channels) and an (N, C, L) one; a single channel.
+# multiple of it; channel counts below, at, between and above the rows loops' 256-byte
+# channel block (64 float32 / 32 float64 channels), with a partial last block; rows in
+# several chunks of 256 and a partial last one; an (N, C) input (rows of channels) and an
+# (N, C, L) one; a single channel.
 SHAPES = [
     ((3, 4, 40, 41), False),
     ((5, 17, 9, 7), True),
@@ -103,6 +105,8 @@ SHAPES = [
     ((7, 24, 33), False),
     ((9, 1, 6, 6), False),
     ((2, 64, 8, 8), True),
+    ((3, 70, 5, 5), True),
+    ((40, 33), False),
 ]
 
 
@@ -292,3 +296,72 @@ def test_a_failing_compiler_warns_once_and_the_layer_falls_back(fresh_build, tmp
     want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     assert x.grad is not None and not list(fresh_build.glob("*.so"))
+
+
+# --- edges found in review ---------------------------------------------------------------
+
+
+def test_an_empty_input_does_not_reach_the_native_kernels():
+    # (The layers route empty batches elsewhere; a direct call gets ATen's error, where
+    # the C code would have read the first value of an empty tensor.)
+    x = torch.empty(0, 4, 3, 3)
+    assert not native.supports(x, None, act_of("relu"))
+    with pytest.raises(RuntimeError, match="at least one element"):
+        batch_norm_act_train(x, None, None, None, 1e-5, act_of("relu"))
+
+
+def test_double_backward_matches_torchs_ops():
+    x, r, dy, w, b = make((4, 6, 5, 5), torch.float64, True, True)
+
+    def second_order(fused: bool) -> list[torch.Tensor]:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+        xl, wl, bl, rl = leaves
+        if fused:
+            y = batch_norm_act_train(xl, wl, bl, rl, 1e-5, act_of("leaky_relu"))[0]
+        else:
+            bn = torch.nn.functional.batch_norm(xl, None, None, wl, bl, training=True)
+            y = torch.nn.functional.leaky_relu(bn + rl, SLOPE)
+        grads = torch.autograd.grad((y * dy).sum(), leaves, create_graph=True)
+        assert all(g.requires_grad for g in grads)
+        total = sum((g * g).sum() for g in grads)
+        return list(torch.autograd.grad(total, leaves))
+
+    for a, c in zip(second_order(True), second_order(False), strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+
+
+def test_relu_of_infinities_and_nan_is_torchs():
+    x, _, _, w, b = make((4, 3, 4, 4), torch.float32, False, False)
+    r = torch.zeros_like(x)
+    r[0, 0, 0, 0], r[0, 1, 0, 0], r[0, 2, 0, 0] = -math.inf, math.inf, math.nan
+    dy = torch.ones_like(x)
+    dy[0, 0, 0, 0] = math.inf  # where z = -inf: relu's derivative is 0, not inf·0
+    y, dx, _, _, dr, mean, invstd = run(x, r, dy, w, b, act_of("relu"))
+    bn = (x - mean.view(1, 3, 1, 1)) * (invstd * w).view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
+    torch.testing.assert_close(y, torch.relu(bn + r), equal_nan=True)
+    assert y[0, 0, 0, 0] == 0 and y[0, 1, 0, 0] == math.inf and math.isnan(y[0, 2, 0, 0])
+    assert dr is not None and dr[0, 0, 0, 0] == 0 and torch.isfinite(dx[:, 0]).all()
+
+
+def test_the_kernel_bumps_the_running_buffers_versions():
+    layer = bnorm.BatchNormAct2d(5, activation="relu")
+    before = [t._version for t in (layer.running_mean, layer.running_var)]
+    tracked = layer.num_batches_tracked._version
+    layer(torch.randn(4, 5, 3, 3), residual=torch.randn(4, 5, 3, 3))
+    assert all(t._version > v for t, v in zip((layer.running_mean, layer.running_var), before))
+    assert layer.num_batches_tracked._version > tracked and int(layer.num_batches_tracked) == 1
+
+
+def test_state_on_another_device_is_not_read_by_the_native_kernels():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    weight = torch.ones(3, device="meta")
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+        batch_norm_act_train(x, weight, None, None, 1e-5, act_of("relu"))
+
+
+def test_double_backward_through_the_compiled_kernels_is_refused(monkeypatch):
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = batch_norm_act_train(x, None, None, None, 1e-5, act_of("relu"))[0]
+    with pytest.raises(ValueError, match="expected no double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)

@@ -1,7 +1,11 @@
 """``bnorm bench kernels``: the fused BN + activation (+ residual) kernels against PyTorch.
 
-Four parts, every timing a median of alternated runs in one process (see
-:func:`bnorm.testing.time_alternated`):
+Five parts, every timing a median of alternated runs in one process (see
+:func:`bnorm.testing.time_alternated`), each sample right after an untimed call of the
+same case (``settle``: its allocations meet the heap its own previous call left, as in a
+training loop — otherwise the glibc allocator's state after the other case decides how
+many fresh pages a call faults in, which moved single timings by up to 2×; the page
+faults per call are reported):
 
 * layer — forward+backward in training of BN+ReLU and BN+add+ReLU at ResNet-20 shapes
   (N=128; C=16/32/64 at 32²/16²/8²), NCHW and channels_last: ``bnorm.BatchNormAct2d``
@@ -16,6 +20,8 @@ Four parts, every timing a median of alternated runs in one process (see
   bnorm/eager that traffic allows. The fixed-cost columns time each shape's channels and
   size at batch 2: torch eager, the layer as shipped (torch's own ops there, see
   :func:`bnorm.kernels.fused_pays`) and the fused Function forced;
+* small batches — BN+add+ReLU at batches 2-32 of the same shapes: the layer as shipped
+  (fused kernels or torch's ops by size) against torch eager (target ≤ 1.1×);
 * model — a CIFAR ResNet-20 training step (32×32, SGD; batch 16 and 128 in eager mode,
   128 under ``torch.compile(model)``): bnorm layers vs torch layers (target ≤ 0.75×), and
   the BN step over the same network without BN (target ≤ 1.10×; the time BN adds,
@@ -206,7 +212,9 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                     },
                     args.repeats,
                     args.warmup,
+                    settle=1,
                 )
+                faults = [_page_faults(_fwd_bwd(m, x, dy, res)) for m in (eager, ours)]
                 small = _fixed_cost(c, side, fmt, pattern, args)
                 fwd_bytes = FWD_PASSES[pattern] * nbytes
                 bwd_bytes = BWD_PASSES[pattern] * nbytes
@@ -241,6 +249,8 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                         "fixed_bnorm_us": 1e6 * small["bnorm"],
                         "fixed_fused_us": 1e6 * small["fused"],
                         "fixed_bnorm/eager": small["bnorm"] / small["eager"],
+                        # fresh pages the OS maps in per fwd+bwd (allocations not reused)
+                        "faults eager, bnorm": faults,
                     }
                 )
     vs_eager = [r["bnorm/eager"] for r in rows]
@@ -292,6 +302,7 @@ def small_batch_part(args: argparse.Namespace) -> dict[str, Any]:
                     max(args.repeats, 20),
                     args.warmup,
                     inner=inner,
+                    settle=1,
                 )
                 fused = bn_act.fused_pays(x, False, ours._plan.activation, res)
                 rows.append(

@@ -2,8 +2,11 @@
 
 In a ResNet block's tail, batch norm, the residual add and the activation each read and
 write the whole activation tensor and each allocate a new one. Here the three are one
-:class:`torch.autograd.Function` whose forward and backward are each one torch function
-compiled by :func:`torch.compile` (Inductor: C++/OpenMP on CPU, Triton on GPU)::
+:class:`torch.autograd.Function` whose forward and backward are each one kernel call: on
+CPU, for float32/float64 and the piecewise-linear activations (identity, relu,
+leaky_relu), a hand-written C/OpenMP kernel (:mod:`bnorm.kernels.native`, in its own lean
+Function, :class:`_BatchNormActNative`); otherwise a torch function compiled by
+:func:`torch.compile` (Inductor: C++/OpenMP on CPU, Triton on GPU). Both compute::
 
     forward   μ, σ² per channel                         (one read of x)
               y = act(γ (x − μ)/√(σ² + ε) + β + r)      (one read of x [and r], one write)
@@ -58,7 +61,8 @@ compiling, a call skips Dynamo's frame evaluation (the compiled code's own guard
 checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
 wrappers, output allocation), and a layer's forward+backward ~0.1–0.2 ms more than
 torch's eager layers in all (Python and autograd), so on CPU inputs below
-:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`).
+:data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`);
+with the native kernels (~12 µs a call) the threshold is :data:`NATIVE_MIN_NUMEL`.
 Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
 measured no consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
@@ -377,6 +381,15 @@ class _BatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Its saved tensors are views made inside the forward, not the inputs: a
+            # differentiated backward would drop x's part. (The native kernels' Function
+            # and the unfused layers support it.)
+            raise ValueError(
+                "expected no double backward through bnorm's compiled fused kernels (got "
+                "create_graph=True); BatchNormAct with float32/float64 inputs and identity, "
+                "relu or leaky_relu on CPU, or BatchNorm2d followed by the activation, support it"
+            )
         layout: _Layout = ctx.layout
         act: Activation = ctx.act
         dy3 = layout.to3d(dy)
@@ -446,11 +459,20 @@ class _BatchNormActNative(torch.autograd.Function):
         shape: native.Shape,
     ) -> tuple[Tensor, Tensor, Tensor]:
         dtype, channels = x.dtype, shape[1]
-        w = torch.ones(channels, dtype=dtype) if weight is None else weight.to(dtype).contiguous()
-        b = torch.zeros(channels, dtype=dtype) if bias is None else bias.to(dtype).contiguous()
+        if weight is None:
+            w = torch.ones(channels, dtype=dtype, device=x.device)
+        else:
+            w = weight.to(dtype).contiguous()
+        if bias is None:
+            b = torch.zeros(channels, dtype=dtype, device=x.device)
+        else:
+            b = bias.to(dtype).contiguous()
         if residual is not None and residual.stride() != x.stride():
             residual = torch.empty_like(x).copy_(residual)
         in_kernel = running is not None and _runs_in_kernel(running, dtype)
+        # (the batch's variance only where the update is made here)
+        var = None if running is None or in_kernel else x.new_empty(channels)
+        fast = running if in_kernel else None
         y, mean, invstd, _ = native.forward(
             x,
             residual,
@@ -459,11 +481,11 @@ class _BatchNormActNative(torch.autograd.Function):
             shape,
             eps,
             act,
-            running if in_kernel else None,
-            skip_nonfinite,  # type: ignore[arg-type]
+            fast,
+            skip_nonfinite,
+            var,  # type: ignore[arg-type]
         )
-        if running is not None and not in_kernel:
-            var = invstd.pow(-2) - eps
+        if running is not None and var is not None:
             count = shape[0] * shape[2]
             update = running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
             store_running(running, *update)
@@ -483,9 +505,15 @@ class _BatchNormActNative(torch.autograd.Function):
         x, residual, w, b, mean, invstd = ctx.saved_tensors
         if dy is None:  # (y unused: gradients of zero)
             dy = torch.zeros_like(x)
-        elif dy.stride() != x.stride():
-            dy = torch.empty_like(x).copy_(dy)
-        dx, dw, db, dr = native.backward(dy, x, residual, w, b, mean, invstd, ctx.shape, ctx.act)
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward by ATen's ops, which autograd differentiates.
+            dx, dw, db, dr = _differentiable_backward(dy, x, residual, w, b, mean, invstd, ctx.act)
+        else:
+            if dy.stride() != x.stride():
+                dy = torch.empty_like(x).copy_(dy)
+            dx, dw, db, dr = native.backward(
+                dy, x, residual, w, b, mean, invstd, ctx.shape, ctx.act
+            )
         wdt, bdt, _ = ctx.dtypes
         return (
             dx,
@@ -500,6 +528,25 @@ class _BatchNormActNative(torch.autograd.Function):
         )
 
 
+def _differentiable_backward(
+    dy: Tensor,
+    x: Tensor,
+    residual: Tensor | None,
+    w: Tensor,
+    b: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    act: Activation,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dx, dγ, dβ, dr) of :class:`_BatchNormActNative` by the eager fallback's ATen ops,
+    which autograd differentiates again (double backward)."""
+    layout = _Layout.of(x)
+    to3d = layout.to3d
+    r3 = None if residual is None else to3d(residual)
+    dx3, dw, db, dr3 = _backward_eager(to3d(dy), to3d(x), r3, w, b, mean, invstd, act)
+    return layout.from3d(dx3), dw, db, None if dr3 is None else layout.from3d(dr3)
+
+
 def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
     """Whether the native forward can update these buffers itself: contiguous statistics
     of the input's dtype, a float weight α (the cumulative average's 1/t is a tensor),
@@ -509,9 +556,14 @@ def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
         not isinstance(alpha, Tensor)
         and mean.dtype == dtype
         and var.dtype == dtype
+        and mean.is_cpu
+        and var.is_cpu
         and mean.is_contiguous()
         and var.is_contiguous()
-        and all(t is None or (t.dtype == torch.long and t.numel() == 1) for t in (tracked, skipped))
+        and all(
+            t is None or (t.dtype == torch.long and t.numel() == 1 and t.is_cpu)
+            for t in (tracked, skipped)
+        )
     )
 
 
@@ -624,6 +676,8 @@ def batch_norm_act_train(
         and not memory_efficient
         and not torch.compiler.is_compiling()
         and native.supports(x, residual, act)
+        and (weight is None or weight.is_cpu)
+        and (bias is None or bias.is_cpu)
     ):
         layout = _Layout.of(x)
         if layout.dense:

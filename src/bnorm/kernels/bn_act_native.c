@@ -21,6 +21,9 @@
 #define BLOCK 1024
 #define ROWS 256
 #define PARALLEL_MIN 32768 /* elements: below, the loops run on the calling thread */
+#ifndef VBYTES
+#define VBYTES 256 /* bytes of channels per block in the rows loops (channels_last) */
+#endif
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)

@@ -1,11 +1,13 @@
 /* The kernels for one element type T (float or double), named with the suffix SFX.
  * Included twice by bn_act_native.c. */
 #define FN(name) CAT(name, SFX)
-#define V ((int64_t)(64 / sizeof(T))) /* channels per block in the rows loops: 64 bytes */
+#define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
 
-/* a(z) and dz = dy·a'(z) of the piecewise-linear activation. */
-#define ACT(z, slope) ((z) > 0 ? (z) : (z) * (slope))
-#define DACT(g, z, slope) ((z) > 0 ? (g) : (g) * (slope))
+/* a(z) and dz = dy·a'(z) of the piecewise-linear activation. ReLU (slope 0) is a select,
+ * not a product with 0: relu(−inf) = 0 and relu(NaN) = NaN, as torch.relu, and an infinite
+ * dy where z ≤ 0 gives 0, as the other kernels' derivative. */
+#define ACT(z, slope) ((z) > 0 ? (z) : (slope) != 0 ? (z) * (slope) : ((z) != (z) ? (z) : 0))
+#define DACT(g, z, slope) ((z) > 0 ? (g) : (slope) != 0 ? (g) * (slope) : 0)
 
 /* scale = γ/√(σ²+ε), shift = β − μ·scale: one function, so that the forward and the
  * backward (which recomputes z = x·scale + shift + r) round them identically. */
@@ -184,12 +186,15 @@ static void FN(combine)(int64_t n, int64_t C, const double *p, double *out) {
 
 /* Forward: statistics, the running update, then y = a(x·scale + shift + r).
  * Returns 1 (running statistics updated), 0 (skipped: a non-finite statistic),
- * -1 (no running statistics given), -2 (out of memory; nothing written). */
+ * -1 (no running statistics given), -2 (out of memory; nothing written), -3 (no values;
+ * nothing read or written). With running statistics, the counter tracked (ok) or
+ * skipped (not ok) is incremented, where given. */
 int FN(bnorm_fwd)(
     const T *x, const T *r, T *y, int64_t R, int64_t C, int64_t B, const T *w, const T *b,
     double eps, double slope_d, T *mean, T *invstd, T *var, T *rm, T *rv, double alpha,
     int skip_nonfinite, int64_t *tracked, int64_t *skipped, int nt) {
     const T slope = (T)slope_d;
+    if (R * B == 0 || C == 0) return -3; /* no values: nothing read or written */
     const int64_t n = FN(parts)(R, C, B);
     double *p = (double *)malloc((2 * n + 2 * C) * sizeof(double));
     T *coef = (T *)malloc(2 * C * sizeof(T));
@@ -300,12 +305,13 @@ int FN(bnorm_fwd)(
 /* Backward: dγ = (1/√(σ²+ε))·Σ dz·(x − μ), dβ = Σ dz, dr = dz (with a residual) and
  * dx = dz·scale + (x − μ)·k + c, k = −scale/(σ²+ε)·mean(dz·(x − μ)), c = −scale·mean(dz).
  * Without a residual dz is recomputed from dy in the second pass instead of stored.
- * Returns 0, or -2 (out of memory; nothing written). */
+ * Returns 0, -2 (out of memory; nothing written) or -3 (no values). */
 int FN(bnorm_bwd)(
     const T *dy, const T *x, const T *r, T *dx, T *dr, int64_t R, int64_t C, int64_t B,
     const T *w, const T *b, const T *mean, const T *invstd, double slope_d, T *dw, T *db,
     int nt) {
     const T slope = (T)slope_d;
+    if (R * B == 0 || C == 0) return -3; /* no values: nothing read or written */
     const int64_t n = FN(parts)(R, C, B);
     double *p = (double *)malloc((2 * n + 2 * C) * sizeof(double));
     T *coef = (T *)malloc(4 * C * sizeof(T));

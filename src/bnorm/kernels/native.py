@@ -79,7 +79,8 @@ def supports(x: Tensor, residual: Tensor | None, act: Activation) -> bool:
         act.name in _SLOPED
         and x.dtype in _DTYPES
         and x.is_cpu
-        and (residual is None or residual.dtype == x.dtype)
+        and x.numel() > 0
+        and (residual is None or (residual.dtype == x.dtype and residual.is_cpu))
         and available()
     )
 
@@ -110,6 +111,7 @@ def forward(
     act: Activation,
     running: tuple[Tensor, Tensor, Any, Tensor | None, Tensor | None] | None,
     skip_nonfinite: bool,
+    var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """(y, μ, 1/√(σ² + ε), status) of ``y = act(γ x̂ + β + r)`` for x (and a residual with
     x's strides) whose memory is ``shape`` = (R, C, B), and contiguous (C,) weight and
@@ -118,7 +120,7 @@ def forward(
     float α — the kernel updates the buffers in place by
     :func:`bnorm._math.running_update`'s rule (torch.lerp's formula) and counts the batch:
     status 1 (updated) or 0 (``skip_nonfinite`` found a non-finite statistic: left, counted
-    as skipped); without, status -1."""
+    as skipped); without, status -1. ``var`` (C,), if given, receives the biased variance."""
     fwd = _functions()[x.dtype][0]
     r, c, b = shape
     y = torch.empty_like(x)
@@ -127,11 +129,15 @@ def forward(
     status = fwd(
         x.data_ptr(), _ptr(residual), y.data_ptr(), r, c, b, weight.data_ptr(),
         bias.data_ptr(), eps, slope_of(act), stats.data_ptr(), stats.data_ptr() + c * x.itemsize,
-        None, _ptr(rm), _ptr(rv), float(alpha), skip_nonfinite, _ptr(tracked), _ptr(skipped),
+        _ptr(var), _ptr(rm), _ptr(rv), float(alpha), skip_nonfinite, _ptr(tracked), _ptr(skipped),
         torch.get_num_threads(),
     )  # fmt: skip
-    if status == -2:
-        raise MemoryError("bnorm's native batch-norm forward could not allocate its workspace")
+    if status < -1:
+        _failed("forward", status)
+    if running is not None:  # (written through a pointer: autograd's in-place check)
+        for t in (rm, rv, tracked if status == 1 else skipped):
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
     return y, stats[:c], stats[c:], status
 
 
@@ -159,9 +165,15 @@ def backward(
         weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(), slope_of(act),
         grads.data_ptr(), grads.data_ptr() + c * x.itemsize, torch.get_num_threads(),
     )  # fmt: skip
-    if status == -2:
-        raise MemoryError("bnorm's native batch-norm backward could not allocate its workspace")
+    if status < 0:
+        _failed("backward", status)
     return dx, grads[:c], grads[c:], dr
+
+
+def _failed(what: str, status: int) -> None:
+    if status == -2:
+        raise MemoryError(f"bnorm's native batch-norm {what} could not allocate its workspace")
+    raise ValueError(f"bnorm's native batch-norm {what}: expected a non-empty input")
 
 
 def _functions() -> dict[torch.dtype, tuple[Any, Any]]:
@@ -232,6 +244,7 @@ def build(compiler: str) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+        os.chmod(tmp, 0o755)  # (mkstemp's 0600: readable by every user of the cache)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -247,7 +260,12 @@ def _library() -> dict[torch.dtype, tuple[Any, Any]] | None:
     try:
         if compiler is None:
             raise RuntimeError("no C compiler found (set CC, or install gcc)")
-        lib = ctypes.CDLL(str(build(compiler)))
+        path = build(compiler)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cached file: build it again, once
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(build(compiler)))
         functions = {}
         for dtype, sfx in _DTYPES.items():
             fwd, bwd = getattr(lib, f"bnorm_fwd_{sfx}"), getattr(lib, f"bnorm_bwd_{sfx}")
