@@ -3,11 +3,14 @@
 #define FN(name) CAT(name, SFX)
 #define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
 
-/* a(z) and dz = dy·a'(z) of the piecewise-linear activation. ReLU (slope 0) is a select,
- * not a product with 0: relu(−inf) = 0 and relu(NaN) = NaN, as torch.relu, and an infinite
- * dy where z ≤ 0 gives 0, as the other kernels' derivative. */
-#define ACT(z, slope) ((z) > 0 ? (z) : (slope) != 0 ? (z) * (slope) : ((z) != (z) ? (z) : 0))
-#define DACT(g, z, slope) ((z) > 0 ? (g) : (slope) != 0 ? (g) * (slope) : 0)
+/* a(z) and dz = dy·a'(z) of the piecewise-linear activation, for `relu` a constant in the
+ * function that uses them (each kernel is inlined twice, relu = 1 for slope 0, so every
+ * select is a single one the compiler vectorizes). ReLU is a select, not a product with
+ * 0: relu(−inf) = 0 and relu(NaN) = NaN, as torch.relu, and an infinite dy where z ≤ 0
+ * gives 0, as the other kernels' derivative. */
+#define ACT(z, slope) (relu ? ((z) < 0 ? (T)0 : (z)) : ((z) > 0 ? (z) : (z) * (slope)))
+#define DACT(g, z, slope) (relu ? ((z) > 0 ? (g) : (T)0) : ((z) > 0 ? (g) : (g) * (slope)))
+#define INLINE static inline __attribute__((always_inline))
 
 /* scale = γ/√(σ²+ε), shift = β − μ·scale: one function, so that the forward and the
  * backward (which recomputes z = x·scale + shift + r) round them identically. */
@@ -88,9 +91,10 @@ static void FN(moment_parts)(
 
 /* Per-part sums of dz = dy·a'(z) and dz·(x − μ), z = x·scale + shift (+ r); with a
  * residual, dz is also written to dz_out (it is the residual's gradient). */
-static void FN(grad_parts)(
+INLINE void FN(grad_parts)(
     const T *dy, const T *x, const T *r, T *dz_out, int64_t R, int64_t C, int64_t B,
-    const T *scale, const T *shift, const T *mean, T slope, double *p1, double *p2, int nt) {
+    const T *scale, const T *shift, const T *mean, T slope, double *p1, double *p2, int nt,
+    const int relu) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
@@ -189,10 +193,10 @@ static void FN(combine)(int64_t n, int64_t C, const double *p, double *out) {
  * -1 (no running statistics given), -2 (out of memory; nothing written), -3 (no values;
  * nothing read or written). With running statistics, the counter tracked (ok) or
  * skipped (not ok) is incremented, where given. */
-int FN(bnorm_fwd)(
+INLINE int FN(fwd)(
     const T *x, const T *r, T *y, int64_t R, int64_t C, int64_t B, const T *w, const T *b,
     double eps, double slope_d, T *mean, T *invstd, T *var, T *rm, T *rv, double alpha,
-    int skip_nonfinite, int64_t *tracked, int64_t *skipped, int nt) {
+    int skip_nonfinite, int64_t *tracked, int64_t *skipped, int nt, const int relu) {
     const T slope = (T)slope_d;
     if (R * B == 0 || C == 0) return -3; /* no values: nothing read or written */
     const int64_t n = FN(parts)(R, C, B);
@@ -306,10 +310,10 @@ int FN(bnorm_fwd)(
  * dx = dz·scale + (x − μ)·k + c, k = −scale/(σ²+ε)·mean(dz·(x − μ)), c = −scale·mean(dz).
  * Without a residual dz is recomputed from dy in the second pass instead of stored.
  * Returns 0, -2 (out of memory; nothing written) or -3 (no values). */
-int FN(bnorm_bwd)(
+INLINE int FN(bwd)(
     const T *dy, const T *x, const T *r, T *dx, T *dr, int64_t R, int64_t C, int64_t B,
     const T *w, const T *b, const T *mean, const T *invstd, double slope_d, T *dw, T *db,
-    int nt) {
+    int nt, const int relu) {
     const T slope = (T)slope_d;
     if (R * B == 0 || C == 0) return -3; /* no values: nothing read or written */
     const int64_t n = FN(parts)(R, C, B);
@@ -323,7 +327,7 @@ int FN(bnorm_bwd)(
     double *s1 = p + 2 * n, *s2 = s1 + C;
     T *scale = coef, *shift = coef + C, *k = coef + 2 * C, *cc = coef + 3 * C;
     FN(coefficients)(C, w, b, mean, invstd, scale, shift);
-    FN(grad_parts)(dy, x, r, dr, R, C, B, scale, shift, mean, slope, p, p + n, nt);
+    FN(grad_parts)(dy, x, r, dr, R, C, B, scale, shift, mean, slope, p, p + n, nt, relu);
     FN(combine)(n, C, p, s1);
     FN(combine)(n, C, p + n, s2);
     const double count = (double)R * (double)B;
@@ -400,7 +404,29 @@ int FN(bnorm_bwd)(
     return 0;
 }
 
+/* The entry points: each kernel compiled for ReLU and for any other slope. */
+int FN(bnorm_fwd)(
+    const T *x, const T *r, T *y, int64_t R, int64_t C, int64_t B, const T *w, const T *b,
+    double eps, double slope_d, T *mean, T *invstd, T *var, T *rm, T *rv, double alpha,
+    int skip_nonfinite, int64_t *tracked, int64_t *skipped, int nt) {
+    if (slope_d == 0)
+        return FN(fwd)(x, r, y, R, C, B, w, b, eps, slope_d, mean, invstd, var, rm, rv, alpha,
+                       skip_nonfinite, tracked, skipped, nt, 1);
+    return FN(fwd)(x, r, y, R, C, B, w, b, eps, slope_d, mean, invstd, var, rm, rv, alpha,
+                   skip_nonfinite, tracked, skipped, nt, 0);
+}
+
+int FN(bnorm_bwd)(
+    const T *dy, const T *x, const T *r, T *dx, T *dr, int64_t R, int64_t C, int64_t B,
+    const T *w, const T *b, const T *mean, const T *invstd, double slope_d, T *dw, T *db,
+    int nt) {
+    if (slope_d == 0)
+        return FN(bwd)(dy, x, r, dx, dr, R, C, B, w, b, mean, invstd, slope_d, dw, db, nt, 1);
+    return FN(bwd)(dy, x, r, dx, dr, R, C, B, w, b, mean, invstd, slope_d, dw, db, nt, 0);
+}
+
 #undef FN
+#undef INLINE
 #undef V
 #undef ACT
 #undef DACT
