@@ -365,3 +365,17 @@ def test_double_backward_through_the_compiled_kernels_is_refused(monkeypatch):
     y = batch_norm_act_train(x, None, None, None, 1e-5, act_of("relu"))[0]
     with pytest.raises(ValueError, match="expected no double backward"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_an_unwritable_cache_falls_back_to_the_temp_directory(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")  # a file where the cache folder would go: mkdir fails
+    monkeypatch.setenv("BNORM_CACHE_DIR", str(blocked / "cache"))
+    monkeypatch.setattr(native.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        assert list((tmp_path / "tmp").glob("bnorm-*/bn_act_native-*.so"))
+    finally:
+        native._library.cache_clear()

@@ -188,7 +188,8 @@ def _functions() -> dict[torch.dtype, tuple[Any, Any]]:
 
 def cache_dir() -> Path:
     """Where the built library is kept: ``$BNORM_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/bnorm``, else ``~/.cache/bnorm``."""
+    ``$XDG_CACHE_HOME/bnorm``, else ``~/.cache/bnorm`` (where that cannot be written, the
+    build uses ``bnorm-<uid>`` in the temp directory)."""
     if os.environ.get("BNORM_CACHE_DIR"):
         return Path(os.environ["BNORM_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -235,7 +236,16 @@ def build(compiler: str) -> Path:
     path = library_path(compiler)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"{path.parent} is not writable")
+    except OSError:  # (a read-only home, say): a per-user folder in the temp directory
+        user = getattr(os, "getuid", lambda: "user")()
+        path = Path(tempfile.gettempdir()) / f"bnorm-{user}" / path.name
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).parent
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
