@@ -176,7 +176,9 @@ def _fixed_cost(
     c: int, side: int, fmt: torch.memory_format, pattern: str, args: argparse.Namespace
 ) -> dict[str, float]:
     """fwd+bwd times (s) at the smallest batch: torch eager, the layer as shipped (which
-    runs torch's ops there) and the fused Function forced — its fixed cost."""
+    runs torch's ops there), the fused Function forced — its fixed cost — and an empty
+    Python ``autograd.Function`` with the layer's inputs (``floor``: what any fused
+    Function written in Python costs before its kernels run)."""
     x, dy, res = _tensors(FIXED_COST_BATCH, c, side, fmt, pattern)
     eager, ours = TorchTail(c), BatchNormAct2d(c, activation="relu")
     return time_alternated(
@@ -184,10 +186,42 @@ def _fixed_cost(
             "eager": _fwd_bwd(eager, x, dy, res),
             "bnorm": _fwd_bwd(ours, x, dy, res),
             "fused": _fused_forced(_fwd_bwd(ours, x, dy, res)),
+            "floor": _empty_function(ours, x, dy, res),
         },
         max(args.repeats, 20),
         args.warmup,
     )
+
+
+class _Empty(torch.autograd.Function):
+    """An autograd.Function that saves its inputs and returns fresh outputs, as the fused
+    one does, without computing anything: the floor of a Python Function's cost."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor, r: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w, b, r)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, w, b, r = ctx.saved_tensors
+        dr = None if r is None else torch.empty_like(x)
+        return torch.empty_like(x), torch.empty_like(w), torch.empty_like(b), dr
+
+
+def _empty_function(
+    layer: nn.Module, x: Tensor, dy: Tensor, residual: Tensor | None
+) -> Callable[[], None]:
+    weight, bias = layer.weight, layer.bias
+
+    def run() -> None:
+        x.grad = None
+        if residual is not None:
+            residual.grad = None
+        layer.zero_grad(set_to_none=True)
+        _Empty.apply(x, weight, bias, residual).backward(dy)
+
+    return run
 
 
 def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
@@ -253,6 +287,7 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                         "fixed_eager_us": 1e6 * small["eager"],
                         "fixed_bnorm_us": 1e6 * small["bnorm"],
                         "fixed_fused_us": 1e6 * small["fused"],
+                        "fixed_function_floor_us": 1e6 * small["floor"],
                         "fixed_bnorm/eager": small["bnorm"] / small["eager"],
                         # fresh pages the OS maps in per fwd+bwd (allocations not reused)
                         "faults eager, bnorm": faults,
@@ -264,6 +299,7 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
     bounds = [r["bound/eager"] for r in rows]
     fixed = [r["fixed_bnorm/eager"] for r in rows]
     fixed_fused = [r["fixed_fused_us"] - r["fixed_eager_us"] for r in rows]
+    floor = [r["fixed_function_floor_us"] / r["fixed_eager_us"] for r in rows]
     return {
         "rows": rows,
         "summary": [
@@ -277,7 +313,9 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
             f"fused fwd+bwd achieves {min(achieved):.0%}..{max(achieved):.0%} of that bound",
             f"fixed cost (batch {FIXED_COST_BATCH}): bnorm/torch eager "
             f"{min(fixed):.2f}..{max(fixed):.2f}x (target <= 1.0x); the fused Function forced "
-            f"there costs {min(fixed_fused):.0f}..{max(fixed_fused):.0f} us more than torch",
+            f"there costs {min(fixed_fused):.0f}..{max(fixed_fused):.0f} us more than torch; an "
+            f"empty Python autograd.Function with the same inputs alone takes "
+            f"{min(floor):.2f}..{max(floor):.2f}x torch eager's whole fwd+bwd",
         ],
     }
 
