@@ -12,6 +12,7 @@ Helpers that tests share with the benchmarks live in :mod:`bnorm.testing`."""
 import os
 
 import pytest
+import torch
 
 _COMPILED_KERNELS = "--compiled-kernels"
 
@@ -30,6 +31,18 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["BNORM_NO_COMPILE"] = "0"
     else:
         os.environ.setdefault("BNORM_NO_COMPILE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_global_modes():  # type: ignore[no-untyped-def]
+    """Torch's process-wide deterministic-algorithms mode as it was before each test:
+    Lightning's ``Trainer(deterministic=True)`` (tests/test_lightning.py) turns it on and
+    leaves it, and a later test on the same worker (ATen's quantized ops in FX QAT,
+    tests/test_ecosystem.py) then fails."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @pytest.fixture
