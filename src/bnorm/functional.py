@@ -679,15 +679,10 @@ def _plain_training(
     x = input.movedim(ax, 1) if ax != 1 else input
     rm, rv, tracked, skipped = running_mean, running_var, num_batches_tracked, num_batches_skipped
     if tail and fused_pays(input, False, plan.activation, residual):
-        # The fused kernels, as _native_training would call them (for this call's state,
-        # every check it would make has passed above): without its checks' fixed cost.
-        res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+        # The fused kernels, as _native_training calls them (for this call's state, every
+        # check it would make has passed above): without its checks' fixed cost.
         running = _running_buffers(rm, rv, plan.momentum, tracked, skipped)
-        out = batch_norm_act_train(
-            x, weight, bias, res, plan.eps, plan.activation, running=running,
-            skip_nonfinite=plan.skip_nonfinite,
-        )[0]
-        return out.movedim(1, ax) if ax != 1 else out
+        return _fused_training(plan, x, weight, bias, residual, ax, running)
     out = _native_training_cpu_update(plan, x, weight, bias, rm, rv, tracked, skipped)
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, residual, plan.activation) if tail else out
@@ -823,13 +818,7 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
         and not torch.compiler.is_compiling()
         and fused_pays(x, memory_efficient, activation, residual)
     ):
-        res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
-        running = _running_state(plan, call, t)
-        out = batch_norm_act_train(
-            x, weight, bias, res, eps, activation, memory_efficient, running=running,
-            skip_nonfinite=skip_nonfinite,
-        )[0]
-        return out.movedim(1, ax) if ax != 1 else out
+        return _fused_training(plan, x, weight, bias, residual, ax, _running_state(plan, call, t))
     elif (
         update
         and x.device.type == "cpu"
@@ -859,6 +848,26 @@ def _native_training(*, plan: Plan, call: _Call, t: _Tensors) -> Tensor:
             rm, rv, mean, var, count, plan.momentum, tracked, skipped, skip_nonfinite  # type: ignore[arg-type]
         )
     return out
+
+
+def _fused_training(
+    plan: Plan,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    ax: int,
+    running: RunningState | None,
+) -> Tensor:
+    """The fused kernels' training step (:func:`bnorm.kernels.batch_norm_act_train`) on
+    ``x`` (channels at dim 1) with the residual of the call's layout (channels at
+    ``ax``); the output in the call's layout."""
+    res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+    out = batch_norm_act_train(
+        x, weight, bias, res, plan.eps, plan.activation, plan.memory_efficient,
+        running=running, skip_nonfinite=plan.skip_nonfinite,
+    )[0]
+    return out.movedim(1, ax) if ax != 1 else out
 
 
 def _renorm_affine(

@@ -52,7 +52,8 @@ _ENV_NO_NATIVE = "BNORM_NO_NATIVE"
 _SOURCES = ("bn_act_native.c", "bn_act_native_impl.h")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_SLOPED = ("identity", "relu", "leaky_relu")  # the activations slope_of covers
+# The activations these kernels cover: the slope below 0 from the activation's parameter.
+_SLOPES = {"identity": lambda p: 1.0, "relu": lambda p: 0.0, "leaky_relu": float}
 
 _P, _I, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _FWD_ARGS = [_P, _P, _P, _I, _I, _I, _P, _P, _D, _D, _P, _P, _P, _P, _P, _D, _C, _P, _P, _C]
@@ -62,13 +63,8 @@ _BWD_ARGS = [_P, _P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _D, _P, _P, _C]
 def slope_of(act: Activation) -> float | None:
     """The slope below 0 of a piecewise-linear activation (identity 1, relu 0, leaky_relu
     its negative slope), or None for one these kernels do not cover."""
-    if act.name == "identity":
-        return 1.0
-    if act.name == "relu":
-        return 0.0
-    if act.name == "leaky_relu":
-        return float(act.param)
-    return None
+    slope = _SLOPES.get(act.name)
+    return None if slope is None else slope(act.param)
 
 
 def supports(x: Tensor, residual: Tensor | None, act: Activation) -> bool:
@@ -76,7 +72,7 @@ def supports(x: Tensor, residual: Tensor | None, act: Activation) -> bool:
     of x's dtype, a piecewise-linear activation, the library built, and not switched off
     (``BNORM_NO_NATIVE``)."""
     return (
-        act.name in _SLOPED
+        act.name in _SLOPES
         and x.dtype in _DTYPES
         and x.is_cpu
         and x.numel() > 0
