@@ -438,12 +438,35 @@ class _BatchNormAct(torch.autograd.Function):
         )
 
 
+class _NativeStep:
+    """One call of :class:`_BatchNormActNative`: its constants, and the batch statistics
+    the forward computed — μ and 1/√(σ² + ε) — which the caller reads back here: they are
+    saved for backward but are not outputs of the Function (no autograd bookkeeping of
+    their own)."""
+
+    __slots__ = ("act", "eps", "invstd", "mean", "running", "shape", "skip_nonfinite", "slope")
+
+    def __init__(
+        self,
+        eps: float,
+        act: Activation,
+        running: RunningState | None,
+        skip_nonfinite: bool,
+        shape: native.Shape,
+    ) -> None:
+        self.eps, self.act, self.running = eps, act, running
+        self.skip_nonfinite, self.shape = skip_nonfinite, shape
+        self.slope = native.slope_of(act)
+        self.mean: Tensor | None = None
+        self.invstd: Tensor | None = None
+
+
 class _BatchNormActNative(torch.autograd.Function):
     """act(BN(x) + r) in training by :mod:`bnorm.kernels.native`: the same outputs as
     :class:`_BatchNormAct` with its own lean Python — one C call each way on x's memory as
     it is (no views, permutes or copies for any dense layout; y, dx and dr are allocated
     with x's strides), the running statistics and counters updated inside the forward's
-    call."""
+    call, a missing weight or bias read as 1 or 0 by the kernels, y the only output."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -452,78 +475,62 @@ class _BatchNormActNative(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         residual: Tensor | None,
-        eps: float,
-        act: Activation,
-        running: RunningState | None,
-        skip_nonfinite: bool,
-        shape: native.Shape,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        dtype, channels = x.dtype, shape[1]
-        if weight is None:
-            w = torch.ones(channels, dtype=dtype, device=x.device)
-        else:
-            w = weight.to(dtype).contiguous()
-        if bias is None:
-            b = torch.zeros(channels, dtype=dtype, device=x.device)
-        else:
-            b = bias.to(dtype).contiguous()
+        step: _NativeStep,
+    ) -> Tensor:
+        dtype = x.dtype
+        w = weight
+        if w is not None and (w.dtype != dtype or not w.is_contiguous()):
+            w = w.to(dtype).contiguous()
+        b = bias
+        if b is not None and (b.dtype != dtype or not b.is_contiguous()):
+            b = b.to(dtype).contiguous()
         if residual is not None and residual.stride() != x.stride():
             residual = torch.empty_like(x).copy_(residual)
+        running = step.running
         in_kernel = running is not None and _runs_in_kernel(running, dtype)
         # (the batch's variance only where the update is made here)
-        var = None if running is None or in_kernel else x.new_empty(channels)
-        fast = running if in_kernel else None
+        var = None if running is None or in_kernel else x.new_empty(step.shape[1])
         y, mean, invstd, _ = native.forward(
-            x,
-            residual,
-            w,
-            b,
-            shape,
-            eps,
-            act,
-            fast,
-            skip_nonfinite,
-            var,  # type: ignore[arg-type]
-        )
+            x, residual, w, b, step.shape, step.eps, step.slope,  # type: ignore[arg-type]
+            running if in_kernel else None, step.skip_nonfinite, var,
+        )  # fmt: skip
         if running is not None and var is not None:
-            count = shape[0] * shape[2]
-            update = running_update(*running[:2], mean, var, count, running[2], skip_nonfinite)
+            count = step.shape[0] * step.shape[2]
+            update = running_update(
+                *running[:2], mean, var, count, running[2], step.skip_nonfinite
+            )
             store_running(running, *update)
-        ctx.act, ctx.shape = act, shape
-        ctx.dtypes = (
-            None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype,
-            None if residual is None else residual.dtype,
-        )
+        step.mean, step.invstd = mean, invstd
+        ctx.kernel = (step.shape, step.slope, step.act)
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        # (μ and 1/√(σ² + ε) saved too, though not outputs: saved-tensor hooks see them)
         ctx.save_for_backward(x, residual, w, b, mean, invstd)
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)  # (no zero tensors for the statistics' gradients)
-        return y, mean, invstd
+        return y
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, _dmean: Any, _dinvstd: Any) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         x, residual, w, b, mean, invstd = ctx.saved_tensors
-        if dy is None:  # (y unused: gradients of zero)
-            dy = torch.zeros_like(x)
+        shape, slope, act = ctx.kernel
         if torch.is_grad_enabled():
             # create_graph=True: the backward by ATen's ops, which autograd differentiates.
-            dx, dw, db, dr = _differentiable_backward(dy, x, residual, w, b, mean, invstd, ctx.act)
+            channels = shape[1]
+            w1 = w if w is not None else torch.ones(channels, dtype=x.dtype)
+            b1 = b if b is not None else torch.zeros(channels, dtype=x.dtype)
+            dx, dw, db, dr = _differentiable_backward(
+                dy, x, residual, w1, b1, mean, invstd, act
+            )
         else:
             if dy.stride() != x.stride():
                 dy = torch.empty_like(x).copy_(dy)
             dx, dw, db, dr = native.backward(
-                dy, x, residual, w, b, mean, invstd, ctx.shape, ctx.act
+                dy, x, residual, w, b, mean, invstd, shape, slope
             )
-        wdt, bdt, _ = ctx.dtypes
+        wdt, bdt = ctx.dtypes
         return (
             dx,
             None if wdt is None else dw if wdt == dw.dtype else dw.to(wdt),
             None if bdt is None else db if bdt == db.dtype else db.to(bdt),
             dr,
-            None,
-            None,
-            None,
-            None,
             None,
         )
 
@@ -669,23 +676,21 @@ def batch_norm_act_train(
     """
     act = activation if activation is not None else IDENTITY
     scope = None
-    if not memory_efficient and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        scope = current_scope()
-    if (
-        scope is None
-        and not memory_efficient
-        and not torch.compiler.is_compiling()
-        and native.supports(x, residual, act)
-        and (weight is None or weight.is_cpu)
-        and (bias is None or bias.is_cpu)
-    ):
-        layout = _Layout.of(x)
-        if layout.dense:
-            shape = (layout.a, x.shape[1], layout.b)
-            out = _BatchNormActNative.apply(
-                x, weight, bias, residual, eps, act, running, skip_nonfinite, shape
-            )
-            return out[0], out[1], out[2]
+    if not memory_efficient and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled():
+            scope = current_scope()
+        if (
+            scope is None
+            and native.supports(x, residual, act)
+            and (weight is None or weight.is_cpu)
+            and (bias is None or bias.is_cpu)
+        ):
+            layout = _Layout.of(x)
+            if layout.dense:
+                shape = (layout.a, x.shape[1], layout.b)
+                step = _NativeStep(eps, act, running, skip_nonfinite, shape)
+                y = _BatchNormActNative.apply(x, weight, bias, residual, step)
+                return y, step.mean, step.invstd  # type: ignore[return-value]
     out = _BatchNormAct.apply(
         x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite, scope
     )

@@ -12,13 +12,14 @@
 #define DACT(g, z, slope) (relu ? ((z) > 0 ? (g) : (T)0) : ((z) > 0 ? (g) : (g) * (slope)))
 #define INLINE static inline __attribute__((always_inline))
 
-/* scale = γ/√(σ²+ε), shift = β − μ·scale: one function, so that the forward and the
- * backward (which recomputes z = x·scale + shift + r) round them identically. */
+/* scale = γ/√(σ²+ε), shift = β − μ·scale (γ = 1 where w is NULL, β = 0 where b is):
+ * one function, so that the forward and the backward (which recomputes
+ * z = x·scale + shift + r) round them identically. */
 static __attribute__((noinline)) void FN(coefficients)(
     int64_t C, const T *w, const T *b, const T *mean, const T *invstd, T *scale, T *shift) {
     for (int64_t c = 0; c < C; c++) {
-        scale[c] = w[c] * invstd[c];
-        shift[c] = b[c] - mean[c] * scale[c];
+        scale[c] = (w ? w[c] : (T)1) * invstd[c];
+        shift[c] = (b ? b[c] : (T)0) - mean[c] * scale[c];
     }
 }
 

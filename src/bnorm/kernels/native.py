@@ -93,77 +93,84 @@ Shape = tuple[int, int, int]
 """(R, C, B): a tensor's memory as R rows of C channels of B contiguous values."""
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def forward(
     x: Tensor,
     residual: Tensor | None,
-    weight: Tensor,
-    bias: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     shape: Shape,
     eps: float,
-    act: Activation,
-    running: tuple[Tensor, Tensor, Any, Tensor | None, Tensor | None] | None,
+    slope: float,
+    running: tuple[Tensor, Tensor, float, Tensor | None, Tensor | None] | None,
     skip_nonfinite: bool,
     var: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(y, μ, 1/√(σ² + ε), status) of ``y = act(γ x̂ + β + r)`` for x (and a residual with
-    x's strides) whose memory is ``shape`` = (R, C, B), and contiguous (C,) weight and
-    bias of x's dtype; y has x's strides. With ``running`` = (running_mean, running_var,
-    α, num_batches_tracked, num_batches_skipped) — contiguous statistics of x's dtype, a
-    float α — the kernel updates the buffers in place by
+    """(y, μ, 1/√(σ² + ε), status) of ``y = a(γ x̂ + β + r)``, a the activation of negative
+    ``slope`` (:func:`slope_of`), for x (and a residual with x's strides) whose memory is
+    ``shape`` = (R, C, B), and contiguous (C,) weight and bias of x's dtype (None: γ = 1,
+    β = 0); y has x's strides. With ``running`` =
+    (running_mean, running_var, α, num_batches_tracked, num_batches_skipped) — contiguous
+    statistics of x's dtype, a float α — the kernel updates the buffers in place by
     :func:`bnorm._math.running_update`'s rule (torch.lerp's formula) and counts the batch:
     status 1 (updated) or 0 (``skip_nonfinite`` found a non-finite statistic: left, counted
     as skipped); without, status -1. ``var`` (C,), if given, receives the biased variance."""
     fwd = _functions()[x.dtype][0]
     r, c, b = shape
     y = torch.empty_like(x)
-    stats = x.new_empty(2 * c)
-    rm, rv, alpha, tracked, skipped = (None, None, 0.0, None, None) if running is None else running
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    if running is None:
+        rm = rv = tracked = skipped = None
+        alpha = 0.0
+    else:
+        rm, rv, alpha, tracked, skipped = running
     status = fwd(
-        x.data_ptr(), _ptr(residual), y.data_ptr(), r, c, b, weight.data_ptr(),
-        bias.data_ptr(), eps, slope_of(act), stats.data_ptr(), stats.data_ptr() + c * x.itemsize,
-        _ptr(var), _ptr(rm), _ptr(rv), float(alpha), skip_nonfinite, _ptr(tracked), _ptr(skipped),
-        torch.get_num_threads(),
+        x.data_ptr(), None if residual is None else residual.data_ptr(), y.data_ptr(), r, c, b,
+        None if weight is None else weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), eps, slope, mean.data_ptr(), invstd.data_ptr(),
+        None if var is None else var.data_ptr(), None if rm is None else rm.data_ptr(),
+        None if rv is None else rv.data_ptr(), alpha, skip_nonfinite,
+        None if tracked is None else tracked.data_ptr(),
+        None if skipped is None else skipped.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if status < -1:
         _failed("forward", status)
     if running is not None:  # (written through a pointer: autograd's in-place check)
-        for t in (rm, rv, tracked if status == 1 else skipped):
-            if t is not None:
-                torch.autograd.graph.increment_version(t)
-    return y, stats[:c], stats[c:], status
+        counter = tracked if status == 1 else skipped
+        torch.autograd.graph.increment_version((rm, rv) if counter is None else (rm, rv, counter))
+    return y, mean, invstd, status
 
 
 def backward(
     dy: Tensor,
     x: Tensor,
     residual: Tensor | None,
-    weight: Tensor,
-    bias: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     shape: Shape,
-    act: Activation,
+    slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dγ, dβ, dr) for dy, x (and r) with x's strides and memory ``shape``, and the
-    forward's weight, bias, μ and 1/√(σ² + ε); dx and dr have x's strides, dr is None
-    without a residual."""
+    """(dx, dγ, dβ, dr) for dy, x (and r) with x's strides and memory ``shape``, the
+    forward's weight and bias (None: γ = 1, β = 0), μ and 1/√(σ² + ε), and the
+    activation's negative ``slope``; dx and dr have x's strides, dr is None without a
+    residual."""
     bwd = _functions()[x.dtype][1]
     r, c, b = shape
     dx = torch.empty_like(x)
     dr = None if residual is None else torch.empty_like(x)
-    grads = x.new_empty(2 * c)
+    dw, db = x.new_empty(c), x.new_empty(c)
     status = bwd(
-        dy.data_ptr(), x.data_ptr(), _ptr(residual), dx.data_ptr(), _ptr(dr), r, c, b,
-        weight.data_ptr(), bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(), slope_of(act),
-        grads.data_ptr(), grads.data_ptr() + c * x.itemsize, torch.get_num_threads(),
+        dy.data_ptr(), x.data_ptr(), None if residual is None else residual.data_ptr(),
+        dx.data_ptr(), None if dr is None else dr.data_ptr(), r, c, b,
+        None if weight is None else weight.data_ptr(),
+        None if bias is None else bias.data_ptr(), mean.data_ptr(), invstd.data_ptr(), slope,
+        dw.data_ptr(), db.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     if status < 0:
         _failed("backward", status)
-    return dx, grads[:c], grads[c:], dr
+    return dx, dw, db, dr
 
 
 def _failed(what: str, status: int) -> None:
