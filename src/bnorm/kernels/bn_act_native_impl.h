@@ -2,6 +2,7 @@
  * Included twice by bn_act_native.c. */
 #define FN(name) CAT(name, SFX)
 #define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
+#define LANES ((int64_t)(128 / sizeof(T)))  /* partial sums per plane in the planes loops */
 
 /* a(z) and dz = dy·a'(z) of the piecewise-linear activation, for `relu` a constant in the
  * function that uses them (each kernel is inlined twice, relu = 1 for slope 0, so every
@@ -27,30 +28,188 @@ static int64_t FN(parts)(int64_t R, int64_t C, int64_t B) {
     return B > 1 ? R * C : ((R + ROWS - 1) / ROWS) * C;
 }
 
+/* The sum of LANES partial sums in T, as a fixed pairwise tree. */
+INLINE T FN(lanes_sum)(T *a) {
+    for (int64_t w = LANES / 2; w >= 1; w /= 2)
+        for (int64_t l = 0; l < w; l++) a[l] += a[l + w];
+    return a[0];
+}
+
+/* LANES partial sums of (x − pv) and (x − pv)² over n values. */
+INLINE void FN(lanes_moments)(const T *p, T pv, int64_t n, T *a, T *q) {
+    for (int64_t l = 0; l < LANES; l++) a[l] = q[l] = 0;
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+#pragma omp simd
+        for (int64_t l = 0; l < LANES; l++) {
+            T d = p[j + l] - pv;
+            a[l] += d;
+            q[l] += d * d;
+        }
+    }
+    for (int64_t l = 0; j < n; j++, l++) {
+        T d = p[j] - pv;
+        a[l] += d;
+        q[l] += d * d;
+    }
+}
+
+/* One long plane's (B ≥ 4·LANES) Σ (x − pv) and Σ (x − pv)², in blocks of BLOCK values,
+ * each summed in T over LANES independent partial sums (no chain of dependent additions:
+ * the loop runs at the speed of its loads), the blocks added in double. Shorter planes
+ * (small images) are summed in one vector's partial sums where they are looped over. */
+INLINE void FN(plane_moments)(const T *p, T pv, int64_t B, double *s1_out, double *s2_out) {
+    double s1 = 0, s2 = 0;
+    for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
+        T a[LANES], q[LANES];
+        FN(lanes_moments)(p + j0, pv, j1 - j0, a, q);
+        s1 += FN(lanes_sum)(a);
+        s2 += FN(lanes_sum)(q);
+    }
+    *s1_out = s1;
+    *s2_out = s2;
+}
+
+/* A channel's μ, 1/√(σ² + ε) and biased σ² (double) from the sums of x − x0 over count
+ * values. */
+INLINE void FN(channel_stats)(
+    double s1, double s2, double count, T x0, double eps, T *mean, T *invstd, double *var) {
+    double m = s1 / count;
+    double v = s2 / count - m * m;
+    if (v < 0) v = 0;
+    *mean = (T)((double)x0 + m);
+    *invstd = (T)(1.0 / sqrt(v + eps));
+    *var = v;
+}
+
+/* One plane of y = a(x·s + t + r) (r: NULL without a residual). */
+INLINE void FN(plane_out)(
+    const T *x, const T *r, T *y, int64_t B, T s, T t, T slope, const int relu) {
+    if (r) {
+#pragma omp simd
+        for (int64_t j = 0; j < B; j++) {
+            T z = x[j] * s + t + r[j];
+            y[j] = ACT(z, slope);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < B; j++) {
+            T z = x[j] * s + t;
+            y[j] = ACT(z, slope);
+        }
+    }
+}
+
+/* LANES partial sums of dz and dz·(x − m) over n values, dz = dy·a'(x·s + t + r); with
+ * a residual, dz is also written to dz_out. */
+INLINE void FN(lanes_grad)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t n, T s, T t, T m, T slope,
+    T *a, T *q, const int relu) {
+    for (int64_t l = 0; l < LANES; l++) a[l] = q[l] = 0;
+    int64_t j = 0;
+    if (r) {
+        for (; j + LANES <= n; j += LANES) {
+#pragma omp simd
+            for (int64_t l = 0; l < LANES; l++) {
+                T z = x[j + l] * s + t + r[j + l];
+                T g = DACT(dy[j + l], z, slope);
+                dz_out[j + l] = g;
+                a[l] += g;
+                q[l] += g * (x[j + l] - m);
+            }
+        }
+    } else {
+        for (; j + LANES <= n; j += LANES) {
+#pragma omp simd
+            for (int64_t l = 0; l < LANES; l++) {
+                T z = x[j + l] * s + t;
+                T g = DACT(dy[j + l], z, slope);
+                a[l] += g;
+                q[l] += g * (x[j + l] - m);
+            }
+        }
+    }
+    for (int64_t l = 0; j < n; j++, l++) {
+        T z = x[j] * s + t;
+        if (r) z += r[j];
+        T g = DACT(dy[j], z, slope);
+        if (r) dz_out[j] = g;
+        a[l] += g;
+        q[l] += g * (x[j] - m);
+    }
+}
+
+/* One long plane's (B ≥ 4·LANES) Σ dz and Σ dz·(x − m), in blocks of BLOCK values each
+ * summed in T over LANES partial sums, the blocks added in double (as plane_moments). */
+INLINE void FN(plane_grad)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t B, T s, T t, T m, T slope,
+    double *s1_out, double *s2_out, const int relu) {
+    double s1 = 0, s2 = 0;
+    for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
+        const int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
+        T a[LANES], q[LANES];
+        FN(lanes_grad)(dy + j0, x + j0, r ? r + j0 : NULL, r ? dz_out + j0 : NULL, j1 - j0, s, t,
+                       m, slope, a, q, relu);
+        s1 += FN(lanes_sum)(a);
+        s2 += FN(lanes_sum)(q);
+    }
+    *s1_out = s1;
+    *s2_out = s2;
+}
+
+/* A channel's dx coefficients k = −scale/(σ²+ε)·mean(dz·(x − μ)), c = −scale·mean(dz), and
+ * dγ, dβ, from the sums s1 = Σ dz, s2 = Σ dz·(x − μ) over count values. */
+INLINE void FN(channel_grad)(
+    double s1, double s2, double count, T invstd, T scale, T *k, T *c, T *dw, T *db) {
+    *k = (T)(-(double)(invstd * invstd * scale) * s2 / count);
+    *c = (T)(-(double)scale * s1 / count);
+    *dw = (T)((double)invstd * s2);
+    *db = (T)s1;
+}
+
+/* One plane of dx = dz·s + (x − m)·k + c, dz read from dz (a residual's gradient) or
+ * recomputed from dy (dz NULL). */
+INLINE void FN(plane_dx)(
+    const T *dy, const T *x, const T *dz, T *dx, int64_t B, T s, T t, T m, T k, T c,
+    T slope, const int relu) {
+    if (dz) {
+#pragma omp simd
+        for (int64_t j = 0; j < B; j++) dx[j] = dz[j] * s + (x[j] - m) * k + c;
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < B; j++) {
+            T z = x[j] * s + t;
+            T g = DACT(dy[j], z, slope);
+            dx[j] = g * s + (x[j] - m) * k + c;
+        }
+    }
+}
+
 /* Per-part sums of d = x − pivot[c] and d², pivot[c] = the channel's first value. */
 static void FN(moment_parts)(
     const T *x, int64_t R, int64_t C, int64_t B, double *p1, double *p2, int nt) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
+        if (B >= 4 * LANES) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) {
+            for (int64_t i = 0; i < R * C; i++)
+                FN(plane_moments)(x + i * B, x[(i % C) * B], B, p1 + i, p2 + i);
+            return;
+        }
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) { /* short planes: one vector's partial sums */
             const T *p = x + i * B;
             const T pv = x[(i % C) * B];
-            double s1 = 0, s2 = 0;
-            for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
-                int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
-                T a = 0, q = 0;
+            T a = 0, q = 0;
 #pragma omp simd reduction(+ : a, q)
-                for (int64_t j = j0; j < j1; j++) {
-                    T d = p[j] - pv;
-                    a += d;
-                    q += d * d;
-                }
-                s1 += a;
-                s2 += q;
+            for (int64_t j = 0; j < B; j++) {
+                T d = p[j] - pv;
+                a += d;
+                q += d * d;
             }
-            p1[i] = s1;
-            p2[i] = s2;
+            p1[i] = a;
+            p2[i] = q;
         }
         return;
     }
@@ -97,38 +256,41 @@ INLINE void FN(grad_parts)(
     const T *scale, const T *shift, const T *mean, T slope, double *p1, double *p2, int nt,
     const int relu) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
-    if (B > 1) {
+    if (B >= 4 * LANES) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (par)
+        for (int64_t i = 0; i < R * C; i++) {
+            const int64_t c = i % C, o = i * B;
+            FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B, scale[c],
+                           shift[c], mean[c], slope, p1 + i, p2 + i, relu);
+        }
+        return;
+    }
+    if (B > 1) { /* short planes: one vector's partial sums */
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
         for (int64_t i = 0; i < R * C; i++) {
             const int64_t c = i % C, o = i * B;
             const T s = scale[c], t = shift[c], m = mean[c];
-            double s1 = 0, s2 = 0;
-            for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
-                int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
-                T a = 0, q = 0;
-                if (r) {
+            T a = 0, q = 0;
+            if (r) {
 #pragma omp simd reduction(+ : a, q)
-                    for (int64_t j = o + j0; j < o + j1; j++) {
-                        T z = x[j] * s + t + r[j];
-                        T g = DACT(dy[j], z, slope);
-                        dz_out[j] = g;
-                        a += g;
-                        q += g * (x[j] - m);
-                    }
-                } else {
-#pragma omp simd reduction(+ : a, q)
-                    for (int64_t j = o + j0; j < o + j1; j++) {
-                        T z = x[j] * s + t;
-                        T g = DACT(dy[j], z, slope);
-                        a += g;
-                        q += g * (x[j] - m);
-                    }
+                for (int64_t j = o; j < o + B; j++) {
+                    T z = x[j] * s + t + r[j];
+                    T g = DACT(dy[j], z, slope);
+                    dz_out[j] = g;
+                    a += g;
+                    q += g * (x[j] - m);
                 }
-                s1 += a;
-                s2 += q;
+            } else {
+#pragma omp simd reduction(+ : a, q)
+                for (int64_t j = o; j < o + B; j++) {
+                    T z = x[j] * s + t;
+                    T g = DACT(dy[j], z, slope);
+                    a += g;
+                    q += g * (x[j] - m);
+                }
             }
-            p1[i] = s1;
-            p2[i] = s2;
+            p1[i] = a;
+            p2[i] = q;
         }
         return;
     }
@@ -189,6 +351,30 @@ static void FN(combine)(int64_t n, int64_t C, const double *p, double *out) {
         for (int64_t c = 0; c < C; c++) out[c] += p[i + c];
 }
 
+/* The running update (torch.lerp's formula, in T) from the batch's μ and biased σ² over
+ * count values, all channels or none: with skip_nonfinite, none if any statistic is not
+ * finite. Returns 1 (updated) or 0 (skipped), and counts the batch in tracked or
+ * skipped (where given). */
+static int FN(running)(
+    int64_t C, const T *mean, const double *v64, double count, T *rm, T *rv, double alpha,
+    int skip_nonfinite, int64_t *tracked, int64_t *skipped) {
+    const T f = (T)(count / (count - 1 > 1 ? count - 1 : 1));
+    const T wt = (T)alpha;
+    int ok = 1;
+    if (skip_nonfinite)
+        for (int64_t c = 0; c < C; c++)
+            if (!isfinite(mean[c]) || !isfinite((T)v64[c] * f)) ok = 0;
+    if (ok)
+        for (int64_t c = 0; c < C; c++) {
+            T um = mean[c], uv = (T)v64[c] * f;
+            rm[c] = wt < (T)0.5 ? rm[c] + wt * (um - rm[c]) : um - (um - rm[c]) * ((T)1 - wt);
+            rv[c] = wt < (T)0.5 ? rv[c] + wt * (uv - rv[c]) : uv - (uv - rv[c]) * ((T)1 - wt);
+        }
+    int64_t *counter = ok ? tracked : skipped;
+    if (counter) *counter += 1;
+    return ok;
+}
+
 /* Forward: statistics, the running update, then y = a(x·scale + shift + r).
  * Returns 1 (running statistics updated), 0 (skipped: a non-finite statistic),
  * -1 (no running statistics given), -2 (out of memory; nothing written), -3 (no values;
@@ -211,61 +397,19 @@ INLINE int FN(fwd)(
     T *scale = coef, *shift = coef + C;
     double *s1 = p + 2 * n, *s2 = s1 + C;
     double *v64 = s1; /* the variance in double, written over s1 once it is used */
+    const double count = (double)R * (double)B;
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     FN(moment_parts)(x, R, C, B, p, p + n, nt);
     FN(combine)(n, C, p, s1);
     FN(combine)(n, C, p + n, s2);
-    const double count = (double)R * (double)B;
-    for (int64_t c = 0; c < C; c++) {
-        double m = s1[c] / count;
-        double v = s2[c] / count - m * m;
-        if (v < 0) v = 0;
-        mean[c] = (T)((double)x[c * B] + m);
-        invstd[c] = (T)(1.0 / sqrt(v + eps));
-        v64[c] = v;
-    }
-    if (var)
-        for (int64_t c = 0; c < C; c++) var[c] = (T)v64[c];
+    for (int64_t c = 0; c < C; c++)
+        FN(channel_stats)(s1[c], s2[c], count, x[c * B], eps, mean + c, invstd + c, v64 + c);
     FN(coefficients)(C, w, b, mean, invstd, scale, shift);
-    int status = -1;
-    if (rm) {
-        const T f = (T)(count / (count - 1 > 1 ? count - 1 : 1));
-        const T wt = (T)alpha;
-        int ok = 1;
-        if (skip_nonfinite)
-            for (int64_t c = 0; c < C; c++)
-                if (!isfinite(mean[c]) || !isfinite((T)v64[c] * f)) ok = 0;
-        if (ok)
-            for (int64_t c = 0; c < C; c++) {
-                /* torch.lerp's formula, in T */
-                T um = mean[c], uv = (T)v64[c] * f;
-                rm[c] = wt < (T)0.5 ? rm[c] + wt * (um - rm[c]) : um - (um - rm[c]) * ((T)1 - wt);
-                rv[c] = wt < (T)0.5 ? rv[c] + wt * (uv - rv[c]) : uv - (uv - rv[c]) * ((T)1 - wt);
-            }
-        status = ok;
-        int64_t *counter = ok ? tracked : skipped;
-        if (counter) *counter += 1;
-    }
-    free(p);
-    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) {
-            const int64_t c = i % C, o = i * B;
-            const T s = scale[c], t = shift[c];
-            if (r) {
-#pragma omp simd
-                for (int64_t j = o; j < o + B; j++) {
-                    T z = x[j] * s + t + r[j];
-                    y[j] = ACT(z, slope);
-                }
-            } else {
-#pragma omp simd
-                for (int64_t j = o; j < o + B; j++) {
-                    T z = x[j] * s + t;
-                    y[j] = ACT(z, slope);
-                }
-            }
-        }
+        for (int64_t i = 0; i < R * C; i++)
+            FN(plane_out)(x + i * B, r ? r + i * B : NULL, y + i * B, B, scale[i % C],
+                          shift[i % C], slope, relu);
     } else {
         const int64_t K = (R + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
@@ -303,6 +447,12 @@ INLINE int FN(fwd)(
             }
         }
     }
+    if (var)
+        for (int64_t c = 0; c < C; c++) var[c] = (T)v64[c];
+    int status = -1;
+    if (rm)
+        status = FN(running)(C, mean, v64, count, rm, rv, alpha, skip_nonfinite, tracked, skipped);
+    free(p);
     free(coef);
     return status;
 }
@@ -328,34 +478,19 @@ INLINE int FN(bwd)(
     double *s1 = p + 2 * n, *s2 = s1 + C;
     T *scale = coef, *shift = coef + C, *k = coef + 2 * C, *cc = coef + 3 * C;
     FN(coefficients)(C, w, b, mean, invstd, scale, shift);
+    const double count = (double)R * (double)B;
+    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     FN(grad_parts)(dy, x, r, dr, R, C, B, scale, shift, mean, slope, p, p + n, nt, relu);
     FN(combine)(n, C, p, s1);
     FN(combine)(n, C, p + n, s2);
-    const double count = (double)R * (double)B;
-    for (int64_t c = 0; c < C; c++) {
-        k[c] = (T)(-(double)(invstd[c] * invstd[c] * scale[c]) * s2[c] / count);
-        cc[c] = (T)(-(double)scale[c] * s1[c] / count);
-        dw[c] = (T)((double)invstd[c] * s2[c]);
-        db[c] = (T)s1[c];
-    }
-    free(p);
-    int par = nt > 1 && R * C * B >= PARALLEL_MIN;
+    for (int64_t c = 0; c < C; c++)
+        FN(channel_grad)(s1[c], s2[c], count, invstd[c], scale[c], k + c, cc + c, dw + c, db + c);
     if (B > 1) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
         for (int64_t i = 0; i < R * C; i++) {
             const int64_t c = i % C, o = i * B;
-            const T s = scale[c], t = shift[c], m = mean[c], kk = k[c], c0 = cc[c];
-            if (r) {
-#pragma omp simd
-                for (int64_t j = o; j < o + B; j++) dx[j] = dr[j] * s + (x[j] - m) * kk + c0;
-            } else {
-#pragma omp simd
-                for (int64_t j = o; j < o + B; j++) {
-                    T z = x[j] * s + t;
-                    T g = DACT(dy[j], z, slope);
-                    dx[j] = g * s + (x[j] - m) * kk + c0;
-                }
-            }
+            FN(plane_dx)(dy + o, x + o, r ? dr + o : NULL, dx + o, B, scale[c], shift[c], mean[c],
+                         k[c], cc[c], slope, relu);
         }
     } else {
         const int64_t K = (R + ROWS - 1) / ROWS;
@@ -401,6 +536,7 @@ INLINE int FN(bwd)(
             }
         }
     }
+    free(p);
     free(coef);
     return 0;
 }
@@ -429,5 +565,6 @@ int FN(bnorm_bwd)(
 #undef FN
 #undef INLINE
 #undef V
+#undef LANES
 #undef ACT
 #undef DACT
