@@ -192,25 +192,30 @@ static void FN(moment_parts)(
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
         if (B >= 4 * LANES) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-            for (int64_t i = 0; i < R * C; i++)
-                FN(plane_moments)(x + i * B, x[(i % C) * B], B, p1 + i, p2 + i);
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+            for (int64_t n = 0; n < R; n++)
+                for (int64_t c = 0; c < C; c++) {
+                    const int64_t i = n * C + c;
+                    FN(plane_moments)(x + i * B, x[c * B], B, p1 + i, p2 + i);
+                }
             return;
         }
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) { /* short planes: one vector's partial sums */
-            const T *p = x + i * B;
-            const T pv = x[(i % C) * B];
-            T a = 0, q = 0;
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t c = 0; c < C; c++) { /* short planes: one vector's partial sums */
+                const int64_t i = n * C + c;
+                const T *p = x + i * B;
+                const T pv = x[c * B];
+                T a = 0, q = 0;
 #pragma omp simd reduction(+ : a, q)
-            for (int64_t j = 0; j < B; j++) {
-                T d = p[j] - pv;
-                a += d;
-                q += d * d;
+                for (int64_t j = 0; j < B; j++) {
+                    T d = p[j] - pv;
+                    a += d;
+                    q += d * d;
+                }
+                p1[i] = a;
+                p2[i] = q;
             }
-            p1[i] = a;
-            p2[i] = q;
-        }
         return;
     }
     const int64_t K = (R + ROWS - 1) / ROWS;
@@ -257,41 +262,43 @@ INLINE void FN(grad_parts)(
     const int relu) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B >= 4 * LANES) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) {
-            const int64_t c = i % C, o = i * B;
-            FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B, scale[c],
-                           shift[c], mean[c], slope, p1 + i, p2 + i, relu);
-        }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t i = n * C + c, o = i * B;
+                FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B, scale[c],
+                               shift[c], mean[c], slope, p1 + i, p2 + i, relu);
+            }
         return;
     }
     if (B > 1) { /* short planes: one vector's partial sums */
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) {
-            const int64_t c = i % C, o = i * B;
-            const T s = scale[c], t = shift[c], m = mean[c];
-            T a = 0, q = 0;
-            if (r) {
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t i = n * C + c, o = i * B;
+                const T s = scale[c], t = shift[c], m = mean[c];
+                T a = 0, q = 0;
+                if (r) {
 #pragma omp simd reduction(+ : a, q)
-                for (int64_t j = o; j < o + B; j++) {
-                    T z = x[j] * s + t + r[j];
-                    T g = DACT(dy[j], z, slope);
-                    dz_out[j] = g;
-                    a += g;
-                    q += g * (x[j] - m);
-                }
-            } else {
+                    for (int64_t j = o; j < o + B; j++) {
+                        T z = x[j] * s + t + r[j];
+                        T g = DACT(dy[j], z, slope);
+                        dz_out[j] = g;
+                        a += g;
+                        q += g * (x[j] - m);
+                    }
+                } else {
 #pragma omp simd reduction(+ : a, q)
-                for (int64_t j = o; j < o + B; j++) {
-                    T z = x[j] * s + t;
-                    T g = DACT(dy[j], z, slope);
-                    a += g;
-                    q += g * (x[j] - m);
+                    for (int64_t j = o; j < o + B; j++) {
+                        T z = x[j] * s + t;
+                        T g = DACT(dy[j], z, slope);
+                        a += g;
+                        q += g * (x[j] - m);
+                    }
                 }
+                p1[i] = a;
+                p2[i] = q;
             }
-            p1[i] = a;
-            p2[i] = q;
-        }
         return;
     }
     const int64_t K = (R + ROWS - 1) / ROWS;
@@ -406,10 +413,12 @@ INLINE int FN(fwd)(
         FN(channel_stats)(s1[c], s2[c], count, x[c * B], eps, mean + c, invstd + c, v64 + c);
     FN(coefficients)(C, w, b, mean, invstd, scale, shift);
     if (B > 1) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++)
-            FN(plane_out)(x + i * B, r ? r + i * B : NULL, y + i * B, B, scale[i % C],
-                          shift[i % C], slope, relu);
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t o = (n * C + c) * B;
+                FN(plane_out)(x + o, r ? r + o : NULL, y + o, B, scale[c], shift[c], slope, relu);
+            }
     } else {
         const int64_t K = (R + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
@@ -486,12 +495,13 @@ INLINE int FN(bwd)(
     for (int64_t c = 0; c < C; c++)
         FN(channel_grad)(s1[c], s2[c], count, invstd[c], scale[c], k + c, cc + c, dw + c, db + c);
     if (B > 1) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t i = 0; i < R * C; i++) {
-            const int64_t c = i % C, o = i * B;
-            FN(plane_dx)(dy + o, x + o, r ? dr + o : NULL, dx + o, B, scale[c], shift[c], mean[c],
-                         k[c], cc[c], slope, relu);
-        }
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t c = 0; c < C; c++) {
+                const int64_t o = (n * C + c) * B;
+                FN(plane_dx)(dy + o, x + o, r ? dr + o : NULL, dx + o, B, scale[c], shift[c], mean[c],
+                             k[c], cc[c], slope, relu);
+            }
     } else {
         const int64_t K = (R + ROWS - 1) / ROWS;
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
