@@ -266,8 +266,8 @@ INLINE void FN(grad_parts)(
         for (int64_t n = 0; n < R; n++)
             for (int64_t c = 0; c < C; c++) {
                 const int64_t i = n * C + c, o = i * B;
-                FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B, scale[c],
-                               shift[c], mean[c], slope, p1 + i, p2 + i, relu);
+                FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B,
+                               scale[c], shift[c], mean[c], slope, p1 + i, p2 + i, relu);
             }
         return;
     }
@@ -499,8 +499,8 @@ INLINE int FN(bwd)(
         for (int64_t n = 0; n < R; n++)
             for (int64_t c = 0; c < C; c++) {
                 const int64_t o = (n * C + c) * B;
-                FN(plane_dx)(dy + o, x + o, r ? dr + o : NULL, dx + o, B, scale[c], shift[c], mean[c],
-                             k[c], cc[c], slope, relu);
+                FN(plane_dx)(dy + o, x + o, r ? dr + o : NULL, dx + o, B, scale[c], shift[c],
+                             mean[c], k[c], cc[c], slope, relu);
             }
     } else {
         const int64_t K = (R + ROWS - 1) / ROWS;
