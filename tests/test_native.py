@@ -40,6 +40,17 @@ def _native_on(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.fail("the native kernels did not build on this machine (gcc is required here)")
 
 
+@pytest.fixture(params=["node", "function"])
+def caller(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The kernels called by the C++ autograd node (as shipped), then by the Python
+    autograd.Function (where the node cannot be built): the same results."""
+    if request.param == "function":
+        monkeypatch.setenv("BNORM_NO_NATIVE_NODE", "1")
+    elif native.node() is None:
+        pytest.fail("the native kernels' C++ autograd node did not build (g++ is required here)")
+    return request.param
+
+
 def act_of(name: str) -> Activation:
     return Activation.parse(name, negative_slope=SLOPE)  # type: ignore[return-value]
 
@@ -116,7 +127,7 @@ ACTS = [("relu", True), ("leaky_relu", False), ("identity", True)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,channels_last", SHAPES)
 @pytest.mark.parametrize("name,residual", ACTS)
-def test_native_matches_the_float64_reference(shape, channels_last, dtype, name, residual):
+def test_native_matches_the_float64_reference(shape, channels_last, dtype, name, residual, caller):
     x, r, dy, w, b = make(shape, dtype, residual, channels_last)
     y, dx, dw, db, dr, mean, invstd = run(x, r, dy, w, b, act_of(name))
     y64, dx64, dw64, db64, dz64, cache = reference_of(x, r, dy, w, b, name)
@@ -131,7 +142,88 @@ def test_native_matches_the_float64_reference(shape, channels_last, dtype, name,
         assert dr is not None and dr.stride() == x.stride() and rel_err(dr, dz64) < tol
 
 
-def test_layers_run_the_native_kernels(monkeypatch):
+def test_layers_run_the_native_kernels_through_the_cpp_node(monkeypatch):
+    op = native.node()
+    if op is None:
+        pytest.fail("the native kernels' C++ autograd node did not build (g++ is required here)")
+    calls: list[object] = []
+
+    def spy(*args):
+        calls.append(args[0])
+        return op(*args)
+
+    monkeypatch.setattr(native, "node", lambda: spy)
+    layer = bnorm.BatchNormAct2d(8, activation="relu")
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    y = layer(x, residual=torch.randn(4, 8, 5, 5))
+    assert calls == [x] and "BatchNormAct" in y.grad_fn.name()
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    # Running buffers the kernels cannot update (the cumulative average's 1/t is a
+    # tensor) take the Python Function.
+    calls.clear()
+    bnorm.BatchNormAct2d(8, activation="relu", momentum=None)(x).sum().backward()
+    assert calls == []
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_node_and_the_python_function_give_the_same_bits(channels_last, monkeypatch):
+    x, r, dy, w, b = make((6, 40, 9, 9), torch.float32, True, channels_last)
+
+    def step() -> list[torch.Tensor]:
+        layer = bnorm.BatchNormAct2d(40, activation="leaky_relu", negative_slope=SLOPE)
+        layer.weight.data.copy_(w), layer.bias.data.copy_(b)
+        xl, rl = x.clone().requires_grad_(), r.clone().requires_grad_()
+        y = layer(xl, residual=rl)
+        y.backward(dy)
+        state = [t for t in layer.state_dict().values()]
+        return [y, xl.grad, rl.grad, layer.weight.grad, layer.bias.grad, *state]
+
+    assert native.node() is not None
+    node = step()
+    monkeypatch.setenv("BNORM_NO_NATIVE_NODE", "1")
+    function = step()
+    for a, c in zip(node, function, strict=True):
+        assert torch.equal(a, c)
+
+
+def test_no_weight_or_bias_is_one_and_zero(caller):
+    x, r, dy, w, b = make((5, 6, 7, 7), torch.float64, True, False)
+    ones, zeros = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    xl = x.clone().requires_grad_()
+    y = batch_norm_act_train(xl, None, None, r, 1e-5, act_of("relu"))[0]
+    y.backward(dy)
+    want = run(x, r, dy, ones, zeros, act_of("relu"))
+    assert torch.equal(y.detach(), want[0]) and torch.equal(xl.grad, want[1])
+
+
+def test_torch_func_grad_through_a_fused_layer_matches_torch():
+    # Inside torch.func transforms the layers run ATen's ops (an autograd.Function there
+    # needs setup_context, and the kernels read memory directly).
+    x, r = torch.randn(8, 6, 9, 9), torch.randn(8, 6, 9, 9)
+    results = []
+    for ours in (True, False):
+        layer = bnorm.BatchNormAct2d(6, activation="relu") if ours else torch.nn.BatchNorm2d(6)
+        params = {k: v.detach() for k, v in layer.named_parameters()}
+        buffers = {k: v.clone() for k, v in layer.named_buffers() if k != "num_batches_skipped"}
+
+        def loss(p, b, x, layer=layer, ours=ours):
+            if ours:
+                y = torch.func.functional_call(layer, (p, b), (x,), {"residual": r})
+            else:
+                y = torch.relu(torch.func.functional_call(layer, (p, b), (x,)) + r)
+            return y.pow(2).sum()
+
+        results.append((torch.func.grad(loss)(params, buffers, x), buffers))
+    (ours, our_buffers), (theirs, their_buffers) = results
+    for key in ("weight", "bias"):
+        torch.testing.assert_close(ours[key], theirs[key])
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(our_buffers[key], their_buffers[key])
+
+
+def test_layers_run_the_native_kernels_from_python_without_the_node(monkeypatch):
+    monkeypatch.setenv("BNORM_NO_NATIVE_NODE", "1")
     calls: list[str] = []
     forward, backward = native.forward, native.backward
 
@@ -161,7 +253,7 @@ def test_layers_run_the_native_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_running_statistics_updated_in_the_kernel_as_torch_lerp(channels_last):
+def test_running_statistics_updated_in_the_kernel_as_torch_lerp(channels_last, caller):
     x, r, dy, w, b = make((8, 6, 7, 7), torch.float32, True, channels_last)
     rm, rv = torch.randn(6), torch.rand(6) + 0.5
     tracked, skipped = torch.tensor(3), torch.tensor(0)
@@ -182,7 +274,7 @@ def test_running_statistics_updated_in_the_kernel_as_torch_lerp(channels_last):
     torch.testing.assert_close(state[1], bn.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_non_finite_batch_leaves_running_statistics_and_counts_a_skip():
+def test_non_finite_batch_leaves_running_statistics_and_counts_a_skip(caller):
     x, r, dy, w, b = make((4, 5, 6, 6), torch.float32, False, False)
     x[1, 2, 3, 3] = float("nan")
     rm, rv = torch.zeros(5), torch.ones(5)
@@ -219,7 +311,7 @@ def test_cumulative_average_layer_matches_torch():
         ((8, 3, 40, 40), False, False),
     ],
 )
-def test_results_do_not_depend_on_the_thread_count(shape, channels_last, residual):
+def test_results_do_not_depend_on_the_thread_count(shape, channels_last, residual, caller):
     # Large enough for the parallel loops (32768 elements); sums in a fixed order.
     x, r, dy, w, b = make(shape, torch.float32, residual, channels_last)
     threads = torch.get_num_threads()
@@ -303,6 +395,31 @@ def test_a_failing_compiler_warns_once_and_the_layer_falls_back(fresh_build, tmp
     assert x.grad is not None and not list(fresh_build.glob("*.so"))
 
 
+def test_a_failing_cpp_compiler_warns_once_and_the_python_function_runs(
+    fresh_build, tmp_path, monkeypatch
+):
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'broken-cxx: cannot compile' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    native._node.cache_clear()
+    try:
+        layer = bnorm.BatchNormAct2d(5, activation="relu")
+        x = torch.randn(3, 5, 4, 4, requires_grad=True)
+        with pytest.warns(RuntimeWarning, match="broken-cxx: cannot compile"):
+            y = layer(x)
+        assert "_BatchNormActNative" in y.grad_fn.name()  # the Python Function
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.node() is None
+            layer(x).sum().backward()
+        want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert not list(fresh_build.glob("bn_act_node-*"))
+    finally:
+        native._node.cache_clear()
+
+
 # --- edges found in review ---------------------------------------------------------------
 
 
@@ -315,7 +432,7 @@ def test_an_empty_input_does_not_reach_the_native_kernels():
         batch_norm_act_train(x, None, None, None, 1e-5, act_of("relu"))
 
 
-def test_double_backward_matches_torchs_ops():
+def test_double_backward_matches_torchs_ops(caller):
     x, r, dy, w, b = make((4, 6, 5, 5), torch.float64, True, True)
 
     def second_order(fused: bool) -> list[torch.Tensor]:
@@ -335,7 +452,7 @@ def test_double_backward_matches_torchs_ops():
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
 
 
-def test_relu_of_infinities_and_nan_is_torchs():
+def test_relu_of_infinities_and_nan_is_torchs(caller):
     x, _, _, w, b = make((4, 3, 4, 4), torch.float32, False, False)
     r = torch.zeros_like(x)
     r[0, 0, 0, 0], r[0, 1, 0, 0], r[0, 2, 0, 0] = -math.inf, math.inf, math.nan
@@ -348,7 +465,7 @@ def test_relu_of_infinities_and_nan_is_torchs():
     assert dr is not None and dr[0, 0, 0, 0] == 0 and torch.isfinite(dx[:, 0]).all()
 
 
-def test_the_kernel_bumps_the_running_buffers_versions():
+def test_the_kernel_bumps_the_running_buffers_versions(caller):
     layer = bnorm.BatchNormAct2d(5, activation="relu")
     before = [t._version for t in (layer.running_mean, layer.running_var)]
     tracked = layer.num_batches_tracked._version

@@ -391,11 +391,69 @@ def _train_step(model: nn.Module, x: Tensor, target: Tensor) -> Callable[[], Non
     return run
 
 
+class _StreamingFloor(torch.autograd.Function):
+    """The floor under a fused BN + add + activation layer written as a Python
+    ``autograd.Function``: the fused kernels' minimal passes over memory, each one ATen
+    streaming op and none doing any of batch norm's arithmetic — forward: a sum of x (the
+    statistics' read), then x + r (x without a residual) into y; backward: dy + x·r into dr
+    and dr + x into dx with a residual, a dot of dy and x and dy + x into dx without (5 and
+    7 passes; the layer's are 3-4 and 5-7). Its outputs are not batch norm's."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None
+    ) -> Tensor:
+        x.sum()
+        y = torch.add(x, residual) if residual is not None else x.clone()
+        ctx.save_for_backward(x, residual)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        x, residual = ctx.saved_tensors
+        c = x.shape[1]
+        if residual is not None:
+            dr = torch.addcmul(dy, x, residual)
+            dx = torch.add(dr, x)
+        else:
+            dr = None
+            torch.dot(dy.reshape(-1), x.reshape(-1))
+            dx = torch.add(dy, x)
+        return dx, x.new_zeros(c), x.new_zeros(c), dr
+
+
+class StreamingFloor(nn.Module):
+    """A stand-in for ``BatchNormAct2d(C)`` that runs :class:`_StreamingFloor`: a ResNet-20
+    step with these in place of its layers is the floor of the bnorm step at this machine's
+    streaming speed and Python ``autograd.Function`` cost."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return _StreamingFloor.apply(x, self.weight, self.bias, residual)  # type: ignore[no-any-return]
+
+
+def streaming_floor_model() -> nn.Module:
+    """ResNet-20 with bnorm's fused layers, each replaced by a :class:`StreamingFloor`."""
+    model = ResNet20(RESNET20_NORM["bnorm"])
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, BatchNormAct2d):
+                setattr(module, name, StreamingFloor(child.num_features))
+    return model
+
+
 def model_part(args: argparse.Namespace) -> dict[str, Any]:
     """The ResNet-20 step at batch 16 and 128 (16 only with ``--quick``) in eager mode and
     at the largest batch under torch.compile: medians with quartiles of alternated samples,
     each sample one step after an untimed one of the same model (see ``settle`` in
-    :func:`bnorm.testing.time_alternated_samples`), and the page faults per step."""
+    :func:`bnorm.testing.time_alternated_samples`), and the page faults per step. In eager
+    mode also the step with every bnorm layer replaced by a :class:`StreamingFloor`: the
+    floor under bnorm/no-BN and the BN cost that minimal traffic through a Python Function
+    allows here."""
     batches = (16,) if args.quick else (16, 128)
     repeats = max(5, args.repeats // 2)
     rows = []
@@ -405,8 +463,11 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.randn(n, 3, 32, 32)
         target = torch.randint(0, 10, (n,))
         models: dict[str, nn.Module] = {}
-        for norm in ("torch", "bnorm", "none"):
+        for norm in ("torch", "bnorm", "none", *(("floor",) if mode == "eager" else ())):
             torch.manual_seed(0)
+            if norm == "floor":
+                models[norm] = streaming_floor_model()
+                continue
             model = ResNet20(RESNET20_NORM[norm])
             models[norm] = cast(nn.Module, torch.compile(model)) if mode == "compiled" else model
         start = time.perf_counter()
@@ -438,6 +499,11 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
         }
         if mode == "compiled":
             row["compile_s"] = compile_s
+        else:
+            row["floor_ms"] = 1e3 * t["floor"]
+            row["floor_ms_q1_q3"] = [round(1e3 * q["floor"][0], 2), round(1e3 * q["floor"][2], 2)]
+            row["floor/no_bn"] = t["floor"] / t["none"]
+            row["floor bn_cost/torch"] = (t["floor"] - t["none"]) / (t["torch"] - t["none"])
         rows.append(row)
         target_torch = MODEL_TARGET_TORCH if mode == "eager" else 1.0
         summary.append(
@@ -446,6 +512,12 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             f"{MODEL_TARGET_NO_BN}x), torch/no-BN {row['torch/no_bn']:.2f}x, BN cost bnorm/torch "
             f"{row['bn_cost/torch']:.2f} (target <= {MODEL_TARGET_BN_COST:.2f})"
         )
+        if mode == "eager":
+            summary.append(
+                f"  its floor (minimal passes, each one ATen streaming op, in a Python "
+                f"Function): floor/no-BN {row['floor/no_bn']:.2f}x, BN cost floor/torch "
+                f"{row['floor bn_cost/torch']:.2f}"
+            )
     return {"rows": rows, "summary": summary}
 
 

@@ -110,7 +110,7 @@ which the traffic it saves repays only from about here on (docs/kernels.md gives
 measured sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen,
 as in the plain layers), then the add and the activation: torch's own ops, torch's cost."""
 
-NATIVE_MIN_NUMEL = 1 << 15
+NATIVE_MIN_NUMEL = 1 << 14
 """The same threshold (elements, whatever the thread count) where the native CPU kernels
 run the step (:mod:`bnorm.kernels.native`: float32/float64, identity/relu/leaky_relu):
 their fixed cost is two C calls of ~12 µs in a lean Function, so they pay from a smaller
@@ -133,6 +133,8 @@ def fused_pays(
     that halves with 2 threads)."""
     if memory_efficient or not x.is_cpu:
         return True
+    if torch._C._are_functorch_transforms_active():  # (torch.func: the Functions refuse)
+        return False
     if torch.is_grad_enabled() and current_scope() is not None:
         return True
     numel = x.numel()
@@ -554,6 +556,37 @@ def _differentiable_backward(
     return layout.from3d(dx3), dw, db, None if dr3 is None else layout.from3d(dr3)
 
 
+# The native autograd node's double backward (bn_act_node.cpp calls this operator when
+# its backward runs with create_graph=True): ATen's differentiable ops, as the Python
+# Function's. The node knows the activation by its slope below 0.
+_NODE_OPS = torch.library.Library("bnorm_native", "FRAGMENT")
+_NODE_OPS.define(
+    "differentiable_backward(Tensor dy, Tensor x, Tensor? residual, Tensor? weight, "
+    "Tensor? bias, Tensor mean, Tensor invstd, float slope) -> Tensor[]"
+)
+
+
+def _node_differentiable_backward(
+    dy: Tensor,
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    slope: float,
+) -> list[Tensor]:
+    channels = x.shape[1]
+    w = weight if weight is not None else torch.ones(channels, dtype=x.dtype)
+    b = bias if bias is not None else torch.zeros(channels, dtype=x.dtype)
+    act = IDENTITY if slope == 1 else Activation("leaky_relu", slope)
+    dx, dw, db, dr = _differentiable_backward(dy, x, residual, w, b, mean, invstd, act)
+    return [dx, dw, db, x.new_empty(0) if dr is None else dr]
+
+
+_NODE_OPS.impl("differentiable_backward", _node_differentiable_backward, "CompositeImplicitAutograd")
+
+
 def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
     """Whether the native forward can update these buffers itself: contiguous statistics
     of the input's dtype, a float weight α (the cumulative average's 1/t is a tensor),
@@ -681,6 +714,7 @@ def batch_norm_act_train(
             scope = current_scope()
         if (
             scope is None
+            and not torch._C._are_functorch_transforms_active()
             and native.supports(x, residual, act)
             and (weight is None or weight.is_cpu)
             and (bias is None or bias.is_cpu)
@@ -688,6 +722,13 @@ def batch_norm_act_train(
             layout = _Layout.of(x)
             if layout.dense:
                 shape = (layout.a, x.shape[1], layout.b)
+                node = native.node()
+                if node is not None and (running is None or _runs_in_kernel(running, x.dtype)):
+                    rm, rv, alpha, tracked, skipped = running or (None, None, 0.0, None, None)
+                    return node(  # type: ignore[no-any-return]
+                        x, weight, bias, residual, rm, rv, tracked, skipped, *shape, eps,
+                        native.slope_of(act), alpha, skip_nonfinite,
+                    )  # fmt: skip
                 step = _NativeStep(eps, act, running, skip_nonfinite, shape)
                 y = _BatchNormActNative.apply(x, weight, bias, residual, step)
                 return y, step.mean, step.invstd  # type: ignore[return-value]

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from ..options import Activation
 
-__all__ = ["Shape", "available", "backward", "forward", "slope_of", "supports"]
+__all__ = ["Shape", "available", "backward", "forward", "node", "slope_of", "supports"]
 
 _ENV_NO_NATIVE = "BNORM_NO_NATIVE"
 _SOURCES = ("bn_act_native.c", "bn_act_native_impl.h")
@@ -180,10 +181,10 @@ def _failed(what: str, status: int) -> None:
 
 
 def _functions() -> dict[torch.dtype, tuple[Any, Any]]:
-    functions = _library()
-    if functions is None:  # callers check supports() first
+    loaded = _library()
+    if loaded is None:  # callers check supports() first
         raise RuntimeError("bnorm's native kernels are not available here")
-    return functions
+    return loaded[1]
 
 
 # --- the build --------------------------------------------------------------------------
@@ -217,6 +218,12 @@ def _cpu_features() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(compiler: str) -> str:
+    return subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+
+
 def library_path(compiler: str) -> Path:
     """The built library's path for this compiler: named by a hash of the sources, the
     flags, the compiler's version and the CPU's features."""
@@ -224,10 +231,7 @@ def library_path(compiler: str) -> Path:
     digest = hashlib.sha256()
     for name in _SOURCES:
         digest.update((here / name).read_bytes())
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
-    ).stdout
-    for part in (" ".join(_FLAGS), version, _cpu_features(), sys.platform):
+    for part in (" ".join(_FLAGS), _version(compiler), _cpu_features(), sys.platform):
         digest.update(part.encode())
     return cache_dir() / f"bn_act_native-{digest.hexdigest()[:20]}.so"
 
@@ -236,7 +240,17 @@ def build(compiler: str) -> Path:
     """Build the library into the cache (if not there yet) and return its path; a build
     writes a temporary file and renames it, so concurrent processes never load a partial
     library. Raises RuntimeError with the compiler's message if the build fails."""
-    path = library_path(compiler)
+    source = Path(__file__).parent / _SOURCES[0]
+    return _cached_build(
+        library_path(compiler), lambda out: [compiler, *_FLAGS, "-o", out, str(source), "-lm"]
+    )
+
+
+def _cached_build(path: Path, command: Callable[[str], list[str]]) -> Path:
+    """``path`` built by ``command(output)`` unless it exists: into a temporary file of
+    the same folder, renamed into place (concurrent builds never load a partial file);
+    where the cache folder cannot be written, into ``bnorm-<uid>`` in the temp
+    directory. Raises RuntimeError with the compiler's message if the build fails."""
     if path.exists():
         return path
     try:
@@ -249,12 +263,11 @@ def build(compiler: str) -> Path:
         if path.exists():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-    here = Path(__file__).parent
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_FLAGS, "-o", tmp, str(here / _SOURCES[0]), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        cmd = command(tmp)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
         os.chmod(tmp, 0o755)  # (mkstemp's 0600: readable by every user of the cache)
@@ -266,9 +279,9 @@ def build(compiler: str) -> Path:
 
 
 @functools.cache
-def _library() -> dict[torch.dtype, tuple[Any, Any]] | None:
-    """The library's (forward, backward) per dtype, built and loaded on the first call;
-    None (after one warning) where it cannot be built."""
+def _library() -> tuple[Path, dict[torch.dtype, tuple[Any, Any]]] | None:
+    """The library's path and its (forward, backward) per dtype, built and loaded on the
+    first call; None (after one warning) where it cannot be built."""
     compiler = _compiler()
     try:
         if compiler is None:
@@ -278,19 +291,104 @@ def _library() -> dict[torch.dtype, tuple[Any, Any]] | None:
             lib = ctypes.CDLL(str(path))
         except OSError:  # a damaged cached file: build it again, once
             path.unlink(missing_ok=True)
-            lib = ctypes.CDLL(str(build(compiler)))
+            path = build(compiler)
+            lib = ctypes.CDLL(str(path))
         functions = {}
         for dtype, sfx in _DTYPES.items():
             fwd, bwd = getattr(lib, f"bnorm_fwd_{sfx}"), getattr(lib, f"bnorm_bwd_{sfx}")
             fwd.argtypes, fwd.restype = _FWD_ARGS, _C
             bwd.argtypes, bwd.restype = _BWD_ARGS, _C
             functions[dtype] = (fwd, bwd)
-        return functions
+        return path, functions
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         warnings.warn(
             f"bnorm: building the native CPU kernels failed ({err}); using the compiled "
             f"or eager kernels instead. Set {_ENV_NO_NATIVE}=1 to silence this.",
             RuntimeWarning,
             stacklevel=2,
+        )
+        return None
+
+
+# --- the autograd node ------------------------------------------------------------------
+
+_ENV_NO_NODE = "BNORM_NO_NATIVE_NODE"
+_NODE_SOURCE = "bn_act_node.cpp"
+_NODE_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared")
+
+
+def _cxx_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def node_path(compiler: str, library: Path) -> Path:
+    """The built autograd node's path: named by a hash of its source, the kernels'
+    library it links (whose name hashes theirs), the flags, the C++ compiler's version and
+    the torch it was built against (its version and where it is installed)."""
+    digest = hashlib.sha256((Path(__file__).parent / _NODE_SOURCE).read_bytes())
+    parts = (library.name, " ".join(_NODE_FLAGS), _version(compiler), torch.__version__)
+    for part in (*parts, str(Path(torch.__file__).parent), sys.platform):
+        digest.update(part.encode())
+    return library.parent / f"bn_act_node-{digest.hexdigest()[:20]}.so"
+
+
+def build_node(compiler: str, library: Path) -> Path:
+    """Build the autograd node (``bn_act_node.cpp``, linked with the kernels' ``library``
+    and torch's C++ libraries) into the cache, as :func:`build` does the kernels."""
+    from torch.utils import cpp_extension  # (only to build: it imports setuptools)
+
+    source = Path(__file__).parent / _NODE_SOURCE
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = cpp_extension.library_paths()[0]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return _cached_build(
+        node_path(compiler, library),
+        lambda out: [
+            compiler, *_NODE_FLAGS, *includes, abi, "-o", out, str(source), str(library),
+            f"-L{libs}", "-lc10", "-ltorch", "-ltorch_cpu", f"-Wl,-rpath,{libs}",
+        ],  # fmt: skip
+    )
+
+
+def node() -> Any | None:
+    """The operator ``torch.ops.bnorm_native.bn_act_train`` (``bn_act_node.cpp``): a C++
+    autograd node around these kernels, so that a training step's forward and backward
+    run no Python between the layer and the kernels. Built with the C++ compiler
+    (``$CXX``, else c++/g++/clang++) against the installed torch on the first call (~15 s;
+    cached like the kernels) and loaded with ``torch.ops.load_library``; None where the
+    kernels are off, where ``BNORM_NO_NATIVE_NODE=1``, or (after one warning) where it
+    cannot be built or loaded — the layers then call the kernels from a Python
+    ``autograd.Function``, with the same results."""
+    if os.environ.get(_ENV_NO_NODE, "") not in ("", "0") or not available():
+        return None
+    return _node()
+
+
+@functools.cache
+def _node() -> Any | None:
+    loaded = _library()
+    compiler = _cxx_compiler()
+    try:
+        if loaded is None:
+            raise RuntimeError("the native kernels are not built")
+        if compiler is None:
+            raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+        path = build_node(compiler, loaded[0])
+        try:
+            torch.ops.load_library(str(path))
+        except OSError:  # a damaged cached file: build it again, once
+            path.unlink(missing_ok=True)
+            torch.ops.load_library(str(build_node(compiler, loaded[0])))
+        return torch.ops.bnorm_native.bn_act_train.default
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(
+            f"bnorm: building the native kernels' C++ autograd node failed ({err}); calling "
+            f"the kernels from Python instead (same results, more fixed cost per call). Set "
+            f"{_ENV_NO_NODE}=1 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
         )
         return None
