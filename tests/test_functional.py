@@ -543,3 +543,18 @@ def test_batch_norm_rejects_an_axis_out_of_range():
 def test_batch_norm_rejects_a_non_tensor_input():
     with pytest.raises(TypeError, match=r"expected input to be a Tensor \(got list\)"):
         F.batch_norm([[1.0, 2.0]], None, None, training=True)
+
+
+def test_host_views_of_dead_buffers_are_dropped_without_weakref_callbacks():
+    # The non-finite guard's NumPy views are cached per buffer; entries of dead buffers
+    # go when the cache grows, not in a weakref callback (where a Ctrl-C is swallowed).
+    from bnorm import functional
+
+    for _ in range(3 * functional._HOST_VIEWS_PURGE_AT):
+        functional._host_view(torch.zeros(3))
+    assert len(functional._HOST_VIEWS) <= functional._HOST_VIEWS_PURGE_AT + 1
+    assert all(e[0].__callback__ is None for e in functional._HOST_VIEWS.values())
+    live = torch.zeros(3)
+    view = functional._host_view(live)
+    live.fill_(2.0)
+    assert view.tolist() == [2.0, 2.0, 2.0] and functional._host_view(live) is view

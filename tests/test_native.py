@@ -188,7 +188,7 @@ def test_the_node_and_the_python_function_give_the_same_bits(channels_last, monk
 
 
 def test_no_weight_or_bias_is_one_and_zero(caller):
-    x, r, dy, w, b = make((5, 6, 7, 7), torch.float64, True, False)
+    x, r, dy, _, _ = make((5, 6, 7, 7), torch.float64, True, False)
     ones, zeros = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
     xl = x.clone().requires_grad_()
     y = batch_norm_act_train(xl, None, None, r, 1e-5, act_of("relu"))[0]

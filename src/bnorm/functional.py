@@ -946,6 +946,7 @@ def _native_training_cpu_update(
 # transforms, another device).
 _Saved = Tensor | tuple[bytes, bytes]  # the copy: stacked by torch, or the raw bytes
 _HOST_VIEWS: dict[int, tuple[Any, int, int, torch.dtype, np.ndarray]] = {}
+_HOST_VIEWS_PURGE_AT = 256
 
 
 def _host_view(t: Tensor) -> np.ndarray:
@@ -968,12 +969,13 @@ def _host_view(t: Tensor) -> np.ndarray:
         return whole
     memory = (ctypes.c_char * (t.numel() * t.element_size())).from_address(ptr)
     view: np.ndarray = np.frombuffer(memory, dtype=whole.dtype)  # type: ignore[call-overload]
-    key = id(t)
-
-    def forget(_: object) -> None:
-        _HOST_VIEWS.pop(key, None)
-
-    _HOST_VIEWS[key] = (weakref.ref(t, forget), ptr, t.numel(), t.dtype, view)
+    if len(_HOST_VIEWS) >= _HOST_VIEWS_PURGE_AT:
+        # Entries of dead tensors are dropped here, not by a weakref callback: a callback
+        # runs Python code at any point of garbage collection, and a Ctrl-C that lands in
+        # it is printed and ignored rather than raised.
+        for key in [k for k, e in _HOST_VIEWS.items() if e[0]() is None]:
+            del _HOST_VIEWS[key]
+    _HOST_VIEWS[id(t)] = (weakref.ref(t), ptr, t.numel(), t.dtype, view)
     return view
 
 

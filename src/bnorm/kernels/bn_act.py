@@ -2,11 +2,13 @@
 
 In a ResNet block's tail, batch norm, the residual add and the activation each read and
 write the whole activation tensor and each allocate a new one. Here the three are one
-:class:`torch.autograd.Function` whose forward and backward are each one kernel call: on
-CPU, for float32/float64 and the piecewise-linear activations (identity, relu,
-leaky_relu), a hand-written C/OpenMP kernel (:mod:`bnorm.kernels.native`, in its own lean
-Function, :class:`_BatchNormActNative`); otherwise a torch function compiled by
-:func:`torch.compile` (Inductor: C++/OpenMP on CPU, Triton on GPU). Both compute::
+autograd node whose forward and backward are each one kernel call: on CPU, for
+float32/float64 and the piecewise-linear activations (identity, relu, leaky_relu), a
+hand-written C/OpenMP kernel (:mod:`bnorm.kernels.native`) in a C++ autograd node (the
+operator ``bnorm_native::bn_act_train``; where that cannot be built, in a lean Python
+Function, :class:`_BatchNormActNative`); otherwise a :class:`torch.autograd.Function`
+around a torch function compiled by :func:`torch.compile` (Inductor: C++/OpenMP on CPU,
+Triton on GPU). Both compute::
 
     forward   μ, σ² per channel                         (one read of x)
               y = act(γ (x − μ)/√(σ² + ε) + β + r)      (one read of x [and r], one write)
@@ -62,7 +64,8 @@ checked); it still costs ~30 µs of fixed overhead (AOTAutograd's and Inductor's
 wrappers, output allocation), and a layer's forward+backward ~0.1–0.2 ms more than
 torch's eager layers in all (Python and autograd), so on CPU inputs below
 :data:`FUSED_MIN_NUMEL` elements per thread run ATen's ops instead (:func:`fused_pays`);
-with the native kernels (~12 µs a call) the threshold is :data:`NATIVE_MIN_NUMEL`.
+with the native kernels (~14 µs a forward through their C++ node) the threshold is
+:data:`NATIVE_MIN_NUMEL`.
 Plain batch norm (no activation, no residual) keeps ATen's kernel: these kernels
 measured no consistent gain for it.
 Set the environment variable ``BNORM_NO_COMPILE=1`` to use the eager fallback instead:
@@ -110,12 +113,13 @@ which the traffic it saves repays only from about here on (docs/kernels.md gives
 measured sweep). Smaller inputs run ATen's batch norm (running statistics updated by ATen,
 as in the plain layers), then the add and the activation: torch's own ops, torch's cost."""
 
-NATIVE_MIN_NUMEL = 1 << 14
+NATIVE_MIN_NUMEL = 1 << 13
 """The same threshold (elements, whatever the thread count) where the native CPU kernels
 run the step (:mod:`bnorm.kernels.native`: float32/float64, identity/relu/leaky_relu):
-their fixed cost is two C calls of ~12 µs in a lean Function, so they pay from a smaller
-size — measured at 1 and 2 threads, where torch's ops at these sizes gain little from the
-second thread (docs/kernels.md gives the crossover)."""
+their fixed cost is one C++ autograd node with two kernel calls (the forward's ~14 µs at
+2×64×8×8, against ~28 µs for torch's three ops), so they pay from a smaller size —
+measured at 1 and 2 threads, where torch's ops at these sizes gain little from the second
+thread (docs/kernels.md gives the crossover)."""
 
 
 def fused_pays(
@@ -494,7 +498,7 @@ class _BatchNormActNative(torch.autograd.Function):
         var = None if running is None or in_kernel else x.new_empty(step.shape[1])
         y, mean, invstd, _ = native.forward(
             x, residual, w, b, step.shape, step.eps, step.slope,  # type: ignore[arg-type]
-            running if in_kernel else None, step.skip_nonfinite, var,
+            running if in_kernel else None, step.skip_nonfinite, var,  # type: ignore[arg-type]
         )  # fmt: skip
         if running is not None and var is not None:
             count = step.shape[0] * step.shape[2]
@@ -504,7 +508,10 @@ class _BatchNormActNative(torch.autograd.Function):
             store_running(running, *update)
         step.mean, step.invstd = mean, invstd
         ctx.kernel = (step.shape, step.slope, step.act)
-        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
         # (μ and 1/√(σ² + ε) saved too, though not outputs: saved-tensor hooks see them)
         ctx.save_for_backward(x, residual, w, b, mean, invstd)
         return y
@@ -584,7 +591,9 @@ def _node_differentiable_backward(
     return [dx, dw, db, x.new_empty(0) if dr is None else dr]
 
 
-_NODE_OPS.impl("differentiable_backward", _node_differentiable_backward, "CompositeImplicitAutograd")
+_NODE_OPS.impl(
+    "differentiable_backward", _node_differentiable_backward, "CompositeImplicitAutograd"
+)
 
 
 def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
@@ -600,11 +609,13 @@ def _runs_in_kernel(running: RunningState, dtype: torch.dtype) -> bool:
         and var.is_cpu
         and mean.is_contiguous()
         and var.is_contiguous()
-        and all(
-            t is None or (t.dtype == torch.long and t.numel() == 1 and t.is_cpu)
-            for t in (tracked, skipped)
-        )
+        and (tracked is None or _is_counter(tracked))
+        and (skipped is None or _is_counter(skipped))
     )
+
+
+def _is_counter(t: Tensor) -> bool:
+    return t.dtype == torch.long and t.numel() == 1 and t.is_cpu
 
 
 def _forward_recomputable(
