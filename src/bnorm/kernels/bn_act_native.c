@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 1024
 #define ROWS 256
@@ -29,13 +30,17 @@
 #define CAT(a, b) CAT_(a, b)
 
 #define T float
+#define ITYPE int32_t
 #define SFX _f32
 #include "bn_act_native_impl.h"
 #undef T
+#undef ITYPE
 #undef SFX
 
 #define T double
+#define ITYPE int64_t
 #define SFX _f64
 #include "bn_act_native_impl.h"
 #undef T
+#undef ITYPE
 #undef SFX

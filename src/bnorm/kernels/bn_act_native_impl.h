@@ -3,6 +3,24 @@
 #define FN(name) CAT(name, SFX)
 #define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
 #define LANES ((int64_t)(128 / sizeof(T)))  /* partial sums per plane in the planes loops */
+#define VW ((int64_t)(32 / sizeof(T)))      /* values per explicit vector (32 bytes) */
+#define NV 4                                /* explicit vectors of partial sums: LANES / VW */
+
+typedef T FN(vec) __attribute__((vector_size(32)));
+typedef ITYPE FN(ivec) __attribute__((vector_size(32))); /* T's size, for masks */
+
+static inline FN(vec) FN(load)(const T *p) {
+    FN(vec) v;
+    memcpy(&v, p, sizeof v); /* (an unaligned load) */
+    return v;
+}
+
+static inline void FN(store)(T *p, FN(vec) v) { memcpy(p, &v, sizeof v); }
+
+static inline FN(vec) FN(splat)(T value) {
+    FN(vec) v = {0};
+    return v + value;
+}
 
 /* a(z) and dz = dy·a'(z) of the piecewise-linear activation, for `relu` a constant in the
  * function that uses them (each kernel is inlined twice, relu = 1 for slope 0, so every
@@ -35,17 +53,22 @@ INLINE T FN(lanes_sum)(T *a) {
     return a[0];
 }
 
-/* LANES partial sums of (x − pv) and (x − pv)² over n values. */
+/* LANES partial sums of (x − pv) and (x − pv)² over n values: lane l sums the values
+ * j ≡ l (mod LANES), in NV explicit vectors of VW (GCC/Clang vector extensions: the
+ * accumulators stay in registers, where an array of LANES went through memory). */
 INLINE void FN(lanes_moments)(const T *p, T pv, int64_t n, T *a, T *q) {
-    for (int64_t l = 0; l < LANES; l++) a[l] = q[l] = 0;
+    FN(vec) A[NV] = {0}, Q[NV] = {0};
+    const FN(vec) P = FN(splat)(pv);
     int64_t j = 0;
-    for (; j + LANES <= n; j += LANES) {
-#pragma omp simd
-        for (int64_t l = 0; l < LANES; l++) {
-            T d = p[j + l] - pv;
-            a[l] += d;
-            q[l] += d * d;
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < NV; k++) {
+            FN(vec) d = FN(load)(p + j + k * VW) - P;
+            A[k] += d;
+            Q[k] += d * d;
         }
+    for (int k = 0; k < NV; k++) {
+        FN(store)(a + k * VW, A[k]);
+        FN(store)(q + k * VW, Q[k]);
     }
     for (int64_t l = 0; j < n; j++, l++) {
         T d = p[j] - pv;
@@ -101,34 +124,31 @@ INLINE void FN(plane_out)(
     }
 }
 
-/* LANES partial sums of dz and dz·(x − m) over n values, dz = dy·a'(x·s + t + r); with
- * a residual, dz is also written to dz_out. */
+/* LANES partial sums of dz and dz·(x − m) over n values, dz = dy·a'(x·s + t + r), lane
+ * l summing the values j ≡ l (mod LANES) as lanes_moments does; with a residual, dz is
+ * also written to dz_out. */
 INLINE void FN(lanes_grad)(
     const T *dy, const T *x, const T *r, T *dz_out, int64_t n, T s, T t, T m, T slope,
     T *a, T *q, const int relu) {
-    for (int64_t l = 0; l < LANES; l++) a[l] = q[l] = 0;
+    FN(vec) A[NV] = {0}, Q[NV] = {0};
+    const FN(vec) S = FN(splat)(s), TT = FN(splat)(t), M = FN(splat)(m), SL = FN(splat)(slope);
     int64_t j = 0;
-    if (r) {
-        for (; j + LANES <= n; j += LANES) {
-#pragma omp simd
-            for (int64_t l = 0; l < LANES; l++) {
-                T z = x[j + l] * s + t + r[j + l];
-                T g = DACT(dy[j + l], z, slope);
-                dz_out[j + l] = g;
-                a[l] += g;
-                q[l] += g * (x[j + l] - m);
-            }
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < NV; k++) {
+            const int64_t o = j + k * VW;
+            const FN(vec) xv = FN(load)(x + o), gv = FN(load)(dy + o);
+            FN(vec) z = xv * S + TT;
+            if (r) z += FN(load)(r + o);
+            const FN(ivec) pos = z > 0; /* all ones where z > 0 (false for NaN) */
+            FN(vec) g = (FN(vec))(pos & (FN(ivec))gv);
+            if (!relu) g = (FN(vec))((FN(ivec))g | (~pos & (FN(ivec))(gv * SL)));
+            if (r) FN(store)(dz_out + o, g);
+            A[k] += g;
+            Q[k] += g * (xv - M);
         }
-    } else {
-        for (; j + LANES <= n; j += LANES) {
-#pragma omp simd
-            for (int64_t l = 0; l < LANES; l++) {
-                T z = x[j + l] * s + t;
-                T g = DACT(dy[j + l], z, slope);
-                a[l] += g;
-                q[l] += g * (x[j + l] - m);
-            }
-        }
+    for (int k = 0; k < NV; k++) {
+        FN(store)(a + k * VW, A[k]);
+        FN(store)(q + k * VW, Q[k]);
     }
     for (int64_t l = 0; j < n; j++, l++) {
         T z = x[j] * s + t;
@@ -576,5 +596,7 @@ int FN(bnorm_bwd)(
 #undef INLINE
 #undef V
 #undef LANES
+#undef VW
+#undef NV
 #undef ACT
 #undef DACT
