@@ -501,3 +501,27 @@ def test_an_unwritable_cache_falls_back_to_the_temp_directory(tmp_path, monkeypa
         assert list((tmp_path / "tmp").glob("bnorm-*/bn_act_native-*.so"))
     finally:
         native._library.cache_clear()
+
+
+def test_the_benchmarks_streaming_floor_stands_in_for_every_fused_layer():
+    from bnorm.bench.kernels import StreamingFloor, streaming_floor_model
+
+    model = streaming_floor_model()
+    layers = [m for m in model.modules() if isinstance(m, StreamingFloor)]
+    assert len(layers) == 19 and not any(
+        isinstance(m, bnorm.BatchNormAct2d) for m in model.modules()
+    )
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    # It moves the kernels' passes, not batch norm: with a residual y = x + r and the
+    # gradients dr = dy + x·r, dx = dr + x.
+    xs, rs, dy = (
+        torch.randn(2, 16, 3, 3, requires_grad=True),
+        torch.randn(2, 16, 3, 3),
+        torch.randn(2, 16, 3, 3),
+    )
+    y = layers[0](xs, rs)
+    y.backward(dy)
+    assert torch.equal(y, xs + rs)
+    torch.testing.assert_close(xs.grad, dy + xs.detach() * rs + xs.detach())
+    assert all(p.grad is not None for p in model.parameters())

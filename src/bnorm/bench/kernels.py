@@ -26,7 +26,10 @@ faults per call are reported):
 * model — a CIFAR ResNet-20 training step (32×32, SGD; batch 16 and 128 in eager mode,
   128 under ``torch.compile(model)``): bnorm layers vs torch layers (target ≤ 0.75×), and
   the BN step over the same network without BN (target ≤ 1.10×; the time BN adds,
-  bnorm's over torch's: target ≤ 1/3), with quartiles and page faults per step;
+  bnorm's over torch's: target ≤ 1/3), with quartiles and page faults per step, and in
+  eager mode the same step with every fused layer replaced by a :class:`StreamingFloor`
+  (the kernels' minimal passes as ATen streaming ops in a Python Function: the floor of
+  both ratios at this machine's speed);
 * memory — bytes saved for backward (:func:`bnorm.testing.saved_tensor_bytes`) per
   conv→BN→act block and per ResNet-20, relative to one activation / to torch; ResNet-20
   (ReLU) in a :func:`bnorm.memory_saving` scope (target ≤ 0.6× torch), with the most its
