@@ -525,3 +525,31 @@ def test_the_benchmarks_streaming_floor_stands_in_for_every_fused_layer():
     assert torch.equal(y, xs + rs)
     torch.testing.assert_close(xs.grad, dy + xs.detach() * rs + xs.detach())
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_node_checks_what_its_kernels_would_read_on_a_direct_call():
+    op = native.node()
+    assert op is not None
+    x = torch.randn(2, 4, 3, 3)
+    shape = (2, 4, 9)
+
+    def call(*tensors, shape=shape):
+        return op(x, *tensors, *shape, 1e-5, 0.0, 0.1, True)
+
+    with pytest.raises(RuntimeError, match=r"expected \(C,\) CPU weight and bias"):
+        call(torch.ones(3), None, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="of x's size"):
+        call(None, None, None, None, None, None, None, shape=(2, 4, 8))
+    with pytest.raises(RuntimeError, match="expected a residual like x"):
+        call(None, None, torch.randn(2, 4, 3), None, None, None, None)
+    stats64 = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="running statistics of x's dtype"):
+        call(None, None, None, *stats64, None, None)
+    with pytest.raises(RuntimeError, match="int64 counters"):
+        call(None, None, None, torch.zeros(4), torch.ones(4), torch.zeros(1), None)
+    y, mean, invstd = call(None, None, None, None, None, None, None)  # a valid call runs
+    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)))
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(invstd, (var + 1e-5).rsqrt())
+    want = torch.relu((x - mean.view(1, 4, 1, 1)) * invstd.view(1, 4, 1, 1))
+    torch.testing.assert_close(y, want)

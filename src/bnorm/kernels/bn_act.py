@@ -522,12 +522,7 @@ class _BatchNormActNative(torch.autograd.Function):
         shape, slope, act = ctx.kernel
         if torch.is_grad_enabled():
             # create_graph=True: the backward by ATen's ops, which autograd differentiates.
-            channels = shape[1]
-            w1 = w if w is not None else torch.ones(channels, dtype=x.dtype)
-            b1 = b if b is not None else torch.zeros(channels, dtype=x.dtype)
-            dx, dw, db, dr = _differentiable_backward(
-                dy, x, residual, w1, b1, mean, invstd, act
-            )
+            dx, dw, db, dr = _differentiable_backward(dy, x, residual, w, b, mean, invstd, act)
         else:
             if dy.stride() != x.stride():
                 dy = torch.empty_like(x).copy_(dy)
@@ -548,14 +543,19 @@ def _differentiable_backward(
     dy: Tensor,
     x: Tensor,
     residual: Tensor | None,
-    w: Tensor,
-    b: Tensor,
+    w: Tensor | None,
+    b: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     act: Activation,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dγ, dβ, dr) of :class:`_BatchNormActNative` by the eager fallback's ATen ops,
-    which autograd differentiates again (double backward)."""
+    """(dx, dγ, dβ, dr) of the native kernels' step (γ = 1 without a weight, β = 0 without
+    a bias) by the eager fallback's ATen ops, which autograd differentiates again (double
+    backward)."""
+    if w is None:
+        w = torch.ones(x.shape[1], dtype=x.dtype)
+    if b is None:
+        b = torch.zeros(x.shape[1], dtype=x.dtype)
     layout = _Layout.of(x)
     to3d = layout.to3d
     r3 = None if residual is None else to3d(residual)
@@ -583,11 +583,8 @@ def _node_differentiable_backward(
     invstd: Tensor,
     slope: float,
 ) -> list[Tensor]:
-    channels = x.shape[1]
-    w = weight if weight is not None else torch.ones(channels, dtype=x.dtype)
-    b = bias if bias is not None else torch.zeros(channels, dtype=x.dtype)
     act = IDENTITY if slope == 1 else Activation("leaky_relu", slope)
-    dx, dw, db, dr = _differentiable_backward(dy, x, residual, w, b, mean, invstd, act)
+    dx, dw, db, dr = _differentiable_backward(dy, x, residual, weight, bias, mean, invstd, act)
     return [dx, dw, db, x.new_empty(0) if dr is None else dr]
 
 

@@ -83,9 +83,31 @@ struct BatchNormAct : public torch::autograd::Function<BatchNormAct> {
         const Tensor running_mean = running_mean_.value_or(Tensor());
         const Tensor running_var = running_var_.value_or(Tensor());
         const Tensor tracked = tracked_.value_or(Tensor()), skipped = skipped_.value_or(Tensor());
+        // (What the kernels read and write must be there: cheap checks for a direct call.)
+        TORCH_CHECK(x.device().is_cpu() && x.is_non_overlapping_and_dense(),
+                    "bnorm's native batch-norm: expected a dense CPU input");
         TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                     "bnorm's native batch-norm: expected float32 or float64 input");
-        TORCH_CHECK(R * C * B == x.numel(), "bnorm's native batch-norm: a shape that is not x's");
+        TORCH_CHECK(R * C * B == x.numel() && R * B > 0,
+                    "bnorm's native batch-norm: expected a non-empty (R, C, B) of x's size");
+        for (const Tensor *t : {&weight, &bias})
+            TORCH_CHECK(!t->defined() || (t->device().is_cpu() && t->numel() == C),
+                        "bnorm's native batch-norm: expected (C,) CPU weight and bias");
+        TORCH_CHECK(!residual.defined() || (residual.device().is_cpu() &&
+                                            residual.sizes() == x.sizes() &&
+                                            residual.scalar_type() == x.scalar_type()),
+                    "bnorm's native batch-norm: expected a residual like x");
+        TORCH_CHECK(running_mean.defined() == running_var.defined(),
+                    "bnorm's native batch-norm: expected both running statistics or neither");
+        for (const Tensor *t : {&running_mean, &running_var})
+            TORCH_CHECK(!t->defined() || (t->device().is_cpu() && t->is_contiguous() &&
+                                          t->numel() == C && t->scalar_type() == x.scalar_type()),
+                        "bnorm's native batch-norm: expected contiguous (C,) running statistics "
+                        "of x's dtype");
+        for (const Tensor *t : {&tracked, &skipped})
+            TORCH_CHECK(!t->defined() || (t->device().is_cpu() && t->numel() == 1 &&
+                                          t->scalar_type() == at::kLong),
+                        "bnorm's native batch-norm: expected int64 counters");
         const Tensor w = as_kernel_vector(weight, x), b = as_kernel_vector(bias, x);
         const Tensor r = with_strides_of(residual, x);
         Tensor y = at::empty_like(x);
