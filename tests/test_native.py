@@ -103,8 +103,9 @@ def rel_err(a, b) -> float:
 
 
 # (shape, channels_last): a plane longer than one summation block (1024) and not a
-# multiple of it; channel counts below, at, between and above the rows loops' 256-byte
-# channel block (64 float32 / 32 float64 channels), with a partial last block; rows in
+# multiple of it; channel counts below, at, between and above the rows loops' channel
+# block (256 bytes with AVX-512: 64 float32 / 32 float64 channels; 128 with AVX2: 32 / 16),
+# with a partial last block; rows in
 # several chunks of 256 and a partial last one; an (N, C) input (rows of channels) and an
 # (N, C, L) one; a single channel.
 SHAPES = [
