@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -349,7 +350,19 @@ def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     native._library.cache_clear()
 
 
-def test_concurrent_first_builds_leave_one_library_that_later_processes_reuse(fresh_build):
+def test_concurrent_first_builds_leave_one_library_that_later_processes_reuse(
+    fresh_build, tmp_path
+):
+    # The compiler, wrapped to count its builds: one process builds, the other waits on the
+    # build lock and loads the result.
+    builds = tmp_path / "builds.log"
+    cc = tmp_path / "counting-cc"
+    real = shutil.which("cc") or shutil.which("gcc")
+    cc.write_text(
+        f'#!/bin/sh\ncase "$1" in --version) exec {real} "$@";; esac\n'
+        f'echo build >> {builds}\nexec {real} "$@"\n'
+    )
+    cc.chmod(0o755)
     script = textwrap.dedent(
         """
         import torch, bnorm
@@ -361,20 +374,22 @@ def test_concurrent_first_builds_leave_one_library_that_later_processes_reuse(fr
         print("ok")
         """
     )
-    env = {**os.environ, "BNORM_CACHE_DIR": str(fresh_build)}
+    env = {**os.environ, "BNORM_CACHE_DIR": str(fresh_build), "CC": str(cc)}
     procs = [
         subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and all(o.strip() == "ok" for o in outs)
-    built = list(fresh_build.iterdir())
-    assert [f.suffix for f in built] == [".so"]  # one library, no temporary files left
-    assert built[0].name.startswith("bn_act_native-")
+    built = sorted(fresh_build.iterdir())
+    # one library and its build lock, no temporary files left, one build
+    assert [f.suffix for f in built] == [".lock", ".so"]
+    assert builds.read_text().splitlines() == ["build"]
+    assert all(f.name.startswith("bn_act_native-") for f in built)
     # A later process (here: this one) loads it without building again.
-    mtime = built[0].stat().st_mtime_ns
+    mtime = built[1].stat().st_mtime_ns
     assert native.available()
-    assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+    assert sorted(fresh_build.iterdir()) == built and built[1].stat().st_mtime_ns == mtime
 
 
 def test_a_failing_compiler_warns_once_and_the_layer_falls_back(fresh_build, tmp_path, monkeypatch):
@@ -416,7 +431,7 @@ def test_a_failing_cpp_compiler_warns_once_and_the_python_function_runs(
             layer(x).sum().backward()
         want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-        assert not list(fresh_build.glob("bn_act_node-*"))
+        assert not list(fresh_build.glob("bn_act_node-*.so"))
     finally:
         native._node.cache_clear()
 

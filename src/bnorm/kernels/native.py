@@ -37,6 +37,7 @@ location; where it cannot be built bnorm warns once and calls the kernels from P
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,19 +274,39 @@ def _cached_build(path: Path, command: Callable[[str], list[str]]) -> Path:
         if path.exists():
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    try:
-        cmd = command(tmp)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.chmod(tmp, 0o755)  # (mkstemp's 0600: readable by every user of the cache)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _build_lock(path.with_suffix(".lock")):
+        if path.exists():  # (another process built it while this one waited)
+            return path
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            cmd = command(tmp)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
+            os.chmod(tmp, 0o755)  # (mkstemp's 0600: readable by every user of the cache)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _build_lock(lock: Path) -> Iterator[None]:
+    """One build at a time of a cached file across processes (pytest-xdist workers, DDP
+    ranks, a job's workers): the others wait, then find it built, rather than each
+    compiling the same file at once. An exclusive ``flock`` on ``lock``, released with
+    the file descriptor; without ``fcntl`` (Windows), no lock: concurrent builds are
+    still safe, only wasteful."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 @functools.cache
