@@ -131,7 +131,8 @@ def fused_pays(
     """Whether a training step of ``act(BN(x) + r)`` should run the fused Function rather
     than ATen's batch norm, add and activation: always in memory-efficient mode and inside
     a :func:`bnorm.memory_saving` scope (their saving needs the Function), off CPU (the
-    thresholds were measured on CPU), and from :data:`NATIVE_MIN_NUMEL` elements on (the
+    thresholds were measured on CPU), never otherwise inside :mod:`torch.func` transforms
+    (the fused Functions are refused there), and from :data:`NATIVE_MIN_NUMEL` elements on (the
     native kernels) or :data:`FUSED_MIN_NUMEL` elements per thread (the compiled ones; 1 or
     2 threads: the range measured, where their fixed cost weighed against time per element
     that halves with 2 threads)."""
@@ -502,9 +503,7 @@ class _BatchNormActNative(torch.autograd.Function):
         )  # fmt: skip
         if running is not None and var is not None:
             count = step.shape[0] * step.shape[2]
-            update = running_update(
-                *running[:2], mean, var, count, running[2], step.skip_nonfinite
-            )
+            update = running_update(*running[:2], mean, var, count, running[2], step.skip_nonfinite)
             store_running(running, *update)
         step.mean, step.invstd = mean, invstd
         ctx.kernel = (step.shape, step.slope, step.act)
@@ -526,9 +525,7 @@ class _BatchNormActNative(torch.autograd.Function):
         else:
             if dy.stride() != x.stride():
                 dy = torch.empty_like(x).copy_(dy)
-            dx, dw, db, dr = native.backward(
-                dy, x, residual, w, b, mean, invstd, shape, slope
-            )
+            dx, dw, db, dr = native.backward(dy, x, residual, w, b, mean, invstd, shape, slope)
         wdt, bdt = ctx.dtypes
         return (
             dx,
@@ -698,9 +695,11 @@ def batch_norm_act_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode ``y = act(γ (x − μ_B)/√(σ²_B + ε) + β + residual)`` with the batch's
     statistics over every dim but 1, fused forward and backward. ``running`` (see
-    :data:`RunningState`) is updated in place from the batch, inside the compiled forward
-    (:func:`bnorm.functional.update_running_stats` states the rule; ``skip_nonfinite``
-    likewise).
+    :data:`RunningState`) is updated in place from the batch, inside the forward kernel —
+    native or compiled — (:func:`bnorm.functional.update_running_stats` states the rule;
+    ``skip_nonfinite`` likewise). On CPU, for float32/float64 and identity/relu/leaky_relu,
+    the native kernels run in their C++ autograd node (:func:`bnorm.kernels.native.node`),
+    or in a Python Function where that node is not available.
 
     Returns ``(y, μ_B, 1/√(σ²_B + ε))`` — the statistics in float32 (float64 for float64
     input), not differentiable — like ``aten::native_batch_norm``. ``memory_efficient``
