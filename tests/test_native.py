@@ -104,7 +104,8 @@ def rel_err(a, b) -> float:
 
 
 # (shape, channels_last): a plane longer than one summation block (1024) and not a
-# multiple of it; channel counts below, at, between and above the rows loops' channel
+# multiple of it; planes that end in 1-3 whole vectors after the last 128-byte step and
+# then single values (63 values), and one shorter than a vector (6 values); channel counts below, at, between and above the rows loops' channel
 # block (256 bytes with AVX-512: 64 float32 / 32 float64 channels; 128 with AVX2: 32 / 16),
 # with a partial last block; rows in
 # several chunks of 256 and a partial last one; an (N, C) input (rows of channels) and an
@@ -120,6 +121,8 @@ SHAPES = [
     ((2, 64, 8, 8), True),
     ((3, 70, 5, 5), True),
     ((40, 33), False),
+    ((4, 5, 7, 9), False),
+    ((5, 3, 2, 3), False),
 ]
 
 

@@ -2,12 +2,15 @@
  * Included twice by bn_act_native.c. */
 #define FN(name) CAT(name, SFX)
 #define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
-#define LANES ((int64_t)(128 / sizeof(T)))  /* partial sums per plane in the planes loops */
+#define LANES ((int64_t)(128 / sizeof(T)))  /* values per step of the planes loops' sums */
 #define VW ((int64_t)(32 / sizeof(T)))      /* values per explicit vector (32 bytes) */
 #define NV 4                                /* explicit vectors of partial sums: LANES / VW */
+#define NB ((int)(V / VW))                  /* explicit vectors per channel block */
+#define HW ((int)(16 / sizeof(T)))          /* values per half vector */
 
 typedef T FN(vec) __attribute__((vector_size(32)));
 typedef ITYPE FN(ivec) __attribute__((vector_size(32))); /* T's size, for masks */
+typedef T FN(hvec) __attribute__((vector_size(16)));      /* half a vector */
 
 static inline FN(vec) FN(load)(const T *p) {
     FN(vec) v;
@@ -28,7 +31,11 @@ static inline FN(vec) FN(splat)(T value) {
  * 0: relu(−inf) = 0 and relu(NaN) = NaN, as torch.relu, and an infinite dy where z ≤ 0
  * gives 0, as the other kernels' derivative. */
 #define ACT(z, slope) (relu ? ((z) < 0 ? (T)0 : (z)) : ((z) > 0 ? (z) : (z) * (slope)))
-#define DACT(g, z, slope) (relu ? ((z) > 0 ? (g) : (T)0) : ((z) > 0 ? (g) : (g) * (slope)))
+#define DACT(g, z, slope)                                                                  \
+    ({                                                                                     \
+        const T g_ = (g); /* read unconditionally: a conditional read compiled to a */     \
+        relu ? ((z) > 0 ? g_ : (T)0) : ((z) > 0 ? g_ : g_ * (slope)); /* masked load */    \
+    })
 #define INLINE static inline __attribute__((always_inline))
 
 /* scale = γ/√(σ²+ε), shift = β − μ·scale (γ = 1 where w is NULL, β = 0 where b is):
@@ -46,17 +53,28 @@ static int64_t FN(parts)(int64_t R, int64_t C, int64_t B) {
     return B > 1 ? R * C : ((R + ROWS - 1) / ROWS) * C;
 }
 
-/* The sum of LANES partial sums in T, as a fixed pairwise tree. */
-INLINE T FN(lanes_sum)(T *a) {
-    for (int64_t w = LANES / 2; w >= 1; w /= 2)
-        for (int64_t l = 0; l < w; l++) a[l] += a[l + w];
+/* The sum of NV vectors of partial sums in T, as a fixed pairwise tree: the vectors
+ * first, then the lanes of the one left (its halves added as 16-byte vectors). A few
+ * instructions, where summing LANES values one by one cost more than a 64-value plane's
+ * loads. */
+INLINE T FN(vsum)(FN(vec) *A) {
+    const FN(vec) v = (A[0] + A[1]) + (A[2] + A[3]);
+    FN(hvec) lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    const FN(hvec) h = lo + hi;
+    T a[HW];
+    memcpy(a, &h, sizeof a);
+    for (int w = HW / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) a[l] += a[l + w];
     return a[0];
 }
 
-/* LANES partial sums of (x − pv) and (x − pv)² over n values: lane l sums the values
- * j ≡ l (mod LANES), in NV explicit vectors of VW (GCC/Clang vector extensions: the
- * accumulators stay in registers, where an array of LANES went through memory). */
-INLINE void FN(lanes_moments)(const T *p, T pv, int64_t n, T *a, T *q) {
+/* Σ (x − pv) and Σ (x − pv)² over n values in T: whole vectors summed into NV explicit
+ * vectors of partial sums (GCC/Clang vector extensions: the accumulators stay in
+ * registers), vector k of each LANES values into accumulator k, then the sums of the
+ * vectors (vsum), then the values after the last whole vector one by one. */
+INLINE void FN(lanes_moments)(const T *p, T pv, int64_t n, T *s1, T *s2) {
     FN(vec) A[NV] = {0}, Q[NV] = {0};
     const FN(vec) P = FN(splat)(pv);
     int64_t j = 0;
@@ -66,29 +84,38 @@ INLINE void FN(lanes_moments)(const T *p, T pv, int64_t n, T *a, T *q) {
             A[k] += d;
             Q[k] += d * d;
         }
-    for (int k = 0; k < NV; k++) {
-        FN(store)(a + k * VW, A[k]);
-        FN(store)(q + k * VW, Q[k]);
+#define MOMENTS_VECTOR(k)                                                                  \
+    if (j + VW <= n) {                                                                     \
+        FN(vec) d = FN(load)(p + j) - P;                                                   \
+        A[k] += d;                                                                         \
+        Q[k] += d * d;                                                                     \
+        j += VW;                                                                           \
     }
-    for (int64_t l = 0; j < n; j++, l++) {
+    MOMENTS_VECTOR(0) /* (at most NV − 1 = 3 whole vectors left; constant indices keep */
+    MOMENTS_VECTOR(1) /* the accumulators in registers) */
+    MOMENTS_VECTOR(2)
+#undef MOMENTS_VECTOR
+    T a = FN(vsum)(A), q = FN(vsum)(Q);
+    for (; j < n; j++) {
         T d = p[j] - pv;
-        a[l] += d;
-        q[l] += d * d;
+        a += d;
+        q += d * d;
     }
+    *s1 = a;
+    *s2 = q;
 }
 
-/* One long plane's (B ≥ 4·LANES) Σ (x − pv) and Σ (x − pv)², in blocks of BLOCK values,
- * each summed in T over LANES independent partial sums (no chain of dependent additions:
- * the loop runs at the speed of its loads), the blocks added in double. Shorter planes
- * (small images) are summed in one vector's partial sums where they are looped over. */
+/* One plane's Σ (x − pv) and Σ (x − pv)², in blocks of BLOCK values, each summed in T
+ * (lanes_moments: no chain of dependent additions, the loop runs at the speed of its
+ * loads), the blocks added in double. */
 INLINE void FN(plane_moments)(const T *p, T pv, int64_t B, double *s1_out, double *s2_out) {
     double s1 = 0, s2 = 0;
     for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
         const int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
-        T a[LANES], q[LANES];
-        FN(lanes_moments)(p + j0, pv, j1 - j0, a, q);
-        s1 += FN(lanes_sum)(a);
-        s2 += FN(lanes_sum)(q);
+        T a, q;
+        FN(lanes_moments)(p + j0, pv, j1 - j0, &a, &q);
+        s1 += a;
+        s2 += q;
     }
     *s1_out = s1;
     *s2_out = s2;
@@ -124,55 +151,66 @@ INLINE void FN(plane_out)(
     }
 }
 
-/* LANES partial sums of dz and dz·(x − m) over n values, dz = dy·a'(x·s + t + r), lane
- * l summing the values j ≡ l (mod LANES) as lanes_moments does; with a residual, dz is
- * also written to dz_out. */
+/* One vector of dz = dy·a'(x·S + T + r) at offset o (written to dz_out with a residual),
+ * added to the partial sums A += dz and Q += dz·(x − M). */
+INLINE void FN(grad_vector)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t o, FN(vec) S, FN(vec) TT,
+    FN(vec) M, FN(vec) SL, FN(vec) *A, FN(vec) *Q, const int relu) {
+    const FN(vec) xv = FN(load)(x + o), gv = FN(load)(dy + o);
+    FN(vec) z = xv * S + TT;
+    if (r) z += FN(load)(r + o);
+    const FN(ivec) pos = z > 0; /* all ones where z > 0 (false for NaN) */
+    FN(vec) g = (FN(vec))(pos & (FN(ivec))gv);
+    if (!relu) g = (FN(vec))((FN(ivec))g | (~pos & (FN(ivec))(gv * SL)));
+    if (r) FN(store)(dz_out + o, g);
+    *A += g;
+    *Q += g * (xv - M);
+}
+
+/* Σ dz and Σ dz·(x − m) over n values in T, dz = dy·a'(x·s + t + r), summed as
+ * lanes_moments sums; with a residual, dz is also written to dz_out. */
 INLINE void FN(lanes_grad)(
     const T *dy, const T *x, const T *r, T *dz_out, int64_t n, T s, T t, T m, T slope,
-    T *a, T *q, const int relu) {
+    T *s1, T *s2, const int relu) {
     FN(vec) A[NV] = {0}, Q[NV] = {0};
     const FN(vec) S = FN(splat)(s), TT = FN(splat)(t), M = FN(splat)(m), SL = FN(splat)(slope);
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES)
-        for (int k = 0; k < NV; k++) {
-            const int64_t o = j + k * VW;
-            const FN(vec) xv = FN(load)(x + o), gv = FN(load)(dy + o);
-            FN(vec) z = xv * S + TT;
-            if (r) z += FN(load)(r + o);
-            const FN(ivec) pos = z > 0; /* all ones where z > 0 (false for NaN) */
-            FN(vec) g = (FN(vec))(pos & (FN(ivec))gv);
-            if (!relu) g = (FN(vec))((FN(ivec))g | (~pos & (FN(ivec))(gv * SL)));
-            if (r) FN(store)(dz_out + o, g);
-            A[k] += g;
-            Q[k] += g * (xv - M);
-        }
-    for (int k = 0; k < NV; k++) {
-        FN(store)(a + k * VW, A[k]);
-        FN(store)(q + k * VW, Q[k]);
-    }
-    for (int64_t l = 0; j < n; j++, l++) {
+        for (int k = 0; k < NV; k++)
+            FN(grad_vector)(dy, x, r, dz_out, j + k * VW, S, TT, M, SL, A + k, Q + k, relu);
+    for (int k = 0; k < NV - 1 && j + VW <= n; k++, j += VW) /* (constant indices: the */
+        if (k == 0)                                           /* sums stay in registers) */
+            FN(grad_vector)(dy, x, r, dz_out, j, S, TT, M, SL, A + 0, Q + 0, relu);
+        else if (k == 1)
+            FN(grad_vector)(dy, x, r, dz_out, j, S, TT, M, SL, A + 1, Q + 1, relu);
+        else
+            FN(grad_vector)(dy, x, r, dz_out, j, S, TT, M, SL, A + 2, Q + 2, relu);
+    T a = FN(vsum)(A), q = FN(vsum)(Q);
+    for (; j < n; j++) {
         T z = x[j] * s + t;
         if (r) z += r[j];
         T g = DACT(dy[j], z, slope);
         if (r) dz_out[j] = g;
-        a[l] += g;
-        q[l] += g * (x[j] - m);
+        a += g;
+        q += g * (x[j] - m);
     }
+    *s1 = a;
+    *s2 = q;
 }
 
-/* One long plane's (B ≥ 4·LANES) Σ dz and Σ dz·(x − m), in blocks of BLOCK values each
- * summed in T over LANES partial sums, the blocks added in double (as plane_moments). */
+/* One plane's Σ dz and Σ dz·(x − m), in blocks of BLOCK values each summed in T
+ * (lanes_grad), the blocks added in double (as plane_moments). */
 INLINE void FN(plane_grad)(
     const T *dy, const T *x, const T *r, T *dz_out, int64_t B, T s, T t, T m, T slope,
     double *s1_out, double *s2_out, const int relu) {
     double s1 = 0, s2 = 0;
     for (int64_t j0 = 0; j0 < B; j0 += BLOCK) {
         const int64_t j1 = j0 + BLOCK < B ? j0 + BLOCK : B;
-        T a[LANES], q[LANES];
+        T a, q;
         FN(lanes_grad)(dy + j0, x + j0, r ? r + j0 : NULL, r ? dz_out + j0 : NULL, j1 - j0, s, t,
-                       m, slope, a, q, relu);
-        s1 += FN(lanes_sum)(a);
-        s2 += FN(lanes_sum)(q);
+                       m, slope, &a, &q, relu);
+        s1 += a;
+        s2 += q;
     }
     *s1_out = s1;
     *s2_out = s2;
@@ -211,30 +249,11 @@ static void FN(moment_parts)(
     const T *x, int64_t R, int64_t C, int64_t B, double *p1, double *p2, int nt) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
     if (B > 1) {
-        if (B >= 4 * LANES) {
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
-            for (int64_t n = 0; n < R; n++)
-                for (int64_t c = 0; c < C; c++) {
-                    const int64_t i = n * C + c;
-                    FN(plane_moments)(x + i * B, x[c * B], B, p1 + i, p2 + i);
-                }
-            return;
-        }
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
         for (int64_t n = 0; n < R; n++)
-            for (int64_t c = 0; c < C; c++) { /* short planes: one vector's partial sums */
+            for (int64_t c = 0; c < C; c++) {
                 const int64_t i = n * C + c;
-                const T *p = x + i * B;
-                const T pv = x[c * B];
-                T a = 0, q = 0;
-#pragma omp simd reduction(+ : a, q)
-                for (int64_t j = 0; j < B; j++) {
-                    T d = p[j] - pv;
-                    a += d;
-                    q += d * d;
-                }
-                p1[i] = a;
-                p2[i] = q;
+                FN(plane_moments)(x + i * B, x[c * B], B, p1 + i, p2 + i);
             }
         return;
     }
@@ -246,15 +265,18 @@ static void FN(moment_parts)(
             const int64_t w = C - c0 < V ? C - c0 : V;
             T a[V] = {0}, q[V] = {0}, pv[V] = {0};
             for (int64_t v = 0; v < w; v++) pv[v] = x[c0 + v];
-            if (w == V) {
-                for (int64_t row = r0; row < r1; row++) {
-                    const T *p = x + row * C + c0;
-#pragma omp simd
-                    for (int64_t v = 0; v < V; v++) {
-                        T d = p[v] - pv[v];
-                        a[v] += d;
-                        q[v] += d * d;
+            if (w == V) { /* a whole block: its sums in NB explicit vectors */
+                FN(vec) A[NB] = {0}, Q[NB] = {0}, P[NB];
+                for (int k = 0; k < NB; k++) P[k] = FN(load)(pv + k * VW);
+                for (int64_t row = r0; row < r1; row++)
+                    for (int k = 0; k < NB; k++) {
+                        const FN(vec) d = FN(load)(x + row * C + c0 + k * VW) - P[k];
+                        A[k] += d;
+                        Q[k] += d * d;
                     }
+                for (int k = 0; k < NB; k++) {
+                    FN(store)(a + k * VW, A[k]);
+                    FN(store)(q + k * VW, Q[k]);
                 }
             } else {
                 for (int64_t row = r0; row < r1; row++) {
@@ -281,43 +303,13 @@ INLINE void FN(grad_parts)(
     const T *scale, const T *shift, const T *mean, T slope, double *p1, double *p2, int nt,
     const int relu) {
     int par = nt > 1 && R * C * B >= PARALLEL_MIN;
-    if (B >= 4 * LANES) {
+    if (B > 1) {
 #pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
         for (int64_t n = 0; n < R; n++)
             for (int64_t c = 0; c < C; c++) {
                 const int64_t i = n * C + c, o = i * B;
                 FN(plane_grad)(dy + o, x + o, r ? r + o : NULL, r ? dz_out + o : NULL, B,
                                scale[c], shift[c], mean[c], slope, p1 + i, p2 + i, relu);
-            }
-        return;
-    }
-    if (B > 1) { /* short planes: one vector's partial sums */
-#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (par)
-        for (int64_t n = 0; n < R; n++)
-            for (int64_t c = 0; c < C; c++) {
-                const int64_t i = n * C + c, o = i * B;
-                const T s = scale[c], t = shift[c], m = mean[c];
-                T a = 0, q = 0;
-                if (r) {
-#pragma omp simd reduction(+ : a, q)
-                    for (int64_t j = o; j < o + B; j++) {
-                        T z = x[j] * s + t + r[j];
-                        T g = DACT(dy[j], z, slope);
-                        dz_out[j] = g;
-                        a += g;
-                        q += g * (x[j] - m);
-                    }
-                } else {
-#pragma omp simd reduction(+ : a, q)
-                    for (int64_t j = o; j < o + B; j++) {
-                        T z = x[j] * s + t;
-                        T g = DACT(dy[j], z, slope);
-                        a += g;
-                        q += g * (x[j] - m);
-                    }
-                }
-                p1[i] = a;
-                p2[i] = q;
             }
         return;
     }
@@ -333,26 +325,26 @@ INLINE void FN(grad_parts)(
                 t[v] = shift[c0 + v];
                 m[v] = mean[c0 + v];
             }
+            if (w == V) { /* a whole block: its sums in NB explicit vectors */
+                FN(vec) A[NB] = {0}, Q[NB] = {0}, S[NB], TT[NB], M[NB];
+                const FN(vec) SL = FN(splat)(slope);
+                for (int k = 0; k < NB; k++) {
+                    S[k] = FN(load)(s + k * VW);
+                    TT[k] = FN(load)(t + k * VW);
+                    M[k] = FN(load)(m + k * VW);
+                }
+                for (int64_t row = r0; row < r1; row++)
+                    for (int k = 0; k < NB; k++)
+                        FN(grad_vector)(dy, x, r, dz_out, row * C + c0 + k * VW, S[k], TT[k],
+                                        M[k], SL, A + k, Q + k, relu);
+                for (int k = 0; k < NB; k++) {
+                    FN(store)(a + k * VW, A[k]);
+                    FN(store)(q + k * VW, Q[k]);
+                }
+            } else
             for (int64_t row = r0; row < r1; row++) {
                 const int64_t o = row * C + c0;
-                if (w == V && r) {
-#pragma omp simd
-                    for (int64_t v = 0; v < V; v++) {
-                        T z = x[o + v] * s[v] + t[v] + r[o + v];
-                        T g = DACT(dy[o + v], z, slope);
-                        dz_out[o + v] = g;
-                        a[v] += g;
-                        q[v] += g * (x[o + v] - m[v]);
-                    }
-                } else if (w == V) {
-#pragma omp simd
-                    for (int64_t v = 0; v < V; v++) {
-                        T z = x[o + v] * s[v] + t[v];
-                        T g = DACT(dy[o + v], z, slope);
-                        a[v] += g;
-                        q[v] += g * (x[o + v] - m[v]);
-                    }
-                } else {
+                {
                     for (int64_t v = 0; v < w; v++) {
                         T z = x[o + v] * s[v] + t[v];
                         if (r) z += r[o + v];
@@ -440,38 +432,22 @@ INLINE int FN(fwd)(
                 FN(plane_out)(x + o, r ? r + o : NULL, y + o, B, scale[c], shift[c], slope, relu);
             }
     } else {
-        const int64_t K = (R + ROWS - 1) / ROWS;
+        /* Rows: each row's C channels in one loop (the coefficients read from their
+         * arrays, in L1). */
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
-            for (int64_t c0 = 0; c0 < C; c0 += V) {
-                const int64_t w = C - c0 < V ? C - c0 : V;
-                T s[V] = {0}, t[V] = {0};
-                for (int64_t v = 0; v < w; v++) {
-                    s[v] = scale[c0 + v];
-                    t[v] = shift[c0 + v];
+        for (int64_t row = 0; row < R; row++) {
+            const int64_t o = row * C;
+            if (r) {
+#pragma omp simd
+                for (int64_t v = 0; v < C; v++) {
+                    T z = x[o + v] * scale[v] + shift[v] + r[o + v];
+                    y[o + v] = ACT(z, slope);
                 }
-                for (int64_t row = r0; row < r1; row++) {
-                    const int64_t o = row * C + c0;
-                    if (w == V && r) {
+            } else {
 #pragma omp simd
-                        for (int64_t v = 0; v < V; v++) {
-                            T z = x[o + v] * s[v] + t[v] + r[o + v];
-                            y[o + v] = ACT(z, slope);
-                        }
-                    } else if (w == V) {
-#pragma omp simd
-                        for (int64_t v = 0; v < V; v++) {
-                            T z = x[o + v] * s[v] + t[v];
-                            y[o + v] = ACT(z, slope);
-                        }
-                    } else {
-                        for (int64_t v = 0; v < w; v++) {
-                            T z = x[o + v] * s[v] + t[v];
-                            if (r) z += r[o + v];
-                            y[o + v] = ACT(z, slope);
-                        }
-                    }
+                for (int64_t v = 0; v < C; v++) {
+                    T z = x[o + v] * scale[v] + shift[v];
+                    y[o + v] = ACT(z, slope);
                 }
             }
         }
@@ -523,45 +499,21 @@ INLINE int FN(bwd)(
                              mean[c], k[c], cc[c], slope, relu);
             }
     } else {
-        const int64_t K = (R + ROWS - 1) / ROWS;
+        /* Rows: each row's C channels in one loop (no accumulators here: the
+         * coefficients are read from their arrays, in L1, not held in registers). */
 #pragma omp parallel for num_threads(nt) schedule(static) if (par)
-        for (int64_t kb = 0; kb < K; kb++) {
-            const int64_t r0 = kb * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
-            for (int64_t c0 = 0; c0 < C; c0 += V) {
-                const int64_t w = C - c0 < V ? C - c0 : V;
-                T s[V] = {0}, t[V] = {0}, m[V] = {0}, kk[V] = {0}, c1[V] = {0};
-                for (int64_t v = 0; v < w; v++) {
-                    s[v] = scale[c0 + v];
-                    t[v] = shift[c0 + v];
-                    m[v] = mean[c0 + v];
-                    kk[v] = k[c0 + v];
-                    c1[v] = cc[c0 + v];
-                }
-                for (int64_t row = r0; row < r1; row++) {
-                    const int64_t o = row * C + c0;
-                    if (w == V && r) {
+        for (int64_t row = 0; row < R; row++) {
+            const int64_t o = row * C;
+            if (r) {
 #pragma omp simd
-                        for (int64_t v = 0; v < V; v++)
-                            dx[o + v] = dr[o + v] * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
-                    } else if (w == V) {
+                for (int64_t v = 0; v < C; v++)
+                    dx[o + v] = dr[o + v] * scale[v] + (x[o + v] - mean[v]) * k[v] + cc[v];
+            } else {
 #pragma omp simd
-                        for (int64_t v = 0; v < V; v++) {
-                            T z = x[o + v] * s[v] + t[v];
-                            T g = DACT(dy[o + v], z, slope);
-                            dx[o + v] = g * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
-                        }
-                    } else {
-                        for (int64_t v = 0; v < w; v++) {
-                            T g;
-                            if (r) {
-                                g = dr[o + v];
-                            } else {
-                                T z = x[o + v] * s[v] + t[v];
-                                g = DACT(dy[o + v], z, slope);
-                            }
-                            dx[o + v] = g * s[v] + (x[o + v] - m[v]) * kk[v] + c1[v];
-                        }
-                    }
+                for (int64_t v = 0; v < C; v++) {
+                    T z = x[o + v] * scale[v] + shift[v];
+                    T g = DACT(dy[o + v], z, slope);
+                    dx[o + v] = g * scale[v] + (x[o + v] - mean[v]) * k[v] + cc[v];
                 }
             }
         }
@@ -598,5 +550,7 @@ int FN(bnorm_bwd)(
 #undef LANES
 #undef VW
 #undef NV
+#undef NB
+#undef HW
 #undef ACT
 #undef DACT
