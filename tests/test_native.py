@@ -105,11 +105,11 @@ def rel_err(a, b) -> float:
 
 # (shape, channels_last): a plane longer than one summation block (1024) and not a
 # multiple of it; planes that end in 1-3 whole vectors after the last 128-byte step and
-# then single values (63 values), and one shorter than a vector (6 values); channel counts below, at, between and above the rows loops' channel
-# block (256 bytes with AVX-512: 64 float32 / 32 float64 channels; 128 with AVX2: 32 / 16),
-# with a partial last block; rows in
-# several chunks of 256 and a partial last one; an (N, C) input (rows of channels) and an
-# (N, C, L) one; a single channel.
+# then single values (63 values), and one shorter than a vector (6 values); channel
+# counts below, at, between and above the rows loops' channel block (256 bytes with
+# AVX-512: 64 float32 / 32 float64 channels; 128 with AVX2: 32 / 16), with a partial last
+# block; rows in several chunks of 256 and a partial last one; an (N, C) input (rows of
+# channels) and an (N, C, L) one; a single channel.
 SHAPES = [
     ((3, 4, 40, 41), False),
     ((5, 17, 9, 7), True),
@@ -544,6 +544,28 @@ def test_the_benchmarks_streaming_floor_stands_in_for_every_fused_layer():
     assert torch.equal(y, xs + rs)
     torch.testing.assert_close(xs.grad, dy + xs.detach() * rs + xs.detach())
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_model_benchmarks_spread_is_taken_within_each_round():
+    from bnorm.bench.kernels import _paired_quartiles
+
+    # Round i: no-BN 10 + i, torch 20 + 2i, bnorm 12 + i (a machine that slows down from
+    # round to round): within each round bnorm adds 2 where torch adds 10 + i.
+    rounds = range(9)
+    samples = {
+        "none": [10.0 + i for i in rounds],
+        "torch": [20.0 + 2 * i for i in rounds],
+        "bnorm": [12.0 + i for i in rounds],
+    }
+    ratio_q, cost_q = _paired_quartiles(samples)["bnorm"]
+    cost = sorted(2 / (10 + i) for i in rounds)
+    ratio = sorted((12 + i) / (10 + i) for i in rounds)
+    # statistics.quantiles' default ("exclusive") method: positions (n + 1)/4 and 3(n + 1)/4
+    assert cost_q == [round(cost[1] + 0.5 * (cost[2] - cost[1]), 3),
+                      round(cost[6] + 0.5 * (cost[7] - cost[6]), 3)]  # fmt: skip
+    assert ratio_q == [round(ratio[1] + 0.5 * (ratio[2] - ratio[1]), 3),
+                       round(ratio[6] + 0.5 * (ratio[7] - ratio[6]), 3)]  # fmt: skip
+    assert set(_paired_quartiles(samples)) == {"bnorm"}
 
 
 def test_the_node_checks_what_its_kernels_would_read_on_a_direct_call():

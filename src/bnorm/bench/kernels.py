@@ -193,6 +193,7 @@ def _fixed_cost(
         },
         max(args.repeats, 20),
         args.warmup,
+        settle=1,
     )
 
 
@@ -479,9 +480,12 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             for step in steps.values():
                 step()  # compile outside the timing
         compile_s = time.perf_counter() - start
-        samples = time_alternated_samples(steps, repeats, max(1, args.warmup), settle=1)
+        # (batch 16's steps are short: three times the rounds, for the same spread)
+        rounds = repeats * (3 if n <= 16 else 1)
+        samples = time_alternated_samples(steps, rounds, max(1, args.warmup), settle=1)
         t = {k: statistics.median(v) for k, v in samples.items()}
         q = {k: statistics.quantiles(v, n=4) for k, v in samples.items()}
+        paired = _paired_quartiles(samples)
         faults = {norm: _page_faults(step) for norm, step in steps.items()}
         row = {
             "mode": mode,
@@ -498,6 +502,10 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             "torch/no_bn": t["torch"] / t["none"],
             # The time BN adds to the step, bnorm's over torch's (target <= 1/3).
             "bn_cost/torch": (t["bnorm"] - t["none"]) / (t["torch"] - t["none"]),
+            # The spread: quartiles of the same ratios taken within each round of samples.
+            "bnorm/no_bn_q1_q3": paired["bnorm"][0],
+            "bn_cost/torch_q1_q3": paired["bnorm"][1],
+            "rounds": rounds,
             "faults/step torch, bnorm, no-BN": [faults["torch"], faults["bnorm"], faults["none"]],
         }
         if mode == "compiled":
@@ -507,21 +515,52 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             row["floor_ms_q1_q3"] = [round(1e3 * q["floor"][0], 2), round(1e3 * q["floor"][2], 2)]
             row["floor/no_bn"] = t["floor"] / t["none"]
             row["floor bn_cost/torch"] = (t["floor"] - t["none"]) / (t["torch"] - t["none"])
+            row["floor/no_bn_q1_q3"] = paired["floor"][0]
+            row["floor bn_cost/torch_q1_q3"] = paired["floor"][1]
         rows.append(row)
         target_torch = MODEL_TARGET_TORCH if mode == "eager" else 1.0
         summary.append(
             f"ResNet-20 step ({mode}, batch {n}): bnorm/torch {row['bnorm/torch']:.2f}x "
             f"(target <= {target_torch}x), bnorm/no-BN {row['bnorm/no_bn']:.2f}x (target <= "
             f"{MODEL_TARGET_NO_BN}x), torch/no-BN {row['torch/no_bn']:.2f}x, BN cost bnorm/torch "
-            f"{row['bn_cost/torch']:.2f} (target <= {MODEL_TARGET_BN_COST:.2f})"
+            f"{row['bn_cost/torch']:.2f} (target <= {MODEL_TARGET_BN_COST:.2f}); within-round "
+            f"quartiles: bnorm/no-BN {_span(row['bnorm/no_bn_q1_q3'])}, BN cost "
+            f"{_span(row['bn_cost/torch_q1_q3'])}"
         )
         if mode == "eager":
             summary.append(
                 f"  its floor (minimal passes, each one ATen streaming op, in a Python "
                 f"Function): floor/no-BN {row['floor/no_bn']:.2f}x, BN cost floor/torch "
-                f"{row['floor bn_cost/torch']:.2f}"
+                f"{row['floor bn_cost/torch']:.2f} (within-round quartiles "
+                f"{_span(row['floor/no_bn_q1_q3'])}, {_span(row['floor bn_cost/torch_q1_q3'])})"
             )
     return {"rows": rows, "summary": summary}
+
+
+def _paired_quartiles(
+    samples: dict[str, list[float]],
+) -> dict[str, tuple[list[float], list[float]]]:
+    """For each model but torch's and no-BN's: the first and third quartiles of its step
+    over no-BN's, and of its BN cost over torch's, taken within each round (the samples of
+    one round ran back to back, so a slow spell of the machine moves them together)."""
+    out = {}
+    for name in samples:
+        if name in ("torch", "none"):
+            continue
+        rounds = list(zip(samples[name], samples["none"], samples["torch"], strict=True))
+        ratio = [s / none for s, none, _ in rounds]
+        cost = [(s - none) / (torch_ - none) for s, none, torch_ in rounds if torch_ != none]
+        out[name] = (_quartiles(ratio), _quartiles(cost))
+    return out
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [round(q[0], 3), round(q[2], 3)]
+
+
+def _span(q: list[float]) -> str:
+    return f"{q[0]:.2f}..{q[1]:.2f}"
 
 
 def _page_faults(fn: Callable[[], None], calls: int = 3) -> float | None:
