@@ -106,10 +106,10 @@ def rel_err(a, b) -> float:
 # (shape, channels_last): a plane longer than one summation block (1024) and not a
 # multiple of it; planes that end in 1-3 whole vectors after the last 128-byte step and
 # then single values (63 values), and one shorter than a vector (6 values); channel
-# counts below, at, between and above the rows loops' channel block (256 bytes with
-# AVX-512: 64 float32 / 32 float64 channels; 128 with AVX2: 32 / 16), with a partial last
-# block; rows in several chunks of 256 and a partial last one; an (N, C) input (rows of
-# channels) and an (N, C, L) one; a single channel.
+# counts below, at, between and above the rows loops' channel block (64 float32 / 32
+# float64 channels: 8 vectors), blocks of every width from 1 to 8 vectors, with single
+# channels after the last whole vector; rows in several chunks of 256 and a partial last
+# one; an (N, C) input (rows of channels) and an (N, C, L) one; a single channel.
 SHAPES = [
     ((3, 4, 40, 41), False),
     ((5, 17, 9, 7), True),
@@ -123,6 +123,8 @@ SHAPES = [
     ((40, 33), False),
     ((4, 5, 7, 9), False),
     ((5, 3, 2, 3), False),
+    ((3, 56, 4, 5), True),
+    ((2, 27, 6, 6), True),
 ]
 
 

@@ -22,16 +22,20 @@
 #define BLOCK 1024
 #define ROWS 256
 #define PARALLEL_MIN 32768 /* elements: below, the loops run on the calling thread */
-#ifndef VBYTES
-/* Bytes of channels per block in the rows loops (channels_last): the block's two rows of
- * partial sums stay in the vector registers — 2×256 bytes in AVX-512's 32, 2×128 in
- * AVX2's 16 (256 there spilled to memory: 10–14% slower at 32 channels). */
-#if defined(__AVX512F__)
-#define VBYTES 256
-#else
-#define VBYTES 128
-#endif
-#endif
+/* CALL(k) for k = nb, 1 ≤ nb ≤ 8, as a constant: each width of the rows loops' channel
+ * blocks compiled on its own, its partial sums in registers (none for nb = 0). */
+#define BLOCK_DISPATCH(nb, CALL)                                                           \
+    switch (nb) {                                                                          \
+    case 1: CALL(1); break;                                                                \
+    case 2: CALL(2); break;                                                                \
+    case 3: CALL(3); break;                                                                \
+    case 4: CALL(4); break;                                                                \
+    case 5: CALL(5); break;                                                                \
+    case 6: CALL(6); break;                                                                \
+    case 7: CALL(7); break;                                                                \
+    case 8: CALL(8); break;                                                                \
+    default: break;                                                                        \
+    }
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)

@@ -1,11 +1,11 @@
 /* The kernels for one element type T (float or double), named with the suffix SFX.
  * Included twice by bn_act_native.c. */
 #define FN(name) CAT(name, SFX)
-#define V ((int64_t)(VBYTES / sizeof(T))) /* channels per block in the rows loops */
+#define V ((int64_t)(NB * VW))             /* channels per block in the rows loops */
 #define LANES ((int64_t)(128 / sizeof(T)))  /* values per step of the planes loops' sums */
 #define VW ((int64_t)(32 / sizeof(T)))      /* values per explicit vector (32 bytes) */
 #define NV 4                                /* explicit vectors of partial sums: LANES / VW */
-#define NB ((int)(V / VW))                  /* explicit vectors per channel block */
+#define NB 8                                /* explicit vectors per channel block (rows) */
 #define HW ((int)(16 / sizeof(T)))          /* values per half vector */
 
 typedef T FN(vec) __attribute__((vector_size(32)));
@@ -244,6 +244,48 @@ INLINE void FN(plane_dx)(
     }
 }
 
+/* Rows r0..r1 of the channels c0 .. c0 + nb·VW (nb whole vectors, nb ≤ NB): the sums
+ * of x − pv and (x − pv)², pv = each channel's first value, into a and q. nb is a
+ * constant where this is inlined (BLOCK_DISPATCH), so the partial sums are explicit
+ * vectors held in registers across the rows, a whole row's channels in one sweep. */
+INLINE void FN(rows_moments)(
+    const T *x, int64_t C, int64_t c0, int64_t r0, int64_t r1, T *a, T *q, const int nb) {
+    FN(vec) A[NB] = {0}, Q[NB] = {0}, P[NB];
+    for (int k = 0; k < nb; k++) P[k] = FN(load)(x + c0 + k * VW);
+    for (int64_t row = r0; row < r1; row++)
+        for (int k = 0; k < nb; k++) {
+            const FN(vec) d = FN(load)(x + row * C + c0 + k * VW) - P[k];
+            A[k] += d;
+            Q[k] += d * d;
+        }
+    for (int k = 0; k < nb; k++) {
+        FN(store)(a + k * VW, A[k]);
+        FN(store)(q + k * VW, Q[k]);
+    }
+}
+
+/* As rows_moments, the sums of dz and dz·(x − μ) (grad_vector) over rows r0..r1. */
+INLINE void FN(rows_grad)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t C, int64_t c0, int64_t r0,
+    int64_t r1, const T *scale, const T *shift, const T *mean, T slope, T *a, T *q,
+    const int relu, const int nb) {
+    FN(vec) A[NB] = {0}, Q[NB] = {0}, S[NB], TT[NB], M[NB];
+    const FN(vec) SL = FN(splat)(slope);
+    for (int k = 0; k < nb; k++) {
+        S[k] = FN(load)(scale + c0 + k * VW);
+        TT[k] = FN(load)(shift + c0 + k * VW);
+        M[k] = FN(load)(mean + c0 + k * VW);
+    }
+    for (int64_t row = r0; row < r1; row++)
+        for (int k = 0; k < nb; k++)
+            FN(grad_vector)(dy, x, r, dz_out, row * C + c0 + k * VW, S[k], TT[k], M[k], SL,
+                            A + k, Q + k, relu);
+    for (int k = 0; k < nb; k++) {
+        FN(store)(a + k * VW, A[k]);
+        FN(store)(q + k * VW, Q[k]);
+    }
+}
+
 /* Per-part sums of d = x − pivot[c] and d², pivot[c] = the channel's first value. */
 static void FN(moment_parts)(
     const T *x, int64_t R, int64_t C, int64_t B, double *p1, double *p2, int nt) {
@@ -263,30 +305,21 @@ static void FN(moment_parts)(
         const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
         for (int64_t c0 = 0; c0 < C; c0 += V) {
             const int64_t w = C - c0 < V ? C - c0 : V;
-            T a[V] = {0}, q[V] = {0}, pv[V] = {0};
-            for (int64_t v = 0; v < w; v++) pv[v] = x[c0 + v];
-            if (w == V) { /* a whole block: its sums in NB explicit vectors */
-                FN(vec) A[NB] = {0}, Q[NB] = {0}, P[NB];
-                for (int k = 0; k < NB; k++) P[k] = FN(load)(pv + k * VW);
-                for (int64_t row = r0; row < r1; row++)
-                    for (int k = 0; k < NB; k++) {
-                        const FN(vec) d = FN(load)(x + row * C + c0 + k * VW) - P[k];
-                        A[k] += d;
-                        Q[k] += d * d;
-                    }
-                for (int k = 0; k < NB; k++) {
-                    FN(store)(a + k * VW, A[k]);
-                    FN(store)(q + k * VW, Q[k]);
-                }
-            } else {
+            const int nb = (int)(w / VW); /* whole vectors; then w − nb·VW single channels */
+            T a[V], q[V];
+#define MOMENTS_BLOCK(NBK) FN(rows_moments)(x, C, c0, r0, r1, a, q, NBK)
+            BLOCK_DISPATCH(nb, MOMENTS_BLOCK);
+#undef MOMENTS_BLOCK
+            for (int64_t v = nb * VW; v < w; v++) {
+                const T pv = x[c0 + v];
+                T sa = 0, sq = 0;
                 for (int64_t row = r0; row < r1; row++) {
-                    const T *p = x + row * C + c0;
-                    for (int64_t v = 0; v < w; v++) {
-                        T d = p[v] - pv[v];
-                        a[v] += d;
-                        q[v] += d * d;
-                    }
+                    T d = x[row * C + c0 + v] - pv;
+                    sa += d;
+                    sq += d * d;
                 }
+                a[v] = sa;
+                q[v] = sq;
             }
             for (int64_t v = 0; v < w; v++) {
                 p1[k * C + c0 + v] = a[v];
@@ -319,41 +352,27 @@ INLINE void FN(grad_parts)(
         const int64_t r0 = k * ROWS, r1 = r0 + ROWS < R ? r0 + ROWS : R;
         for (int64_t c0 = 0; c0 < C; c0 += V) {
             const int64_t w = C - c0 < V ? C - c0 : V;
-            T a[V] = {0}, q[V] = {0}, s[V] = {0}, t[V] = {0}, m[V] = {0};
-            for (int64_t v = 0; v < w; v++) {
-                s[v] = scale[c0 + v];
-                t[v] = shift[c0 + v];
-                m[v] = mean[c0 + v];
-            }
-            if (w == V) { /* a whole block: its sums in NB explicit vectors */
-                FN(vec) A[NB] = {0}, Q[NB] = {0}, S[NB], TT[NB], M[NB];
-                const FN(vec) SL = FN(splat)(slope);
-                for (int k = 0; k < NB; k++) {
-                    S[k] = FN(load)(s + k * VW);
-                    TT[k] = FN(load)(t + k * VW);
-                    M[k] = FN(load)(m + k * VW);
+            const int nb = (int)(w / VW); /* whole vectors; then w − nb·VW single channels */
+            T a[V], q[V];
+#define GRAD_BLOCK(NBK)                                                                     \
+    FN(rows_grad)(dy, x, r, dz_out, C, c0, r0, r1, scale, shift, mean, slope, a, q, relu, NBK)
+            BLOCK_DISPATCH(nb, GRAD_BLOCK);
+#undef GRAD_BLOCK
+            for (int64_t v = nb * VW; v < w; v++) {
+                const int64_t c = c0 + v;
+                const T s = scale[c], t = shift[c], m = mean[c];
+                T sa = 0, sq = 0;
+                for (int64_t row = r0; row < r1; row++) {
+                    const int64_t o = row * C + c;
+                    T z = x[o] * s + t;
+                    if (r) z += r[o];
+                    T g = DACT(dy[o], z, slope);
+                    if (r) dz_out[o] = g;
+                    sa += g;
+                    sq += g * (x[o] - m);
                 }
-                for (int64_t row = r0; row < r1; row++)
-                    for (int k = 0; k < NB; k++)
-                        FN(grad_vector)(dy, x, r, dz_out, row * C + c0 + k * VW, S[k], TT[k],
-                                        M[k], SL, A + k, Q + k, relu);
-                for (int k = 0; k < NB; k++) {
-                    FN(store)(a + k * VW, A[k]);
-                    FN(store)(q + k * VW, Q[k]);
-                }
-            } else
-            for (int64_t row = r0; row < r1; row++) {
-                const int64_t o = row * C + c0;
-                {
-                    for (int64_t v = 0; v < w; v++) {
-                        T z = x[o + v] * s[v] + t[v];
-                        if (r) z += r[o + v];
-                        T g = DACT(dy[o + v], z, slope);
-                        if (r) dz_out[o + v] = g;
-                        a[v] += g;
-                        q[v] += g * (x[o + v] - m[v]);
-                    }
-                }
+                a[v] = sa;
+                q[v] = sq;
             }
             for (int64_t v = 0; v < w; v++) {
                 p1[k * C + c0 + v] = a[v];
