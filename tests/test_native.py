@@ -596,3 +596,33 @@ def test_the_node_checks_what_its_kernels_would_read_on_a_direct_call():
     torch.testing.assert_close(invstd, (var + 1e-5).rsqrt())
     want = torch.relu((x - mean.view(1, 4, 1, 1)) * invstd.view(1, 4, 1, 1))
     torch.testing.assert_close(y, want)
+
+
+def test_env_switches_are_read_at_every_call_as_os_environ_has_them(monkeypatch):
+    from bnorm.options import env_switch
+
+    name = "BNORM_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    assert not env_switch(name)
+    for value, on in [("1", True), ("yes", True), ("0", False), ("", False), ("00", True)]:
+        monkeypatch.setenv(name, value)
+        assert env_switch(name) is on, value
+        assert on is (os.environ.get(name, "") not in ("", "0"))
+    monkeypatch.delenv(name)
+    assert not env_switch(name)
+    # os.environ replaced by a plain mapping: read through it.
+    monkeypatch.setattr(os, "environ", {name: "1"})
+    assert env_switch(name)
+    monkeypatch.setattr(os, "environ", {name: "0"})
+    assert not env_switch(name)
+
+
+def test_the_native_kernels_switch_off_and_on_again_at_the_next_call(monkeypatch):
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)
+    layer = bnorm.BatchNormAct2d(8, activation="relu")
+    node = "torch::autograd::CppNode<(anonymous namespace)::BatchNormAct>"
+    assert layer(x).grad_fn.name() == node
+    monkeypatch.setenv("BNORM_NO_NATIVE", "1")
+    assert "BatchNormAct>" not in layer(x).grad_fn.name()
+    monkeypatch.setenv("BNORM_NO_NATIVE", "0")
+    assert layer(x).grad_fn.name() == node

@@ -7,7 +7,6 @@ failed compile (one warning), and what an enclosing ``torch.compile`` sees."""
 from __future__ import annotations
 
 import functools
-import os
 import types
 import warnings
 from collections.abc import Callable
@@ -16,13 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..options import env_switch
+
 _ENV_NO_COMPILE = "BNORM_NO_COMPILE"
 
 
 def compile_enabled() -> bool:
     """Whether the kernels are compiled: False when ``BNORM_NO_COMPILE`` is set to anything
     but ``""``/``"0"``, when torch.compile is unsupported here, or after a failed compile."""
-    if os.environ.get(_ENV_NO_COMPILE, "") not in ("", "0"):
+    if env_switch(_ENV_NO_COMPILE):
         return False
     return _COMPILE_FAILURE is None and _dynamo_supported()
 

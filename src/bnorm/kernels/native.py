@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..options import Activation
+from ..options import Activation, env_switch
 
 __all__ = ["Shape", "available", "backward", "forward", "node", "slope_of", "supports"]
 
@@ -95,7 +95,7 @@ def supports(x: Tensor, residual: Tensor | None, act: Activation) -> bool:
 def available() -> bool:
     """Whether the native kernels are on: not switched off with ``BNORM_NO_NATIVE`` and
     the library built (building it on the first call)."""
-    if os.environ.get(_ENV_NO_NATIVE, "") not in ("", "0"):
+    if env_switch(_ENV_NO_NATIVE):
         return False
     return _library() is not None
 
@@ -392,7 +392,7 @@ def node() -> Any | None:
     ``BNORM_NO_NATIVE_NODE=1``, or (after one warning) where it cannot be built or loaded
     — the layers then call the kernels from a Python ``autograd.Function``, with the same
     results. For a call :func:`supports` has accepted (the kernels are on and built)."""
-    if os.environ.get(_ENV_NO_NODE, "") not in ("", "0"):
+    if env_switch(_ENV_NO_NODE):
         return None
     return _node()
 
