@@ -248,6 +248,9 @@ def _layer_part(args: argparse.Namespace) -> dict[str, Any]:
                     {
                         "eager": _fwd_bwd(eager, x, dy, res),
                         "compiled": _fwd_bwd(compiled, x, dy, res),
+                        # Not reported: the case right after the compiled baseline (13-50
+                        # ms here) ran ~15% slow even settled, and that case was bnorm's.
+                        "after_compiled": _fwd_bwd(eager, x, dy, res),
                         "bnorm": _fwd_bwd(ours, x, dy, res),
                         "fused": _fused_forced(_fwd_bwd(ours, x, dy, res)),
                         "fused_fwd": _fused_forced(_fwd(ours, x, res)),
