@@ -151,6 +151,19 @@ INLINE void FN(plane_out)(
     }
 }
 
+/* One value of dz = dy·a'(x·s + t + r) at offset o (written to dz_out with a residual),
+ * added to the sums a += dz and q += dz·(x − m). */
+INLINE void FN(grad_value)(
+    const T *dy, const T *x, const T *r, T *dz_out, int64_t o, T s, T t, T m, T slope, T *a,
+    T *q, const int relu) {
+    T z = x[o] * s + t;
+    if (r) z += r[o];
+    const T g = DACT(dy[o], z, slope);
+    if (r) dz_out[o] = g;
+    *a += g;
+    *q += g * (x[o] - m);
+}
+
 /* One vector of dz = dy·a'(x·S + T + r) at offset o (written to dz_out with a residual),
  * added to the partial sums A += dz and Q += dz·(x − M). */
 INLINE void FN(grad_vector)(
@@ -186,14 +199,7 @@ INLINE void FN(lanes_grad)(
         else
             FN(grad_vector)(dy, x, r, dz_out, j, S, TT, M, SL, A + 2, Q + 2, relu);
     T a = FN(vsum)(A), q = FN(vsum)(Q);
-    for (; j < n; j++) {
-        T z = x[j] * s + t;
-        if (r) z += r[j];
-        T g = DACT(dy[j], z, slope);
-        if (r) dz_out[j] = g;
-        a += g;
-        q += g * (x[j] - m);
-    }
+    for (; j < n; j++) FN(grad_value)(dy, x, r, dz_out, j, s, t, m, slope, &a, &q, relu);
     *s1 = a;
     *s2 = q;
 }
@@ -362,15 +368,8 @@ INLINE void FN(grad_parts)(
                 const int64_t c = c0 + v;
                 const T s = scale[c], t = shift[c], m = mean[c];
                 T sa = 0, sq = 0;
-                for (int64_t row = r0; row < r1; row++) {
-                    const int64_t o = row * C + c;
-                    T z = x[o] * s + t;
-                    if (r) z += r[o];
-                    T g = DACT(dy[o], z, slope);
-                    if (r) dz_out[o] = g;
-                    sa += g;
-                    sq += g * (x[o] - m);
-                }
+                for (int64_t row = r0; row < r1; row++)
+                    FN(grad_value)(dy, x, r, dz_out, row * C + c, s, t, m, slope, &sa, &sq, relu);
                 a[v] = sa;
                 q[v] = sq;
             }
