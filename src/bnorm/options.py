@@ -48,6 +48,7 @@ def env_switch(name: str) -> bool:
         value = environ.get(name)
     return value is not None and value not in _OFF
 
+
 # Tensor functions of one activation with parameter p (leaky_relu's slope, elu's α).
 _Unary = Callable[[Tensor, float], Tensor]
 _Binary = Callable[[Tensor, Tensor, float], Tensor]

@@ -457,7 +457,8 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
     """The ResNet-20 step at batch 16 and 128 (16 only with ``--quick``) in eager mode and
     at the largest batch under torch.compile: medians with quartiles of alternated samples,
     each sample one step after an untimed one of the same model (see ``settle`` in
-    :func:`bnorm.testing.time_alternated_samples`), and the page faults per step. In eager
+    :func:`bnorm.testing.time_alternated_samples`), the ratios' quartiles taken within
+    each round (:func:`_paired_quartiles`), and the page faults per step. In eager
     mode also the step with every bnorm layer replaced by a :class:`StreamingFloor`: the
     floor under bnorm/no-BN and the BN cost that minimal traffic through a Python Function
     allows here."""

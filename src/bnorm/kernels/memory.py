@@ -69,6 +69,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["memory_saving"]
 
+
 class _State(threading.local):
     """Per-thread: the active scope. A class-level default, so that reading it where no
     scope was ever entered finds None (getattr with a default raised and caught an
