@@ -62,6 +62,7 @@ from .kernels import (
     batch_norm_moving_average_train,
     compile_enabled,
     fused_pays,
+    fused_step,
     store_running,
 )
 from .ops import (
@@ -678,11 +679,17 @@ def _plain_training(
     check_cumulative_average_has_count(plan.momentum, num_batches_tracked)
     x = input.movedim(ax, 1) if ax != 1 else input
     rm, rv, tracked, skipped = running_mean, running_var, num_batches_tracked, num_batches_skipped
-    if tail and fused_pays(input, False, plan.activation, residual):
-        # The fused kernels, as _native_training calls them (for this call's state, every
-        # check it would make has passed above): without its checks' fixed cost.
+    if tail:
+        # The fused kernels where they pay, as _native_training calls them (for this
+        # call's state, every check it would make has passed above): without its checks'
+        # fixed cost, the decision and the call in one (kernels.fused_step).
         running = _running_buffers(rm, rv, plan.momentum, tracked, skipped)
-        return _fused_training(plan, x, weight, bias, residual, ax, running)
+        res = residual.movedim(ax, 1) if residual is not None and ax != 1 else residual
+        fused = fused_step(
+            x, weight, bias, res, plan.eps, plan.activation, running, plan.skip_nonfinite
+        )
+        if fused is not None:
+            return fused[0].movedim(1, ax) if ax != 1 else fused[0]
     out = _native_training_cpu_update(plan, x, weight, bias, rm, rv, tracked, skipped)
     out = out.movedim(1, ax) if ax != 1 else out
     return activation_tail(out, residual, plan.activation) if tail else out

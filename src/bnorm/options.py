@@ -41,12 +41,18 @@ def env_switch(name: str) -> bool:
     ``os.environ.get``'s Python-level mapping calls cost 3-4 µs each there, this ~0.2)."""
     environ = os.environ
     data = getattr(environ, "_data", None)
-    encode = getattr(environ, "encodekey", None)
-    if type(data) is dict and encode is not None:
-        value = data.get(encode(name))
+    key = _ENV_KEYS.get(name)
+    if key is None and type(data) is dict and hasattr(environ, "encodekey"):
+        key = _ENV_KEYS[name] = environ.encodekey(name)
+    if type(data) is dict and key is not None:
+        value = data.get(key)
     else:  # (another Python, or os.environ replaced by a plain mapping)
         value = environ.get(name)
     return value is not None and value not in _OFF
+
+
+# env_switch's names as keys of the dict behind CPython's os.environ (bytes on POSIX).
+_ENV_KEYS: dict[str, object] = {}
 
 
 # Tensor functions of one activation with parameter p (leaky_relu's slope, elu's α).

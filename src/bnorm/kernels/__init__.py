@@ -25,6 +25,7 @@ from .bn_act import (
     NATIVE_MIN_NUMEL,
     batch_norm_act_train,
     fused_pays,
+    fused_step,
 )
 from .compile import compile_enabled
 from .memory import memory_saving
@@ -46,6 +47,7 @@ __all__ = [
     "batch_norm_moving_average_train",
     "compile_enabled",
     "fused_pays",
+    "fused_step",
     "memory_saving",
     "store_running",
 ]

@@ -79,6 +79,7 @@ traced into the caller's graph.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,6 +100,7 @@ __all__ = [
     "NATIVE_MIN_NUMEL",
     "batch_norm_act_train",
     "fused_pays",
+    "fused_step",
 ]
 
 MIN_ABS_WEIGHT = 1e-3
@@ -135,20 +137,62 @@ def fused_pays(
     (the fused Functions are refused there), and from :data:`NATIVE_MIN_NUMEL` elements on (the
     native kernels) or :data:`FUSED_MIN_NUMEL` elements per thread (the compiled ones; 1 or
     2 threads: the range measured, where their fixed cost weighed against time per element
-    that halves with 2 threads)."""
+    that halves with 2 threads). :func:`fused_step` makes the same decision."""
     if memory_efficient or not x.is_cpu:
         return True
     if torch._C._are_functorch_transforms_active():  # (torch.func: the Functions refuse)
         return False
     if torch.is_grad_enabled() and current_scope() is not None:
         return True
-    numel = x.numel()
-    native_pays = numel >= NATIVE_MIN_NUMEL
-    compiled_pays = numel >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2)
-    if native_pays == compiled_pays:  # (the common cases: no need to ask which kernels)
-        return native_pays
     act = activation if activation is not None else IDENTITY
-    return native_pays if native.supports(x, residual, act) else compiled_pays
+    return _size_pays(x.numel(), lambda: native.supports(x, residual, act))
+
+
+def _size_pays(numel: int, native_ok: Callable[[], bool]) -> bool:
+    """:func:`fused_pays`'s thresholds, for an input of ``numel`` elements on CPU;
+    ``native_ok()``: whether the native kernels take the call (asked only where the
+    answer decides)."""
+    if numel >= FUSED_MIN_NUMEL * min(torch.get_num_threads(), 2):
+        return True
+    return numel >= NATIVE_MIN_NUMEL and native_ok()
+
+
+def fused_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    activation: Activation | None,
+    running: RunningState | None,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`batch_norm_act_train` (not memory-efficient) where :func:`fused_pays` says
+    the fused kernels pay for this call, else None (the caller runs ATen's ops): both
+    decisions with each of their checks made once — the per-call path of the plain layers
+    (``bnorm.functional``), where a forward's Python costs as much as its kernels at
+    small batches. Not for use inside torch.compile's tracing (the caller checks)."""
+    act = activation if activation is not None else IDENTITY
+    if not x.is_cpu:
+        return batch_norm_act_train(
+            x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
+        )
+    if torch._C._are_functorch_transforms_active():
+        return None
+    if torch.is_grad_enabled() and current_scope() is not None:
+        return batch_norm_act_train(
+            x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
+        )
+    native_ok = _native_takes(x, weight, bias, residual, act)
+    if not _size_pays(x.numel(), lambda: native_ok):
+        return None
+    if native_ok:
+        out = _native_node_step(x, weight, bias, residual, eps, act, running, skip_nonfinite)
+        if out is not None:
+            return out
+    return batch_norm_act_train(
+        x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
+    )
 
 
 def _forward_kernel(
@@ -722,20 +766,14 @@ def batch_norm_act_train(
         if (
             scope is None
             and not torch._C._are_functorch_transforms_active()
-            and native.supports(x, residual, act)
-            and (weight is None or weight.is_cpu)
-            and (bias is None or bias.is_cpu)
+            and _native_takes(x, weight, bias, residual, act)
         ):
+            out = _native_node_step(x, weight, bias, residual, eps, act, running, skip_nonfinite)
+            if out is not None:
+                return out
             layout = _Layout.of(x)
             if layout.dense:
                 shape = (layout.a, x.shape[1], layout.b)
-                node = native.node()
-                if node is not None and (running is None or _runs_in_kernel(running, x.dtype)):
-                    rm, rv, alpha, tracked, skipped = running or (None, None, 0.0, None, None)
-                    return node(  # type: ignore[no-any-return]
-                        x, weight, bias, residual, rm, rv, tracked, skipped, *shape, eps,
-                        native.slope_of(act), alpha, skip_nonfinite,
-                    )  # fmt: skip
                 step = _NativeStep(eps, act, running, skip_nonfinite, shape)
                 y = _BatchNormActNative.apply(x, weight, bias, residual, step)
                 return y, step.mean, step.invstd  # type: ignore[return-value]
@@ -743,3 +781,43 @@ def batch_norm_act_train(
         x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite, scope
     )
     return out[0], out[1], out[2]
+
+
+def _native_takes(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, act: Activation
+) -> bool:
+    """Whether the native kernels run this step (outside memory-efficient mode, torch.func
+    transforms, a memory_saving scope and torch.compile's tracing): :func:`native.supports`
+    and CPU parameters."""
+    return (
+        native.supports(x, residual, act)
+        and (weight is None or weight.is_cpu)
+        and (bias is None or bias.is_cpu)
+    )
+
+
+def _native_node_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    act: Activation,
+    running: RunningState | None,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The step by the native kernels' C++ node for a call :func:`_native_takes` took;
+    None where x's memory is not one (A, C, B) block as it is, the node is not available,
+    or the running buffers are not ones the kernel updates itself (the caller then runs a
+    Function). Outside torch.compile's tracing (the callers check)."""
+    layout = _Layout.cached(x)
+    if not layout.dense:
+        return None
+    node = native.node()
+    if node is None or (running is not None and not _runs_in_kernel(running, x.dtype)):
+        return None
+    rm, rv, alpha, tracked, skipped = running or (None, None, 0.0, None, None)
+    return node(  # type: ignore[no-any-return]
+        x, weight, bias, residual, rm, rv, tracked, skipped, layout.a, x.shape[1], layout.b,
+        eps, native.slope_of(act), alpha, skip_nonfinite,
+    )  # fmt: skip
