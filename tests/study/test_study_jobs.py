@@ -1,57 +1,20 @@
 """`bnorm study --jobs N` and the cluster executors (Ray's local cluster, submitit's
 local executor for the Slurm path): the same metrics.json as the sequential study apart
-from timings, Ctrl-C/--resume, a failing run named, and bad placement options rejected
-before anything is written."""
+from timings, a failing run named, and bad placement options rejected before anything is
+written. (Ctrl-C and a killed worker: test_study_jobs_signals.py.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from jobs_common import SMALL, study, without_timings
 
 from bnorm.cli import main as bnorm_main
-
-# A study of a few seconds whose runs feed each other: curves' networks are compared by
-# disagreement and measured by shift; small_batch has runs of different lengths.
-SMALL = {
-    "name": "jobs",
-    "seeds": [0, 1],
-    "experiments": ["curves", "small_batch", "disagreement", "shift"],
-    "curves": {"steps": 30, "eval_every": 10},
-    "small_batch": {"steps": 8, "eval_every": 8, "batch_sizes": [4, 16], "norms": ["bn", "ln"]},
-}
-# Fields that measure time or say where a study ran, not what it computed.
-TIMING = {"wall_s", "cpu_s", "started", "out_dir", "latency", "latency_ratio"}
-
-
-def without_timings(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
-def study(root: Path, name: str, *options: str) -> dict[str, Any]:
-    config = root / "small.json"
-    config.write_text(json.dumps(SMALL))
-    out = root / name
-    argv = ["study", "--config", str(config), "--out", str(out), "--quiet", *options]
-    assert bnorm_main(argv) == 0
-    return json.loads((out / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def sequential(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return study(tmp_path_factory.mktemp("seq"), "run")
 
 
 def test_jobs_2_gives_the_sequential_metrics(
@@ -136,94 +99,6 @@ def test_a_failing_run_stops_the_study_naming_it(
     monkeypatch.setattr(executors, "train_run", spy)
     assert bnorm_main(["study", "--resume", str(out), "--quiet"]) == 0
     assert trained == [("bn", 1)]
-
-
-@pytest.mark.slow
-def test_ctrl_c_with_jobs_2_then_resume_ends_with_the_sequential_metrics(
-    sequential: dict[str, Any], tmp_path: Path
-) -> None:
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps(SMALL))
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
-    # A new process group: the signal reaches the study and its workers, as Ctrl-C does.
-    # SIGINT as a terminal gives it (a shell's background job inherits it ignored).
-    proc = subprocess.Popen(
-        [*cmd, "--out", str(out), "--jobs", "2"], env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any((out / "checkpoints").glob("*/*.json")):
-            break
-        time.sleep(0.05)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, (proc.returncode, stderr)
-    assert "Traceback" not in stderr, stderr
-    interrupted = json.loads((out / "metrics.json").read_text())
-    assert interrupted["interrupted"] and interrupted["runs_finished"] < 12
-    resumed = subprocess.run(
-        [*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    got = json.loads((out / "metrics.json").read_text())
-    assert without_timings(got) == without_timings(sequential)
-
-
-def pool_workers(pid: int) -> list[int]:
-    """The pool's worker processes: the children of ``pid``'s forkserver."""
-
-    def children(p: int | str) -> list[str]:
-        return Path(f"/proc/{p}/task/{p}/children").read_text().split()
-
-    servers = [c for c in children(pid) if b"forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    return [int(w) for server in servers for w in children(server)]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
-def test_a_killed_worker_fails_the_study_and_resume_finishes_it(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    for steps in (300, 1200, 4800):  # longer runs if all finished before the kill
-        config = tmp_path / f"c{steps}.json"
-        options = {"experiments": ["curves"], "seeds": [0, 1]}
-        config.write_text(json.dumps({**options, "curves": {"steps": steps, "eval_every": steps}}))
-        out = tmp_path / f"run{steps}"
-        cmd = [sys.executable, "-m", "bnorm", "study", "--config", str(config), "--quiet"]
-        proc = subprocess.Popen(
-            [*cmd, "--out", str(out), "--jobs", "2"], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any((out / "checkpoints").glob("*/*.json")):
-                break
-            time.sleep(0.05)
-        workers = pool_workers(proc.pid) if proc.poll() is None else []
-        if workers:
-            os.kill(workers[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            break
-    assert proc.returncode == 1, (proc.returncode, stderr)
-    assert "a worker process died" in stderr and f"--resume {out}" in stderr, stderr
-    assert not (out / "metrics.json").exists()
-    resumed = subprocess.run(
-        [*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    got = json.loads((out / "metrics.json").read_text())
-    assert got["runs_finished"] == 4
-    straight = tmp_path / "straight"
-    assert bnorm_main(["study", "--config", str(config), "--out", str(straight), "--quiet"]) == 0
-    expected = json.loads((straight / "metrics.json").read_text())
-    assert without_timings(got["experiments"]) == without_timings(expected["experiments"])
 
 
 # ------------------------------------------------------------------- bad input
