@@ -484,8 +484,10 @@ def model_part(args: argparse.Namespace) -> dict[str, Any]:
             for step in steps.values():
                 step()  # compile outside the timing
         compile_s = time.perf_counter() - start
-        # (batch 16's steps are short: three times the rounds, for the same spread)
-        rounds = repeats * (3 if n <= 16 else 1)
+        # (batch 16's steps are short: three times the rounds, for the same spread; batch
+        # 128's BN cost is a few % of its step, within one slow spell of a shared host:
+        # twice the rounds)
+        rounds = repeats * (3 if n <= 16 else 2)
         samples = time_alternated_samples(steps, rounds, max(1, args.warmup), settle=1)
         t = {k: statistics.median(v) for k, v in samples.items()}
         q = {k: statistics.quantiles(v, n=4) for k, v in samples.items()}

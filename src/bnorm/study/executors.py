@@ -369,7 +369,10 @@ class RayTasks:
         gpus = 1 if device.startswith("cuda") else 0  # one GPU per run on a CUDA study
         options = {"num_cpus": threads, "num_gpus": gpus, "max_retries": 0}
         self.remote = ray.remote(execute_timed).options(**options)
-        self.refs: list[Any] = []
+        # The runs submitted and not yet collected, by their object ref: what close()
+        # cancels. (Cancelling a task that has finished can crash the driver with a failed
+        # check inside Ray: ray 2.x, task_manager.cc's CompletePendingTask.)
+        self.pending: dict[Any, RunTask] = {}
 
     def run(
         self,
@@ -379,13 +382,12 @@ class RayTasks:
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         ray = self.ray
         waiting = list(tasks)
-        by_ref: dict[Any, RunTask] = {}
+        by_ref = self.pending
         limit = self.jobs or len(tasks)
         while waiting or by_ref:
             while waiting and len(by_ref) < limit:
                 task = waiting.pop(0)
                 by_ref[self.remote.remote(task)] = task
-            self.refs = list(by_ref)
             done, _ = ray.wait(list(by_ref), num_returns=1)
             for ref in done:
                 task = by_ref.pop(ref)
@@ -398,12 +400,15 @@ class RayTasks:
                 yield task.index, record
 
     def close(self) -> None:
-        for ref in self.refs:
-            try:
-                self.ray.cancel(ref, force=True)
-            except Exception:  # already finished
-                pass
-        self.refs = []
+        pending = list(self.pending)
+        self.pending.clear()
+        if pending:  # (interrupted, or a run failed) the runs still going, not the finished
+            _, running = self.ray.wait(pending, num_returns=len(pending), timeout=0)
+            for ref in running:
+                try:
+                    self.ray.cancel(ref, force=True)
+                except Exception:  # finished meanwhile
+                    pass
         if self.started_ray:
             self.ray.shutdown()
 
