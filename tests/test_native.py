@@ -153,24 +153,108 @@ def test_layers_run_the_native_kernels_through_the_cpp_node(monkeypatch):
     op = native.node()
     if op is None:
         pytest.fail("the native kernels' C++ autograd node did not build (g++ is required here)")
-    calls: list[object] = []
+    tried, calls = native.node_try(), []
 
     def spy(*args):
-        calls.append(args[0])
+        calls.append(("node", args[0]))
         return op(*args)
 
+    def spy_try(*args):
+        out = tried(*args)
+        calls.append(("try", args[0], bool(out)))
+        return out
+
     monkeypatch.setattr(native, "node", lambda: spy)
+    monkeypatch.setattr(native, "node_try", lambda: spy_try)
     layer = bnorm.BatchNormAct2d(8, activation="relu")
     x = torch.randn(4, 8, 5, 5, requires_grad=True)
     y = layer(x, residual=torch.randn(4, 8, 5, 5))
-    assert calls == [x] and "BatchNormAct" in y.grad_fn.name()
+    # The layer's per-call route: the node, with its checks in C++.
+    assert calls == [("try", x, True)] and "BatchNormAct" in y.grad_fn.name()
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
+    # Channels at another dim: the general path, which calls the same node.
+    calls.clear()
+    moved = bnorm.BatchNormAct(8, axis=-1, activation="relu")(x.movedim(1, -1))
+    assert [c[0] for c in calls] == ["node"] and moved.grad_fn.name() == "PermuteBackward0"
     # Running buffers the kernels cannot update (the cumulative average's 1/t is a
     # tensor) take the Python Function.
     calls.clear()
     bnorm.BatchNormAct2d(8, activation="relu", momentum=None)(x).sum().backward()
     assert calls == []
+
+
+def _try(x, weight=None, bias=None, residual=None, rm=None, rv=None, tracked=None):
+    c = x.shape[1] if x.dim() > 1 else x.shape[0]
+    rm = torch.zeros(c, dtype=x.dtype) if rm is None else rm
+    rv = torch.ones(c, dtype=x.dtype) if rv is None else rv
+    op = native.node_try()
+    assert op is not None
+    return op(x, weight, bias, residual, rm, rv, tracked, None, 1e-5, 0.0, 0.1, True)
+
+
+def test_the_try_operator_declines_what_its_kernels_do_not_take_as_it_is():
+    # Each of these goes to the layers' general path (the Python Function, ATen's ops or
+    # an error), which these tests check elsewhere; here the operator must say no, and
+    # change nothing.
+    x = torch.randn(4, 6, 5, 5)
+    f64 = torch.zeros(6, dtype=torch.float64)
+    cases = {
+        "float64 running mean": dict(rm=f64),
+        "strided running var": dict(rv=torch.ones(12)[::2]),
+        "float64 weight": dict(weight=f64),
+        "weight of 5": dict(weight=torch.ones(5)),
+        "(1, 6) bias": dict(bias=torch.zeros(1, 6)),
+        "float32 counter": dict(tracked=torch.zeros(())),
+        "float64 residual": dict(residual=torch.randn(4, 6, 5, 5, dtype=torch.float64)),
+        "residual of another shape": dict(residual=torch.randn(4, 6, 5, 1)),
+    }
+    for name, kw in cases.items():
+        rm = kw.get("rm", torch.zeros(6))
+        kw = {**kw, "rm": rm}
+        before = rm.clone()
+        assert _try(x, **kw) == [], name
+        assert torch.equal(rm, before), name
+    assert _try(x[:, :, ::2]) == [], "not dense"
+    assert _try(torch.randn(1, 6, 1)) == [], "one value per channel"
+    assert _try(x.half()) == [], "float16"
+    assert _try(torch.randn(6)) == [], "1-D"
+    counter = torch.zeros((), dtype=torch.long)
+    assert len(_try(x, tracked=counter)) == 3 and counter.item() == 1
+
+
+@pytest.mark.parametrize(
+    "memory",
+    ["contiguous", "channels_last", "3d channels_last", "(H, N, C, W) memory", "size-1 dims"],
+)
+def test_the_try_operator_reads_every_dense_layout_as_the_python_layout_does(memory):
+    # Its (R, C, B) — computed in C++ from the strides — against bnorm.kernels.layout's,
+    # through the same node: the same bits out, the same running statistics.
+    torch.manual_seed(0)
+    if memory == "contiguous":
+        x = torch.randn(3, 5, 4, 6)
+    elif memory == "channels_last":
+        x = torch.randn(3, 5, 4, 6).to(memory_format=torch.channels_last)
+    elif memory == "3d channels_last":
+        x = torch.randn(2, 5, 3, 4, 3).to(memory_format=torch.channels_last_3d)
+    elif memory == "(H, N, C, W) memory":
+        x = torch.randn(4, 3, 5, 6).permute(1, 2, 0, 3)
+    else:
+        x = torch.randn(3, 5, 1, 6, 1).as_strided((3, 5, 1, 6, 1), (30, 6, 999, 1, 7))
+    from bnorm.kernels.layout import _Layout
+
+    layout = _Layout.of(x)
+    assert layout.dense
+    r = torch.randn_like(x)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    rm1, rv1, rm2, rv2 = torch.zeros(5), torch.ones(5), torch.zeros(5), torch.ones(5)
+    got = _try(x, w, b, r, rm1, rv1)
+    node = native.node()
+    want = node(x, w, b, r, rm2, rv2, None, None, layout.a, 5, layout.b, 1e-5, 0.0, 0.1, True)
+    assert len(got) == 3
+    for a, c in zip([*got, rm1, rv1], [*want, rm2, rv2], strict=True):
+        assert torch.equal(a, c)
+    assert got[0].stride() == x.stride()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

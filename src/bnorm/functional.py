@@ -63,6 +63,7 @@ from .kernels import (
     compile_enabled,
     fused_pays,
     fused_step,
+    native_try,
     store_running,
 )
 from .ops import (
@@ -319,7 +320,18 @@ def run_plan(
     decide what depends on it (the path), run that one path. A layer calls this with the
     plan it keeps."""
     if training and mask is None and type(input) is Tensor and plan.plain_statistics:
-        # (The common call, before anything else is built: see _plain_training.)
+        # (The common call, before anything else is built: the native node where it takes
+        # the call's tensors as they are, else see _plain_training.)
+        tensors = (input, weight, bias, residual, running_mean, running_var,
+                   num_batches_tracked, num_batches_skipped)  # fmt: skip
+        if _native_route(plan, *tensors):
+            fused = native_try(
+                *tensors,  # type: ignore[arg-type]  # (checked: _native_route)
+                eps=plan.eps, activation=plan.activation, momentum=plan.momentum,  # type: ignore[arg-type]
+                skip_nonfinite=plan.skip_nonfinite,
+            )  # fmt: skip
+            if fused is not None:
+                return fused[0]
         out = _plain_training(
             plan, input, running_mean, running_var, weight, bias, num_batches_tracked,
             num_batches_skipped, residual,
@@ -354,6 +366,38 @@ def run_plan(
     if mask is None and call.groups is None and not call.distributed and not renorm_fused:
         return _native_training(plan=plan, call=call, t=t)
     return _moments_training(plan=plan, call=call, t=t)
+
+
+def _native_route(
+    plan: Plan,
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+) -> bool:
+    """Whether a plain-statistics training call may take :func:`bnorm.kernels.native_try`:
+    a fused tail (an activation or a residual), running statistics updated with a
+    momentum, ε > 0, channels at dim 1, a plain tensor as residual, tensors (or None)
+    where tensors go. (The tensors' own checks are native_try's; where it declines, the
+    general path decides — and raises what is wrong.)"""
+    ax = plan.axis
+    return (
+        (residual is not None or plan.tail)
+        and plan.momentum is not None
+        and plan.eps > 0
+        and (ax == 1 or ax == 1 - input.dim())
+        and (residual is None or type(residual) is Tensor)
+        and isinstance(running_mean, Tensor)
+        and isinstance(running_var, Tensor)
+        and (weight is None or isinstance(weight, Tensor))
+        and (bias is None or isinstance(bias, Tensor))
+        and (num_batches_tracked is None or isinstance(num_batches_tracked, Tensor))
+        and (num_batches_skipped is None or isinstance(num_batches_skipped, Tensor))
+    )
 
 
 class _Tensors(NamedTuple):

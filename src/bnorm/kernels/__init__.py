@@ -26,6 +26,7 @@ from .bn_act import (
     batch_norm_act_train,
     fused_pays,
     fused_step,
+    native_try,
 )
 from .compile import compile_enabled
 from .memory import memory_saving
@@ -49,5 +50,6 @@ __all__ = [
     "fused_pays",
     "fused_step",
     "memory_saving",
+    "native_try",
     "store_running",
 ]

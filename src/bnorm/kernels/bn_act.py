@@ -101,6 +101,7 @@ __all__ = [
     "batch_norm_act_train",
     "fused_pays",
     "fused_step",
+    "native_try",
 ]
 
 MIN_ABS_WEIGHT = 1e-3
@@ -781,6 +782,53 @@ def batch_norm_act_train(
         x, weight, bias, residual, eps, act, memory_efficient, running, skip_nonfinite, scope
     )
     return out[0], out[1], out[2]
+
+
+def native_try(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    *,
+    eps: float,
+    activation: Activation | None,
+    momentum: float,
+    skip_nonfinite: bool,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`fused_step` where it runs the native node with these tensors as they are
+    (channels at dim 1, running statistics updated with weight ``momentum``), else None:
+    the plain layers' per-call route (``bnorm.functional.run_plan``), ahead of their
+    general path, which decides every call this takes the same way. Here the checks that
+    are not about the tensors (torch.compile, torch.func, a memory_saving scope, the size
+    from which the kernels pay, the kernels and node switched on and built); those about
+    the tensors — dtypes, shapes, devices, x's memory as (R, C, B), contiguous statistics,
+    int64 counters — in the node's C++ (``bn_act_try``), where they cost nanoseconds."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or (torch.is_grad_enabled() and current_scope() is not None)
+        or not _size_pays(x.numel(), _yes)
+    ):
+        return None
+    slope = native.slope_of(activation if activation is not None else IDENTITY)
+    if slope is None or not native.available():
+        return None
+    op = native.node_try()
+    if op is None:
+        return None
+    out = op(
+        x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+        num_batches_skipped, eps, slope, float(momentum), skip_nonfinite,
+    )  # fmt: skip
+    return (out[0], out[1], out[2]) if out else None
+
+
+def _yes() -> bool:
+    return True
 
 
 def _native_takes(

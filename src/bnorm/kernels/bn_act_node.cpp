@@ -15,6 +15,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 extern "C" {
 int bnorm_fwd_f32(const float *x, const float *r, float *y, int64_t R, int64_t C, int64_t B,
                   const float *w, const float *b, double eps, double slope, float *mean,
@@ -212,9 +215,85 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_train(
     return {out[0], out[1], out[2]};
 }
 
+// x's memory as R rows of C channels of B contiguous values (channels at dim 1): its dims
+// by decreasing stride (ties in dim order) must lay it out contiguously. The same rule as
+// bnorm.kernels.layout._Layout (its `dense`, `a` and `b`); false where it does not hold.
+bool channel_blocks(const Tensor &x, int64_t &R, int64_t &B) {
+    const auto sizes = x.sizes(), strides = x.strides();
+    const int64_t n = x.dim();
+    std::vector<int64_t> order(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return strides[a] > strides[b]; });
+    int64_t expected = 1;
+    for (int64_t i = n - 1; i >= 0; --i) {
+        const int64_t d = order[i];
+        if (sizes[d] == 1) continue;
+        if (strides[d] != expected) return false;
+        expected *= sizes[d];
+    }
+    R = 1, B = 1;
+    bool after = false;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t d = order[i];
+        if (d == 1) after = true;
+        else if (after) B *= sizes[d];
+        else R *= sizes[d];
+    }
+    return true;
+}
+
+bool is_vector(const Tensor &t, int64_t C, at::ScalarType dtype) {
+    return t.device().is_cpu() && t.dim() == 1 && t.size(0) == C && t.scalar_type() == dtype;
+}
+
+bool is_counter(const Tensor &t) {
+    return t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == at::kLong;
+}
+
+// The layers' per-call route (bnorm.kernels.bn_act.native_try): bn_act_train where the
+// kernels take this call's tensors as they are — a dense x with channels at dim 1, of
+// float32/float64, more values than channels; (C,) weight and bias of x's dtype or none; a
+// residual of x's shape and dtype or none; contiguous (C,) running statistics of x's
+// dtype; int64 counters or none; all on the CPU — and an empty list where they do not
+// (the caller then takes its general path, which decides the same call the same way).
+std::vector<Tensor> bn_act_try(
+    const Tensor &x, const std::optional<Tensor> &weight, const std::optional<Tensor> &bias,
+    const std::optional<Tensor> &residual, const std::optional<Tensor> &running_mean,
+    const std::optional<Tensor> &running_var, const std::optional<Tensor> &tracked,
+    const std::optional<Tensor> &skipped, double eps, double slope, double alpha,
+    bool skip_nonfinite) {
+    const auto dtype = x.scalar_type();
+    if (!x.device().is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || x.dim() < 2)
+        return {};
+    const int64_t C = x.size(1);
+    if (x.numel() <= C || !x.is_non_overlapping_and_dense()) return {};
+    if (!running_mean || !running_var) return {};
+    for (const Tensor *t : {&*running_mean, &*running_var})
+        if (!is_vector(*t, C, dtype) || !t->is_contiguous()) return {};
+    for (const auto *t : {&weight, &bias})
+        if (*t && !is_vector(**t, C, dtype)) return {};
+    if (residual && !(residual->device().is_cpu() && residual->sizes() == x.sizes() &&
+                      residual->scalar_type() == dtype))
+        return {};
+    for (const auto *t : {&tracked, &skipped})
+        if (*t && !is_counter(**t)) return {};
+    int64_t R, B;
+    if (!channel_blocks(x, R, B)) return {};
+    auto out = BatchNormAct::apply(x, weight, bias, residual, running_mean, running_var, tracked,
+                                   skipped, R, C, B, eps, slope, alpha, skip_nonfinite);
+    return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnorm_native, m) {
+    m.def(
+        "bn_act_try(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+        "Tensor(d!)? num_batches_skipped, float eps, float slope, float alpha, "
+        "bool skip_nonfinite) -> Tensor[]",
+        &bn_act_try);
     m.def(
         "bn_act_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "

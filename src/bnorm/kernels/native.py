@@ -57,7 +57,7 @@ from torch import Tensor
 
 from ..options import Activation, env_switch
 
-__all__ = ["Shape", "available", "backward", "forward", "node", "slope_of", "supports"]
+__all__ = ["Shape", "available", "backward", "forward", "node", "node_try", "slope_of", "supports"]
 
 _ENV_NO_NATIVE = "BNORM_NO_NATIVE"
 _SOURCES = ("bn_act_native.c", "bn_act_native_impl.h")
@@ -395,6 +395,20 @@ def node() -> Any | None:
     if env_switch(_ENV_NO_NODE):
         return None
     return _node()
+
+
+def node_try() -> Any | None:
+    """The operator ``torch.ops.bnorm_native.bn_act_try`` (``bn_act_node.cpp``, built and
+    loaded with :func:`node`'s): :func:`node`'s step where its kernels take the call's
+    tensors as they are, and an empty list where they do not — the checks in C++, for the
+    layers' per-call route (:func:`bnorm.kernels.bn_act.native_try`). None where
+    :func:`node` is None."""
+    return None if node() is None else _node_try()
+
+
+@functools.cache
+def _node_try() -> Any:
+    return torch.ops.bnorm_native.bn_act_try.default
 
 
 @functools.cache
