@@ -17,7 +17,7 @@ FASHION_DIR = /usr/share/datasets/fashion-mnist
 # Runs trained at once by `make study`: one worker per core (the numbers do not change).
 JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: test test-gpu study study-fashion lint lint-fast mypy pytest bench clean
+.PHONY: test test-gpu study study-fashion lint pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,11 @@ $(STAMP_STUDY): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[study]'
 	touch $(STAMP_STUDY)
 
-lint: lint-fast mypy
-
-lint-fast: $(STAMP_DEV)
+lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 	PYTHONPATH=src $(BIN)/mkdocs build --strict --site-dir build/docs
-
-mypy: $(STAMP_DEV)
-	$(BIN)/mypy
 
 # The suite runs the fused kernels' eager fallback (fast); the kernel tests marked
 # compiled_kernels then run again with the kernels compiled, as users get them.
@@ -55,11 +51,7 @@ pytest: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --compiled-kernels \
 	  -m compiled_kernels $(COMPILED_TESTS)
 
-# mypy (about a minute without its cache, as on a clean clone) runs beside the suite,
-# whose multi-process tests leave a core idle much of the time; each target's output is
-# printed whole when it ends, and any failure fails `make test`.
-test: $(STAMP_DEV)
-	$(MAKE) --no-print-directory -j2 --output-sync=target lint-fast mypy pytest
+test: lint pytest
 
 test-gpu: $(STAMP_DEV)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=1800 -m cuda
