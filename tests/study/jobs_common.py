@@ -4,6 +4,7 @@ metrics.json compared without the fields that measure time."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,14 @@ def study(root: Path, name: str, *options: str) -> dict[str, Any]:
     argv = ["study", "--config", str(config), "--out", str(out), "--quiet", *options]
     assert bnorm_main(argv) == 0
     return json.loads((out / "metrics.json").read_text())
+
+
+def resume(cmd: list[str], out: Path, env: dict[str, str]) -> dict[str, Any]:
+    """``bnorm study --resume out`` in a new process (``cmd``: the interpreter and
+    ``-m bnorm study`` first); its metrics.json once it has finished."""
+    resumed = subprocess.run(
+        [*cmd, "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    return json.loads((out / "metrics.json").read_text())  # type: ignore[no-any-return]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_common import SMALL, without_timings
+from jobs_common import SMALL, resume, without_timings
 
 from bnorm.cli import main as bnorm_main
 
@@ -47,12 +47,7 @@ def test_ctrl_c_with_jobs_2_then_resume_ends_with_the_sequential_metrics(
     assert "Traceback" not in stderr, stderr
     interrupted = json.loads((out / "metrics.json").read_text())
     assert interrupted["interrupted"] and interrupted["runs_finished"] < 12
-    resumed = subprocess.run(
-        [*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    got = json.loads((out / "metrics.json").read_text())
+    got = resume(cmd[:4], out, env)
     assert without_timings(got) == without_timings(sequential)
 
 
@@ -94,12 +89,7 @@ def test_a_killed_worker_fails_the_study_and_resume_finishes_it(tmp_path: Path) 
     assert proc.returncode == 1, (proc.returncode, stderr)
     assert "a worker process died" in stderr and f"--resume {out}" in stderr, stderr
     assert not (out / "metrics.json").exists()
-    resumed = subprocess.run(
-        [*cmd[:4], "--resume", str(out), "--quiet"], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    got = json.loads((out / "metrics.json").read_text())
+    got = resume(cmd[:4], out, env)
     assert got["runs_finished"] == 4
     straight = tmp_path / "straight"
     assert bnorm_main(["study", "--config", str(config), "--out", str(straight), "--quiet"]) == 0

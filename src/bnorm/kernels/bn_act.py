@@ -174,23 +174,19 @@ def fused_step(
     (``bnorm.functional``), where a forward's Python costs as much as its kernels at
     small batches. Not for use inside torch.compile's tracing (the caller checks)."""
     act = activation if activation is not None else IDENTITY
-    if not x.is_cpu:
-        return batch_norm_act_train(
-            x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
-        )
-    if torch._C._are_functorch_transforms_active():
-        return None
-    if torch.is_grad_enabled() and current_scope() is not None:
-        return batch_norm_act_train(
-            x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
-        )
-    native_ok = _native_takes(x, weight, bias, residual, act)
-    if not _size_pays(x.numel(), lambda: native_ok):
-        return None
-    if native_ok:
-        out = _native_node_step(x, weight, bias, residual, eps, act, running, skip_nonfinite)
-        if out is not None:
-            return out
+    if x.is_cpu:  # (off CPU, and in a memory_saving scope: always the Function)
+        if torch._C._are_functorch_transforms_active():
+            return None
+        if not (torch.is_grad_enabled() and current_scope() is not None):
+            native_ok = _native_takes(x, weight, bias, residual, act)
+            if not _size_pays(x.numel(), lambda: native_ok):
+                return None
+            if native_ok:
+                out = _native_node_step(
+                    x, weight, bias, residual, eps, act, running, skip_nonfinite
+                )
+                if out is not None:
+                    return out
     return batch_norm_act_train(
         x, weight, bias, residual, eps, act, running=running, skip_nonfinite=skip_nonfinite
     )
