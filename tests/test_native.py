@@ -173,10 +173,15 @@ def test_layers_run_the_native_kernels_through_the_cpp_node(monkeypatch):
     assert calls == [("try", x, True)] and "BatchNormAct" in y.grad_fn.name()
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None
-    # Channels at another dim: the general path, which calls the same node.
+    # Channels at another dim: the general path, which calls the node the same way.
     calls.clear()
     moved = bnorm.BatchNormAct(8, axis=-1, activation="relu")(x.movedim(1, -1))
-    assert [c[0] for c in calls] == ["node"] and moved.grad_fn.name() == "PermuteBackward0"
+    assert [(c[0], c[2]) for c in calls] == [("try", True)]
+    assert moved.grad_fn.name() == "PermuteBackward0"
+    # Without running statistics (batch statistics only): the node too.
+    calls.clear()
+    bnorm.BatchNormAct2d(8, activation="relu", track_running_stats=False)(x)
+    assert [(c[0], c[2]) for c in calls] == [("try", True)]
     # Running buffers the kernels cannot update (the cumulative average's 1/t is a
     # tensor) take the Python Function.
     calls.clear()
@@ -219,6 +224,9 @@ def test_the_try_operator_declines_what_its_kernels_do_not_take_as_it_is():
     assert _try(torch.randn(1, 6, 1)) == [], "one value per channel"
     assert _try(x.half()) == [], "float16"
     assert _try(torch.randn(6)) == [], "1-D"
+    op = native.node_try()
+    one_sided = op(x, None, None, None, torch.zeros(6), None, None, None, 1e-5, 0.0, 0.1, True)
+    assert one_sided == [], "a running mean without a running variance"
     counter = torch.zeros((), dtype=torch.long)
     assert len(_try(x, tracked=counter)) == 3 and counter.item() == 1
 

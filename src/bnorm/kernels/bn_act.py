@@ -810,17 +810,11 @@ def native_try(
         or not _size_pays(x.numel(), _yes)
     ):
         return None
-    slope = native.slope_of(activation if activation is not None else IDENTITY)
-    if slope is None or not native.available():
+    act = activation if activation is not None else IDENTITY
+    if native.slope_of(act) is None or not native.available():
         return None
-    op = native.node_try()
-    if op is None:
-        return None
-    out = op(
-        x, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-        num_batches_skipped, eps, slope, float(momentum), skip_nonfinite,
-    )  # fmt: skip
-    return (out[0], out[1], out[2]) if out else None
+    running = (running_mean, running_var, momentum, num_batches_tracked, num_batches_skipped)
+    return _native_node_step(x, weight, bias, residual, eps, act, running, skip_nonfinite)
 
 
 def _yes() -> bool:
@@ -850,18 +844,17 @@ def _native_node_step(
     running: RunningState | None,
     skip_nonfinite: bool,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The step by the native kernels' C++ node for a call :func:`_native_takes` took;
-    None where x's memory is not one (A, C, B) block as it is, the node is not available,
-    or the running buffers are not ones the kernel updates itself (the caller then runs a
-    Function). Outside torch.compile's tracing (the callers check)."""
-    layout = _Layout.cached(x)
-    if not layout.dense:
-        return None
-    node = native.node()
-    if node is None or (running is not None and not _runs_in_kernel(running, x.dtype)):
-        return None
+    """The step by the native kernels' C++ node for a call :func:`_native_takes` took,
+    through its operator ``bn_act_try``, which checks the tensors (x's memory one (R, C, B)
+    block as it is, the running buffers ones the kernel updates itself, …); None where it
+    declines or the node is not available (the caller then runs a Function). Outside
+    torch.compile's tracing (the callers check)."""
+    op = native.node_try()
     rm, rv, alpha, tracked, skipped = running or (None, None, 0.0, None, None)
-    return node(  # type: ignore[no-any-return]
-        x, weight, bias, residual, rm, rv, tracked, skipped, layout.a, x.shape[1], layout.b,
-        eps, native.slope_of(act), alpha, skip_nonfinite,
+    if op is None or isinstance(alpha, Tensor):  # (the cumulative average's 1/t: a tensor)
+        return None
+    out = op(
+        x, weight, bias, residual, rm, rv, tracked, skipped, eps, native.slope_of(act),
+        float(alpha), skip_nonfinite,
     )  # fmt: skip
+    return (out[0], out[1], out[2]) if out else None

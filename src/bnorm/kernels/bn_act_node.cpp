@@ -6,9 +6,9 @@
 // bnorm_native::differentiable_backward, which bnorm.kernels.bn_act defines in Python
 // (ATen's differentiable ops, which autograd differentiates again).
 //
-// The caller (bnorm.kernels.bn_act) passes x dense with memory (R, C, B) as the C kernels
-// read it, and running buffers only where the kernels can update them (contiguous, x's
-// dtype, int64 counters); everything else is checked here.
+// bnorm.kernels.bn_act calls it through bnorm_native::bn_act_try (below), which checks the
+// tensors and finds x's memory as (R, C, B); bn_act_train itself takes (R, C, B) from its
+// caller and checks only what the kernels would otherwise read or write out of bounds.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -251,12 +251,13 @@ bool is_counter(const Tensor &t) {
     return t.device().is_cpu() && t.numel() == 1 && t.scalar_type() == at::kLong;
 }
 
-// The layers' per-call route (bnorm.kernels.bn_act.native_try): bn_act_train where the
-// kernels take this call's tensors as they are — a dense x with channels at dim 1, of
-// float32/float64, more values than channels; (C,) weight and bias of x's dtype or none; a
-// residual of x's shape and dtype or none; contiguous (C,) running statistics of x's
-// dtype; int64 counters or none; all on the CPU — and an empty list where they do not
-// (the caller then takes its general path, which decides the same call the same way).
+// How bnorm.kernels.bn_act calls the node (its _native_node_step; native_try, the
+// layers' per-call route, through it): bn_act_train where the kernels take this call's
+// tensors as they are — a dense x with channels at dim 1, of float32/float64, more values
+// than channels; (C,) weight and bias of x's dtype or none; a residual of x's shape and
+// dtype or none; contiguous (C,) running statistics of x's dtype, or none; int64 counters
+// or none; all on the CPU — and an empty list where they do not (the caller then runs the
+// Python Function, or takes its general path, which decides the same call the same way).
 std::vector<Tensor> bn_act_try(
     const Tensor &x, const std::optional<Tensor> &weight, const std::optional<Tensor> &bias,
     const std::optional<Tensor> &residual, const std::optional<Tensor> &running_mean,
@@ -268,9 +269,9 @@ std::vector<Tensor> bn_act_try(
         return {};
     const int64_t C = x.size(1);
     if (x.numel() <= C || !x.is_non_overlapping_and_dense()) return {};
-    if (!running_mean || !running_var) return {};
-    for (const Tensor *t : {&*running_mean, &*running_var})
-        if (!is_vector(*t, C, dtype) || !t->is_contiguous()) return {};
+    if (running_mean.has_value() != running_var.has_value()) return {};
+    for (const auto *t : {&running_mean, &running_var})
+        if (*t && (!is_vector(**t, C, dtype) || !(*t)->is_contiguous())) return {};
     for (const auto *t : {&weight, &bias})
         if (*t && !is_vector(**t, C, dtype)) return {};
     if (residual && !(residual->device().is_cpu() && residual->sizes() == x.sizes() &&

@@ -31,11 +31,6 @@ class _Layout:
     def of(x: Tensor) -> _Layout:
         if torch.compiler.is_compiling():
             return _Layout.compute(x)
-        return _Layout.cached(x)
-
-    @staticmethod
-    def cached(x: Tensor) -> _Layout:
-        """:meth:`of` for a caller outside torch.compile's tracing (not checked again)."""
         key = (x.shape, x.stride())
         layout = _LAYOUTS.get(key)
         if layout is None:

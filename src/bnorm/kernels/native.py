@@ -400,9 +400,8 @@ def node() -> Any | None:
 def node_try() -> Any | None:
     """The operator ``torch.ops.bnorm_native.bn_act_try`` (``bn_act_node.cpp``, built and
     loaded with :func:`node`'s): :func:`node`'s step where its kernels take the call's
-    tensors as they are, and an empty list where they do not — the checks in C++, for the
-    layers' per-call route (:func:`bnorm.kernels.bn_act.native_try`). None where
-    :func:`node` is None."""
+    tensors as they are, and an empty list where they do not — the checks in C++; how
+    :mod:`bnorm.kernels.bn_act` calls the node. None where :func:`node` is None."""
     return None if node() is None else _node_try()
 
 
